@@ -1,0 +1,425 @@
+"""Typed configuration: the ONLY place YAML is read, validated and written.
+
+A competition YAML (``configs/competitions/<name>.yaml``) says what a competition *is*: its data,
+classes, groups, metric and submission format. An experiment YAML (``configs/experiments/<exp>.yaml``)
+says how to train on it. Both are validated once, here, with errors that name the key and the
+allowed values; everything downstream receives these frozen models, never raw dicts.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The project folder is the current directory (as for make and git): configs/, data/, folds/, runs/,
+# ensembles/ and submissions/ are found there. Built-in configs ship beside the package as a fallback.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_COMPETITION = "synthetic-hands"
+
+
+def config_dirs(kind: str) -> list[Path]:
+    """Where ``configs/<kind>/`` YAML files are looked up: the project first, then the checkout."""
+    dirs = [Path.cwd() / "configs" / kind, PACKAGE_ROOT / "configs" / kind]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+class ConfigError(ValueError):
+    """A configuration file is invalid; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Competition
+# --------------------------------------------------------------------------------------------- #
+class ImageSpec(Strict):
+    channels: Literal["grayscale", "rgb"] = "grayscale"
+    bit_depth: Literal[8, 16] = 8
+
+
+class GroupSpec(Strict):
+    """Where an image's group (patient, subject, imaging type) comes from.
+
+    ``folder``: the parent folder of the image (hand-bone ``<ID>``); ``column``: a column of the
+    adapter's metadata CSV (``csv`` names it, relative to the data root); ``none``: every image is
+    its own group.
+    """
+
+    source: Literal["folder", "column", "none"] = "folder"
+    column: str | None = None
+    csv: str | None = None
+
+    @model_validator(mode="after")
+    def _column_needs_name(self) -> "GroupSpec":
+        if self.source == "column" and not self.column:
+            raise ValueError("groups.source 'column' needs groups.column (the CSV column holding the group)")
+        return self
+
+
+class StratifySpec(Strict):
+    """Stratification key for StratifiedGroupKFold.
+
+    ``class_presence``: per-image signature of which classes are present (collapsed to the rarest
+    present class when signatures are too many to stratify on); ``rare_class``: presence of the rarest
+    class; ``column``: a column of the metadata CSV; ``none``: plain GroupKFold.
+    """
+
+    by: Literal["none", "class_presence", "rare_class", "column"] = "class_presence"
+    column: str | None = None
+
+
+class MetricSpec(Strict):
+    """Dice per image per class, averaged over all image x class pairs (the hand-bone leaderboard)."""
+
+    name: Literal["dice"] = "dice"
+    empty_score: float = Field(1.0, ge=0.0, le=1.0, description="Dice when truth and prediction are both empty")
+
+
+class SubmissionSpec(Strict):
+    id_column: str = "image_name"
+    class_column: str = "class"
+    rle_column: str = "rle"
+    pixel_order: Literal["row-major", "column-major"] = "row-major"
+    # How an image id is written in the CSV: its file name with extension, without, or the adapter id.
+    id_format: Literal["filename", "stem", "id"] = "filename"
+    sample_submission: str | None = None  # relative to the data root
+    test_truth: str | None = None  # relative to the data root; hidden test truth, for `competition score`
+
+
+class PolygonJsonSpec(Strict):
+    train_images: str = "train/DCM"
+    train_labels: str = "train/outputs_json"
+    test_images: str = "test/DCM"
+    image_ext: str = ".png"
+
+
+class RleCsvSpec(Strict):
+    images: str = "train_images"
+    csv: str = "train.csv"
+    id_column: str = "id"
+    class_column: str = "class"
+    rle_column: str = "rle"
+    pixel_order: Literal["row-major", "column-major"] = "row-major"
+    test_images: str | None = "test_images"
+    image_ext: str = ".png"
+
+
+class MaskFoldersSpec(Strict):
+    images: str = "images"
+    masks: str = "masks"
+    # binary: one 0/255 PNG per image (single class); index: pixel value = class index + 1 (0 = background);
+    # per_class: masks/<id>/<class>.png, one 0/255 PNG per class.
+    mask_mode: Literal["binary", "index", "per_class"] = "binary"
+    test_images: str | None = None
+    image_ext: str = ".png"
+
+
+class SyntheticSpec(Strict):
+    """The embedded default: generated deterministically into the data root on first use."""
+
+    subjects: int = Field(24, ge=4)
+    test_subjects: int = Field(4, ge=1)
+    images_per_subject: int = Field(2, ge=1)
+    size: int = Field(256, ge=32)
+    seed: int = 0
+
+
+class CompetitionConfig(Strict):
+    name: str
+    data_root: str
+    format: Literal["polygon_json", "rle_csv", "mask_folders"]
+    classes: list[str] = Field(min_length=1)
+    task: Literal["multilabel", "multiclass"] = "multilabel"
+    image: ImageSpec = ImageSpec()
+    groups: GroupSpec = GroupSpec()
+    stratify: StratifySpec = StratifySpec()
+    metric: MetricSpec = MetricSpec()
+    submission: SubmissionSpec = SubmissionSpec()
+    polygon_json: PolygonJsonSpec = PolygonJsonSpec()
+    rle_csv: RleCsvSpec = RleCsvSpec()
+    mask_folders: MaskFoldersSpec = MaskFoldersSpec()
+    synthetic: SyntheticSpec | None = None
+    folds: int = Field(5, ge=2)
+    fold_seed: int = 42
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, v: list[str]) -> list[str]:
+        dup = sorted({c for c in v if v.count(c) > 1})
+        if dup:
+            raise ValueError(f"class names must be unique; repeated: {dup}")
+        return v
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def root(self) -> Path:
+        """The data root, absolute; a relative one is taken from the project folder (the cwd)."""
+        p = Path(self.data_root).expanduser()
+        return p if p.is_absolute() else (Path.cwd() / p)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Loading and dumping
+# --------------------------------------------------------------------------------------------- #
+def _format_validation_error(path: Path | str, err: ValidationError, model: type[BaseModel]) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, e["loc"][:-1])
+            valid = sorted(parent.model_fields) if parent is not None else []
+            msg = f"unknown key; valid keys here: {', '.join(valid)}"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class reached by following ``loc`` through nested fields."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        cur = _unwrap(cur.model_fields[part].annotation)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    for arg in getattr(ann, "__args__", ()) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return ann
+
+
+def read_yaml(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such configuration file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate(model: type[BaseModel], data: dict, source: Path | str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e, model)) from None
+
+
+def find_config(kind: str, name_or_path: str | Path) -> Path:
+    """``configs/<kind>/<name>.yaml`` (project first, then built-in), or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    for d in config_dirs(kind):
+        if (d / f"{name_or_path}.yaml").is_file():
+            return d / f"{name_or_path}.yaml"
+    known = sorted({q.stem for d in config_dirs(kind) for q in d.glob("*.yaml")})
+    raise ConfigError(f"unknown {kind[:-1]} {str(name_or_path)!r}; known: {', '.join(known) or '(none)'} "
+                      f"(or pass a path to a YAML file)")
+
+
+def load_competition(name_or_path: str | Path = DEFAULT_COMPETITION) -> CompetitionConfig:
+    path = find_config("competitions", name_or_path)
+    return validate(CompetitionConfig, read_yaml(path), path)
+
+
+def to_plain(cfg: BaseModel) -> dict:
+    """Plain data (str/int/float/list/dict) for YAML files and checkpoints."""
+    return cfg.model_dump(mode="json")
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write to a temp file in the same folder and rename, so no reader ever sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_yaml(data: dict | BaseModel, path: Path | str) -> None:
+    if isinstance(data, BaseModel):
+        data = to_plain(data)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------- #
+# Experiment
+# --------------------------------------------------------------------------------------------- #
+DEFAULT_EXPERIMENT = "baseline"
+
+
+class ModelConfig(Strict):
+    """``arch``: any smp architecture name (Unet, UnetPlusPlus, FPN, ...) or ours (``unet3plus``).
+
+    ``encoder``: an smp encoder name or a timm one as ``tu-<name>``. ``encoder_weights``: null (random
+    init, the default), ``imagenet`` (needs internet or a warm cache) or a path to a local weights file.
+    ``output_scale``: >1 adds the high-resolution head (predict at k x the input size).
+    """
+
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+    encoder_depth: int = Field(5, ge=3, le=5)
+    decoder_channels: list[int] | None = None
+    deep_supervision: bool = False  # UNet 3+ only: one output per decoder stage while training
+    output_scale: int = Field(1, ge=1, le=8)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed through to the architecture
+
+
+class LossTerm(Strict):
+    name: str  # bce, dice, focal, tversky, jaccard, lovasz
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(Strict):
+    terms: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="bce"), LossTerm(name="dice")])
+    # null: equal; "inverse_frequency": 1 - pixel frequency of each class on the training fold;
+    # or an explicit list, one weight per class.
+    class_weights: None | Literal["inverse_frequency"] | list[float] = None
+    # Weights of the deep-supervision outputs, finest first; null = all 1, normalised to sum 1.
+    deep_supervision_weights: list[float] | None = None
+
+
+class OptimizerConfig(Strict):
+    name: str = "adamw"  # any timm optimizer: sgd, sgdp, adam, adamw, adamp, radam, lamb, lion, ...
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = 0.9
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SchedulerConfig(Strict):
+    name: Literal["none", "cosine", "onecycle", "plateau"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = 1e-6
+    patience: int = 3  # plateau only
+    factor: float = 0.5  # plateau only
+
+
+class Transform(Strict):
+    """One albumentations transform: ``{name: Affine, p: 0.5, rotate: [-15, 15]}`` in YAML."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+
+class AugmentConfig(Strict):
+    preprocess: list[Transform] = Field(default_factory=list)  # train, validation and test alike
+    train: list[Transform] = Field(default_factory=list)  # training only
+
+
+class DataConfig(Strict):
+    input_size: int = Field(128, ge=16)  # the network input (square) in pixels
+    # resize: the whole image resized to input_size; crop: random input_size crops of the image at
+    # ``crop_from`` resolution for training, whole (resized to crop_from) images for validation.
+    policy: Literal["resize", "crop"] = "resize"
+    crop_from: int | None = None
+    batch_size: int = Field(8, ge=1)
+    workers: int = Field(2, ge=0)
+    rare_class_oversample: float = Field(0.0, ge=0.0)  # 0 = uniform; k = images with rare classes drawn (1+k)x
+    rare_class_quantile: float = Field(0.25, gt=0.0, le=1.0)  # classes present in fewer images are rare
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
+    channels_last: bool = True
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = 1.0
+    ema: float | None = None  # e.g. 0.999; null disables weight EMA
+    early_stopping: int | None = None  # patience in epochs; null disables
+    seed: int = 0
+    deterministic: bool = True
+    threshold: float = 0.5  # validation binarisation threshold (multilabel)
+    progress: bool = True
+
+
+class OofConfig(Strict):
+    size: int | None = None  # OOF resolution (square); null = the model input size
+
+
+class TrackingConfig(Strict):
+    wandb: bool = True
+    project: str | None = None  # default: the competition name
+
+
+class ExperimentConfig(Strict):
+    name: str
+    competition: str = DEFAULT_COMPETITION
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    augment: AugmentConfig = AugmentConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    oof: OofConfig = OofConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def load_experiment(name_or_path: str | Path = DEFAULT_EXPERIMENT,
+                    overrides: dict | None = None) -> ExperimentConfig:
+    """Read an experiment; ``extends: <other>`` merges it over another experiment (shallow per section).
+
+    ``overrides`` (dotted keys -> values, from tuning or the CLI) are applied last, then validated.
+    """
+    path = find_config("experiments", name_or_path)
+    data = _resolve_extends(path, seen=())
+    data.setdefault("name", path.stem)
+    for key, value in (overrides or {}).items():
+        cur = data
+        *parents, last = key.split(".")
+        for part in parents:
+            cur = cur.setdefault(part, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        cur[last] = value
+    return validate(ExperimentConfig, data, path)
+
+
+def _resolve_extends(path: Path, seen: tuple) -> dict:
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle: {' -> '.join(map(str, seen + (path,)))}")
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _resolve_extends(find_config("experiments", parent), seen + (path,))
+    base.pop("name", None)
+    for key, value in data.items():
+        # Sections merge one level deep so a variant can change one optimizer field in three lines.
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base

@@ -1,0 +1,142 @@
+"""The adapter interface every dataset format implements, and the checks they share.
+
+An adapter turns a folder of competition data into: train ids with groups, an image loader, a mask
+loader that returns a (C, H, W) uint8 {0, 1} mask *at a requested size*, the test-set listing, and
+the sample submission. Everything downstream (folds, training, OOF, submissions) talks to this
+interface only, so a new competition format is one new file.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from competition.config import CompetitionConfig
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and row) and what was expected."""
+
+
+def safe_join(root: Path, rel: str | Path, what: str = "path") -> Path:
+    """``root / rel``, refusing anything (``..``, absolute paths, symlinks) that escapes ``root``."""
+    root = Path(root).resolve()
+    p = (root / rel).resolve()
+    if p != root and root not in p.parents:
+        raise DataError(f"{what} {str(rel)!r} escapes the data root {root}")
+    return p
+
+
+def read_image(path: Path, channels: str = "grayscale", bit_depth: int = 8) -> np.ndarray:
+    """(H, W) for grayscale or (H, W, 3) RGB; uint8, or uint16 when ``bit_depth`` is 16."""
+    flag = cv2.IMREAD_UNCHANGED
+    img = cv2.imread(str(path), flag)
+    if img is None:
+        if not Path(path).is_file():
+            raise DataError(f"{path}: image file not found")
+        raise DataError(f"{path}: cannot be decoded as an image (expected a PNG/JPEG/TIFF readable by OpenCV)")
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if channels == "grayscale" and img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    elif channels == "rgb":
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if bit_depth == 8 and img.dtype != np.uint8:
+        img = (img / (np.iinfo(img.dtype).max / 255.0)).round().astype(np.uint8) if img.dtype.kind == "u" \
+            else np.clip(img, 0, 255).astype(np.uint8)
+    elif bit_depth == 16 and img.dtype == np.uint8:
+        img = img.astype(np.uint16) * 257
+    return img
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file, read from its header where OpenCV allows it."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DataError(f"{path}: cannot be decoded as an image")
+    return int(img.shape[0]), int(img.shape[1])
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Nearest-neighbour resize of a (C, H, W) uint8 mask to ``size`` = (h, w)."""
+    if size is None or tuple(mask.shape[1:]) == tuple(size):
+        return mask
+    h, w = size
+    return np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) for m in mask]) if len(mask) \
+        else np.zeros((0, h, w), np.uint8)
+
+
+def check_unique(ids: list[str], where: str) -> None:
+    seen, dup = set(), []
+    for i in ids:
+        (dup.append(i) if i in seen else seen.add(i))
+    if dup:
+        raise DataError(f"{where}: duplicate image id(s) {sorted(set(dup))[:10]}; every id must be unique")
+
+
+class Adapter(ABC):
+    """One competition's data on disk. Subclasses fill ``_index`` lazily; ids are sorted strings."""
+
+    def __init__(self, cfg: CompetitionConfig):
+        self.cfg = cfg
+        self.root = cfg.root()
+        self.classes = list(cfg.classes)
+
+    # -- listing --------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def ids(self) -> list[str]:
+        """Training image ids, sorted."""
+
+    @abstractmethod
+    def groups(self) -> dict[str, str]:
+        """id -> group (subject, patient, imaging type)."""
+
+    @property
+    @abstractmethod
+    def test_ids(self) -> list[str]:
+        """Test image ids (no masks), sorted."""
+
+    @abstractmethod
+    def image_path(self, image_id: str, split: str = "train") -> Path:
+        """The file holding this image."""
+
+    # -- loading --------------------------------------------------------------------------------
+    def load_image(self, image_id: str, split: str = "train") -> np.ndarray:
+        return read_image(self.image_path(image_id, split), self.cfg.image.channels, self.cfg.image.bit_depth)
+
+    def image_size(self, image_id: str, split: str = "train") -> tuple[int, int]:
+        return image_size(self.image_path(image_id, split))
+
+    @abstractmethod
+    def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(C, H, W) uint8 in {0, 1} at ``size`` = (h, w), or at the image's own size when None."""
+
+    def presence(self, image_id: str) -> np.ndarray:
+        """(C,) bool: which classes this training image contains (for stratified folds, samplers)."""
+        return self.load_mask(image_id).reshape(len(self.classes), -1).any(1)
+
+    def metadata(self) -> pd.DataFrame | None:
+        """Extra per-image columns (``id`` plus anything else) used for groups or stratification."""
+        return None
+
+    def submission_id(self, image_id: str, split: str = "test") -> str:
+        """How this image is named in a submission CSV (``submission.id_format``)."""
+        fmt = self.cfg.submission.id_format
+        if fmt == "id":
+            return image_id
+        p = self.image_path(image_id, split)
+        return p.name if fmt == "filename" else p.stem
+
+    def sample_submission(self) -> pd.DataFrame | None:
+        """The competition's sample submission, or None when it ships none."""
+        rel = self.cfg.submission.sample_submission
+        if not rel:
+            return None
+        path = safe_join(self.root, rel, "submission.sample_submission")
+        if not path.is_file():
+            raise DataError(f"{path}: sample submission not found (submission.sample_submission)")
+        return pd.read_csv(path, keep_default_na=False, dtype=str)

@@ -1,0 +1,170 @@
+"""Torch datasets over an adapter, and the epoch sampler (shuffling, rare-class oversampling, DDP shards).
+
+Geometry: augmentation runs at the *target* resolution (input size x the model's output scale) so
+image and mask stay aligned through every geometric transform; the image is then shrunk to the
+network input. Every sample's randomness is seeded from (seed, epoch, index), so a resumed run sees
+exactly the batches an uninterrupted run would have, whatever the number of workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from competition.config import ExperimentConfig
+from competition.data.base import Adapter
+from competition.data.transforms import build_pipeline
+
+_MEAN, _STD = {1: [0.449], 3: [0.485, 0.456, 0.406]}, {1: [0.226], 3: [0.229, 0.224, 0.225]}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes (square, pixels): the network input, the target/output, and the whole-image size."""
+
+    input_size: int
+    output_scale: int
+    policy: str
+    crop_from: int | None
+
+    @classmethod
+    def from_config(cls, exp: ExperimentConfig) -> "Geometry":
+        return cls(exp.data.input_size, exp.model.output_scale, exp.data.policy, exp.data.crop_from)
+
+    @property
+    def output_size(self) -> int:
+        return self.input_size * self.output_scale
+
+    def whole(self, native: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) a whole image is brought to before the network (validation, OOF, test)."""
+        if self.policy == "crop":
+            return (self.crop_from, self.crop_from) if self.crop_from else native
+        return self.input_size, self.input_size
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    shrink = h < img.shape[0] and w < img.shape[1]
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8/uint16 (H, W[, 3]) -> normalised float32 (C, H, W)."""
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(scale)
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    c = x.shape[0]
+    return (x - torch.tensor(_MEAN[c]).view(c, 1, 1)) / torch.tensor(_STD[c]).view(c, 1, 1)
+
+
+def to_target(mask: np.ndarray, task: str) -> torch.Tensor:
+    """(C, h, w) uint8 -> the loss target: uint8 (C, h, w) multilabel, int64 (h, w) multiclass (0 = bg)."""
+    if task == "multilabel":
+        return torch.from_numpy(np.ascontiguousarray(mask))
+    idx = np.zeros(mask.shape[1:], np.int64)
+    for k in range(len(mask)):  # later classes win where exclusive labels were drawn overlapping
+        idx[mask[k] > 0] = k + 1
+    return torch.from_numpy(idx)
+
+
+class SegDataset(Dataset):
+    """``mode``: ``train`` (augment, crop policy crops), ``val`` (whole images + masks), ``test`` (images)."""
+
+    def __init__(self, adapter: Adapter, ids: list[str], exp: ExperimentConfig, task: str, mode: str,
+                 split: str = "train"):
+        self.adapter, self.ids, self.task, self.mode, self.split = adapter, list(ids), task, mode, split
+        self.geo = Geometry.from_config(exp)
+        self.seed = exp.train.seed
+        self.epoch = 0
+        self.pre = build_pipeline(exp.augment.preprocess, "augment.preprocess")
+        self.aug = build_pipeline(exp.augment.train, "augment.train") if mode == "train" else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        native = self.adapter.image_size(image_id, self.split)
+        whole = self.geo.whole(native)
+        s = self.geo.output_scale
+        # Work at the target resolution; the image is shrunk to the network input at the end.
+        work = (whole[0] * s, whole[1] * s)
+        img = resize_image(self.adapter.load_image(image_id, self.split), work)
+        mask = self.adapter.load_mask(image_id, work) if self.mode != "test" else None
+        seed = [self.seed, self.epoch, index]
+        img, mask = self._apply(self.pre, img, mask, seed + [0])
+        if self.aug is not None:
+            img, mask = self._apply(self.aug, img, mask, seed + [1])
+            if self.geo.policy == "crop":
+                img, mask = self._crop(img, mask, np.random.default_rng(seed + [2]))
+        out_hw = (img.shape[0] // s, img.shape[1] // s)
+        out = {"image": to_tensor(resize_image(img, out_hw)), "index": index}
+        if mask is not None:
+            out["mask"] = to_target(mask, self.task)
+        return out
+
+    def _apply(self, pipe, img, mask, seed):
+        if not pipe.transforms:
+            return img, mask
+        pipe.set_random_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        if mask is None:
+            return pipe(image=img)["image"], None
+        r = pipe(image=img, mask=np.ascontiguousarray(mask.transpose(1, 2, 0)))
+        return r["image"], np.ascontiguousarray(r["mask"].transpose(2, 0, 1))
+
+    def _crop(self, img, mask, rng):
+        c = self.geo.output_size
+        h, w = img.shape[:2]
+        if h < c or w < c:  # pad small images rather than fail
+            py, px = max(0, c - h), max(0, c - w)
+            img = np.pad(img, ((0, py), (0, px)) + ((0, 0),) * (img.ndim - 2))
+            mask = np.pad(mask, ((0, 0), (0, py), (0, px)))
+            h, w = img.shape[:2]
+        y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
+        return img[y:y + c, x:x + c], mask[:, y:y + c, x:x + c]
+
+
+class EpochSampler(Sampler):
+    """Shuffled (or weighted, with replacement) indices for one epoch, seeded by (seed, epoch),
+    then sharded across DDP ranks: every rank draws the same permutation and takes its slice."""
+
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.epoch = 0
+        self.per_rank = -(-n // world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            idx = torch.randperm(self.n, generator=g)
+        else:
+            idx = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        idx = torch.cat([idx, idx[: self.per_rank * self.world - self.n]])  # equal shards for DDP
+        return iter(idx[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def rare_class_weights(presence: np.ndarray, oversample: float, quantile: float) -> np.ndarray | None:
+    """Sampling weight per image: 1 + ``oversample`` for images holding a rare class, else 1.
+
+    A class is rare when it is present in at most the ``quantile``-quantile of per-class image counts.
+    """
+    if oversample <= 0:
+        return None
+    counts = presence.sum(0)
+    rare = counts <= np.quantile(counts, quantile)
+    return 1.0 + oversample * presence[:, rare].any(1).astype(np.float64)

@@ -1,0 +1,73 @@
+"""Out-of-fold predictions on disk: ``runs/<exp>/fold<k>/oof/``.
+
+    probs.npy   uint8 (N, C, h, w), p = value / 255; open with np.load(..., mmap_mode="r")
+    ids.json    the N image ids, in row order
+    meta.json   resolution, classes, task, quantisation, each image's original (H, W)
+
+Written into ``oof.tmp/`` and renamed, so a reader never sees a half-written store.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+QUANT = 255.0
+
+
+def probabilities(logits: torch.Tensor, task: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Logits (N, C[+1], H, W) -> class probabilities (N, C, h, w); multiclass drops the background."""
+    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    if task == "multilabel":
+        return torch.sigmoid(logits.float())
+    return torch.softmax(logits.float(), dim=1)[:, 1:]
+
+
+def quantize(probs: torch.Tensor) -> np.ndarray:
+    return probs.mul(QUANT).round_().to(torch.uint8).cpu().numpy()
+
+
+def write(out_dir: Path, ids: list[str], batches: Iterable[tuple[list[int], np.ndarray]],
+          classes: list[str], size: tuple[int, int], meta: dict) -> Path:
+    """Stream uint8 batches (row indices, (B, C, h, w)) into a memory-mapped store, then publish it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arr = np.lib.format.open_memmap(tmp / "probs.npy", mode="w+", dtype=np.uint8,
+                                    shape=(len(ids), len(classes), *size))
+    filled = np.zeros(len(ids), bool)
+    for rows, probs in batches:
+        arr[rows] = probs
+        filled[rows] = True
+    arr.flush()
+    del arr
+    if not filled.all():
+        raise RuntimeError(f"OOF store incomplete: rows {np.flatnonzero(~filled)[:10].tolist()} never written")
+    (tmp / "ids.json").write_text(json.dumps(ids))
+    full_meta = {"size": list(size), "classes": classes, "quantization": "uint8, p = value / 255", **meta}
+    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read(oof_dir: Path) -> tuple[np.ndarray, list[str], dict]:
+    """(memory-mapped uint8 probs, ids, meta) of one fold's store."""
+    oof_dir = Path(oof_dir)
+    for name in ("probs.npy", "ids.json", "meta.json"):
+        if not (oof_dir / name).is_file():
+            raise FileNotFoundError(f"{oof_dir / name}: missing; the OOF store is incomplete")
+    probs = np.load(oof_dir / "probs.npy", mmap_mode="r")
+    ids = json.loads((oof_dir / "ids.json").read_text())
+    meta = json.loads((oof_dir / "meta.json").read_text())
+    if probs.shape[0] != len(ids):
+        raise ValueError(f"{oof_dir}: probs.npy has {probs.shape[0]} rows but ids.json lists {len(ids)} ids")
+    return probs, ids, meta

@@ -1,0 +1,35 @@
+"""Where every artifact lives, derived from names alone (relative to the project folder, the cwd).
+
+    folds/<competition>.csv              committed: the shared split
+    runs/<exp>/fold<k>/                  gitignored: config.yaml, last.pt, best.pt, metrics.json,
+                                         history.csv, oof/ (probs.npy, ids.json, meta.json)
+    ensembles/<name>.yaml, .md           committed: ensemble recipes
+    submissions/<time>-<name>.csv        gitignored; submissions/ledger.csv committed
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def project() -> Path:
+    return Path.cwd()
+
+
+def folds_file(competition: str) -> Path:
+    return project() / "folds" / f"{competition}.csv"
+
+
+def run_dir(experiment: str, fold: int) -> Path:
+    return project() / "runs" / experiment / f"fold{fold}"
+
+
+def oof_dir(experiment: str, fold: int) -> Path:
+    return run_dir(experiment, fold) / "oof"
+
+
+def ensembles_dir() -> Path:
+    return project() / "ensembles"
+
+
+def submissions_dir() -> Path:
+    return project() / "submissions"

@@ -1,0 +1,179 @@
+"""One epoch of training, one validation pass, prediction: AMP, channels_last, gradient accumulation
+and clipping, weight EMA, DDP. The loop in ``loop.py`` decides *when*; this decides *how*."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from competition.config import CompetitionConfig, ExperimentConfig
+from competition.metrics import dice_from_counts
+from competition.train import checkpoint as ckpt
+from competition.train import distributed as dd
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; nothing was written for the epoch in progress."""
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None = full precision. ``auto``: bf16 where the GPU has it, else fp16; fp32 on the CPU."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, loss_fn, exp: ExperimentConfig, comp: CompetitionConfig,
+                 device: torch.device, d: dd.Dist):
+        self.exp, self.comp, self.device, self.dist = exp, comp, device, d
+        self.memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
+        self.raw = model.to(device=device, memory_format=self.memory_format)
+        self.model = DistributedDataParallel(self.raw, device_ids=[device.index] if device.type == "cuda"
+                                             else None) if d.enabled else self.raw
+        self.loss_fn = loss_fn
+        self.amp = autocast_dtype(exp.train.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.ema = None
+        if exp.train.ema:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.raw, decay=exp.train.ema, device=device)
+        self.optimizer = None
+        self.scheduler = None
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def model_for_eval(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.raw
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        y = batch.get("mask")
+        return x, (y.to(self.device, non_blocking=True) if y is not None else None)
+
+    def train_epoch(self, loader, epoch: int) -> tuple[float, int]:
+        self.model.train()
+        accum, clip = self.exp.train.grad_accum, self.exp.train.grad_clip
+        total, count, n_images = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                   disable=not (self.dist.main and self.exp.train.progress))
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, batch in enumerate(bar, 1):
+            x, y = self._to_device(batch)
+            target = y.float() if self.comp.task == "multilabel" else y
+            sync = step % accum == 0 or step == len(loader)
+            no_sync = self.model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+            with no_sync:
+                with self._autocast():
+                    out = self.model(x)
+                loss = self.loss_fn(_float(out), target)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}; "
+                                           f"stopping without writing this epoch (lower optimizer.lr, set "
+                                           f"train.grad_clip, or train.precision: fp32)")
+                self.scaler.scale(loss / accum).backward()
+            if sync:
+                if clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step_batch()
+                if self.ema is not None:
+                    self.ema.update(self.raw)
+            total += loss.item() * len(x)
+            count += len(x)
+            n_images += len(x)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        stats = dd.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
+        return float(stats[0] / stats[1]), int(stats[1])
+
+    @torch.no_grad()
+    def validate(self, loader, n_images: int) -> np.ndarray:
+        """Per-class mean Dice over the held-out images at the model's output resolution."""
+        model = self.model_for_eval().eval()
+        thr = self.exp.train.threshold
+        C = self.comp.num_classes
+        sums = torch.zeros(C, dtype=torch.float64, device=self.device)
+        for batch in loader:
+            x, y = self._to_device(batch)
+            with self._autocast():
+                logits = model(x)
+            pred, truth = self._binarize(logits.float(), y)
+            inter = (pred & truth).flatten(2).sum(-1)
+            scores = dice_from_counts(inter, pred.flatten(2).sum(-1), truth.flatten(2).sum(-1),
+                                      self.comp.metric.empty_score)
+            sums += scores.double().sum(0)
+        sums = dd.all_reduce_sum(sums, self.dist)
+        return (sums / max(n_images, 1)).cpu().numpy()
+
+    def _binarize(self, logits: torch.Tensor, y: torch.Tensor):
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = torch.nn.functional.interpolate(logits, size=y.shape[-2:], mode="bilinear")
+        if self.comp.task == "multilabel":
+            return logits > math.log(self.exp.train.threshold / (1 - self.exp.train.threshold)), y.bool()
+        C = self.comp.num_classes
+        k = torch.arange(1, C + 1, device=y.device).view(1, C, 1, 1)
+        return logits.argmax(1, keepdim=True) == k, y.unsqueeze(1) == k
+
+    # -- state ------------------------------------------------------------------------------------
+    def full_state(self, run_cfg: dict, state: dict) -> dict:
+        return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "state": state, "rng": ckpt.rng_state(), "config": run_cfg}
+
+    def best_payload(self, run_cfg: dict, epoch: int, score: float) -> dict:
+        return {"model": self.model_for_eval().state_dict(), "epoch": epoch, "score": score, "config": run_cfg}
+
+    def load_state(self, s: dict) -> dict:
+        self.raw.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.ema is not None and s.get("ema") is not None:
+            self.ema.module.load_state_dict(s["ema"])
+        ckpt.set_rng_state(s["rng"])
+        return s["state"]
+
+
+def _float(out):
+    """Loss in fp32 whatever the autocast dtype (deep supervision returns a list)."""
+    return [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
+
+
+@torch.no_grad()
+def predict_loader(engine: Engine, loader, task: str, size: tuple[int, int]) -> Iterator[tuple[list, np.ndarray]]:
+    """Yield (row indices, uint8 probabilities at ``size``) for every batch of a ``test``-mode dataset."""
+    from competition.oof import probabilities, quantize
+    model = engine.model_for_eval().eval()
+    for batch in loader:
+        x, _ = engine._to_device(batch)
+        with engine._autocast():
+            logits = model(x)
+        yield batch["index"].tolist(), quantize(probabilities(logits, task, size))

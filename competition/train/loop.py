@@ -1,0 +1,203 @@
+"""``competition train``: one fold of one experiment, resumable, single process or torchrun DDP.
+
+    runs/<exp>/fold<k>/config.yaml    the resolved experiment + competition (written first)
+    runs/<exp>/fold<k>/last.pt        full state every epoch: resume by re-running the same command
+    runs/<exp>/fold<k>/best.pt        weights of the best epoch by the competition metric
+    runs/<exp>/fold<k>/history.csv    one row per epoch
+    runs/<exp>/fold<k>/metrics.json   best validation Dice per class and mean, timings
+    runs/<exp>/fold<k>/oof/           the fold's out-of-fold probabilities (see competition.oof)
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from competition import paths
+from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text,
+                                dump_yaml, load_competition, to_plain)
+from competition.data.adapters import make_adapter
+from competition.data.dataset import EpochSampler, SegDataset, rare_class_weights
+from competition.folds import load_folds, presence_matrix
+from competition.losses import build_loss, inverse_frequency_weights
+from competition.models import build_model
+from competition.optim import build_optimizer, build_scheduler
+from competition.train import checkpoint as ckpt
+from competition.train import distributed as dd
+from competition.train.engine import Engine, TrainingDiverged, predict_loader, seed_everything
+
+__all__ = ["fit", "TrainingDiverged"]
+
+
+def _run_config(exp: ExperimentConfig, comp: CompetitionConfig, fold: int) -> dict:
+    return {"experiment": to_plain(exp), "competition": to_plain(comp), "fold": fold}
+
+
+def _loader(ds, exp: ExperimentConfig, sampler=None, shuffle_free: bool = True) -> DataLoader:
+    workers = exp.data.workers
+    return DataLoader(ds, batch_size=exp.data.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      persistent_workers=False, prefetch_factor=2 if workers else None)
+
+
+def _class_weights(exp, comp, adapter, train_ids) -> torch.Tensor | None:
+    cw = exp.loss.class_weights
+    if cw is None:
+        return None
+    if isinstance(cw, list):
+        if len(cw) != comp.num_classes:
+            raise ConfigError(f"loss.class_weights has {len(cw)} values; the competition has "
+                              f"{comp.num_classes} classes ({', '.join(comp.classes)})")
+        return torch.tensor(cw, dtype=torch.float32)
+    # "1 - pixel frequency on the training fold" (report 000), counted at a small size: it is a ratio.
+    counts, total = np.zeros(comp.num_classes), 0
+    for i in train_ids:
+        m = adapter.load_mask(i, (64, 64))
+        counts += m.reshape(len(m), -1).sum(1)
+        total += m.shape[1] * m.shape[2]
+    return inverse_frequency_weights(counts, total)
+
+
+def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=print) -> dict:
+    """Train one fold (resuming from last.pt when present), then write its OOF and metrics.json."""
+    d = dd.setup()
+    comp = load_competition(exp.competition)
+    adapter = make_adapter(comp)
+    folds = load_folds(comp, adapter)
+    if fold not in set(folds["fold"]):
+        raise ConfigError(f"fold {fold} does not exist; folds/{comp.name}.csv has folds "
+                          f"{sorted(set(folds['fold']))}")
+    run_dir = paths.run_dir(exp.name, fold)
+    run_cfg = _run_config(exp, comp, fold)
+    if d.main:
+        _check_run_dir(run_dir, run_cfg, restart)
+        dump_yaml(run_cfg, run_dir / "config.yaml")
+    dd.barrier(d)
+
+    device = dd.device_for(d)
+    seed_everything(exp.train.seed, exp.train.deterministic)
+    train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
+    val_ids = folds.loc[folds["fold"] == fold, "id"].tolist()
+    train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
+    val_ds = SegDataset(adapter, val_ids, exp, comp.task, "val")
+    weights = None
+    if exp.data.rare_class_oversample > 0:
+        pres = presence_matrix(adapter)[[adapter.ids.index(i) for i in train_ids]]
+        weights = rare_class_weights(pres, exp.data.rare_class_oversample, exp.data.rare_class_quantile)
+    sampler = EpochSampler(len(train_ds), exp.train.seed, weights, d.rank, d.world)
+    # Validation shards are disjoint (no padding), so reduced sums count every image exactly once.
+    val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
+    train_loader, val_loader = _loader(train_ds, exp, sampler), _loader(val_shard, exp)
+
+    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
+    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    model = build_model(exp.model, out_ch, in_ch)
+    loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids))
+    engine = Engine(model, loss_fn, exp, comp, device, d)
+    engine.optimizer = build_optimizer(engine.model, exp.optimizer)
+    steps = math.ceil(len(train_loader) / exp.train.grad_accum)
+    engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, steps)
+
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    last = run_dir / "last.pt"
+    if last.is_file() and not restart:
+        state = engine.load_state(ckpt.load(last))
+        if d.main:
+            log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
+
+    t0 = time.time()
+    while state["epoch"] < exp.train.epochs and not _stopped_early(exp, state):
+        epoch = state["epoch"] + 1
+        # Reseed per epoch so a resumed epoch draws exactly what the uninterrupted run drew.
+        seed_everything(exp.train.seed * 1000 + epoch, exp.train.deterministic)
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        te = time.time()
+        train_loss, n_train = engine.train_epoch(train_loader, epoch)
+        scores = engine.validate(val_loader, len(val_ds))
+        engine.scheduler.step_epoch(float(scores.mean()))
+        row = {"epoch": epoch, "train_loss": train_loss, "val_dice": float(scores.mean()),
+               "lr": engine.lr, "seconds": time.time() - te, "train_images_per_s": n_train / (time.time() - te),
+               **{f"dice/{c}": float(s) for c, s in zip(comp.classes, scores)}}
+        state["history"].append(row)
+        improved = row["val_dice"] > state["best_score"]
+        if improved:
+            state.update(best_score=row["val_dice"], best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        if d.main:
+            if improved:
+                ckpt.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), run_dir / "best.pt")
+            ckpt.save(engine.full_state(run_cfg, state), last)
+            atomic_write_text(run_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
+            log(f"epoch {epoch:3d}/{exp.train.epochs}  loss {train_loss:.4f}  val dice {row['val_dice']:.4f}"
+                f"{' *' if improved else '  '}  best {state['best_score']:.4f} (epoch {state['best_epoch']})"
+                f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+        dd.barrier(d)
+    train_seconds = time.time() - t0
+
+    result = {}
+    if d.main:
+        result = _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log)
+    dd.barrier(d)
+    return result
+
+
+def _stopped_early(exp: ExperimentConfig, state: dict) -> bool:
+    p = exp.train.early_stopping
+    return p is not None and state["bad_epochs"] >= p
+
+
+def _check_run_dir(run_dir: Path, run_cfg: dict, restart: bool) -> None:
+    """A run folder belongs to one configuration: resuming under a changed config would mix two runs."""
+    import yaml
+    cfg_file = run_dir / "config.yaml"
+    if restart or not (run_dir / "last.pt").is_file() or not cfg_file.is_file():
+        return
+    old = yaml.safe_load(cfg_file.read_text())
+    if old != yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)):
+        changed = sorted(k for k in set(old["experiment"]) | set(run_cfg["experiment"])
+                         if old["experiment"].get(k) != run_cfg["experiment"].get(k))
+        raise ConfigError(f"{run_dir} holds a run with a different configuration (changed: {changed}); "
+                          f"use a new experiment name, or --restart (RESTART=1) to start this fold over")
+
+
+def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log) -> dict:
+    """Predict the held-out fold with the best weights: OOF store + metrics.json."""
+    from competition import oof
+    from competition.metrics import dice_per_class, summarize
+
+    best = ckpt.load(run_dir / "best.pt")
+    engine.model_for_eval().load_state_dict(best["model"])
+    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
+    ds = SegDataset(adapter, val_ids, exp, comp.task, "test")
+    t = time.time()
+    batches = predict_loader(engine, _loader(ds, exp), comp.task, (size, size))
+    store = oof.write(paths.oof_dir(exp.name, fold), val_ids, batches, comp.classes, (size, size), {
+        "experiment": exp.name, "fold": fold, "task": comp.task, "checkpoint": "best.pt",
+        "original_sizes": {i: list(adapter.image_size(i)) for i in val_ids}})
+    pred_seconds = time.time() - t
+    probs, ids, _ = oof.read(store)
+    truth = np.stack([adapter.load_mask(i, (size, size)) for i in ids])
+    scores = dice_per_class(probs >= round(exp.train.threshold * oof.QUANT), truth, comp.metric.empty_score)
+    summ = summarize(scores, comp.classes)
+    metrics = {"experiment": exp.name, "fold": fold, "competition": comp.name,
+               "best_epoch": best["epoch"], "epochs_run": state["epoch"],
+               "val_dice": state["best_score"], "val_dice_per_class": dict(zip(
+                   comp.classes, [state["history"][best["epoch"] - 1][f"dice/{c}"] for c in comp.classes])),
+               "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": size,
+               "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
+               "train_seconds": round(train_seconds, 2),
+               "predict_images_per_s": round(len(val_ids) / max(pred_seconds, 1e-9), 2),
+               "n_train": None, "n_val": len(val_ids)}
+    metrics["n_train"] = len(adapter.ids) - len(val_ids)
+    atomic_write_text(run_dir / "metrics.json", pd.Series(metrics).to_json(indent=1))
+    log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
+        f"OOF dice {metrics['oof_dice']:.4f} at {size}px -> {store}")
+    return metrics
