@@ -53,7 +53,7 @@ def test_augmentation_is_seeded_per_epoch_and_index(tiny_project):
     assert not torch.equal(a[2]["image"], b[2]["image"])
     # Geometry moves image and mask together: the rotated mask still covers the bright bones.
     s = a[2]
-    bone = s["mask"].any(0)
+    bone = s["mask"].bool().any(0)
     assert s["image"][0][bone].mean() > s["image"][0][~bone].mean()
 
 

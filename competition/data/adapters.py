@@ -11,7 +11,7 @@ ADAPTERS = Registry("dataset format")
 def make_adapter(cfg: CompetitionConfig) -> Adapter:
     """The adapter for ``cfg.format``; generates the embedded synthetic data first when configured."""
     # Imported here so each format module registers itself without import cycles.
-    from competition.data import polygon  # noqa: F401  TEMP
+    from competition.data import mask_folders, polygon, rle_csv  # noqa: F401
     if cfg.synthetic is not None:
         from competition.data.synthetic import ensure_generated
         ensure_generated(cfg)

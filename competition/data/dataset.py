@@ -166,5 +166,8 @@ def rare_class_weights(presence: np.ndarray, oversample: float, quantile: float)
     if oversample <= 0:
         return None
     counts = presence.sum(0)
-    rare = counts <= np.quantile(counts, quantile)
+    seen = counts > 0  # a class absent from the training fold cannot be oversampled
+    if not seen.any():
+        return None
+    rare = seen & (counts <= np.quantile(counts[seen], quantile))
     return 1.0 + oversample * presence[:, rare].any(1).astype(np.float64)

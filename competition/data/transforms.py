@@ -6,6 +6,8 @@ test alike (report 001's sharpening was its largest single gain); ``train`` only
 """
 from __future__ import annotations
 
+import inspect
+
 import albumentations as A
 
 from competition.config import ConfigError, Transform
@@ -30,6 +32,12 @@ def build_transform(t: Transform, key: str) -> A.BasicTransform:
         raise ConfigError(f"{key}: unknown albumentations transform {t.name!r}; common ones: "
                           f"{', '.join(KNOWN)} (any class in albumentations works)")
     params = {k: _lists_to_tuples(v) for k, v in t.model_dump().items() if k != "name"}
+    sig = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.values()):
+        unknown = sorted(set(params) - set(sig))
+        if unknown:  # albumentations only warns; a typo must not silently do nothing
+            valid = [n for n in sig if n != "self"]
+            raise ConfigError(f"{key}: invalid parameters for {t.name}: unknown {unknown}; valid: {', '.join(valid)}")
     try:
         return cls(**params)
     except Exception as e:  # pydantic ValidationError or TypeError from albumentations

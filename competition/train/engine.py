@@ -97,9 +97,13 @@ class Engine:
                                            f"train.grad_clip, or train.precision: fp32)")
                 self.scaler.scale(loss / accum).backward()
             if sync:
-                if clip:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+                self.scaler.unscale_(self.optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip or float("inf"))
+                # fp16's scaler skips steps with inf gradients by design; anywhere else they are divergence.
+                if not torch.isfinite(norm) and not self.scaler.is_enabled():
+                    raise TrainingDiverged(f"gradient norm is {norm.item()} at epoch {epoch}, step {step}; "
+                                           f"stopping without writing this epoch (lower optimizer.lr or set "
+                                           f"train.grad_clip)")
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -110,6 +114,10 @@ class Engine:
             count += len(x)
             n_images += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}")
+        bad = [n for n, t in self.raw.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise TrainingDiverged(f"weights became non-finite during epoch {epoch} ({bad[0]}, ...); "
+                                   f"stopping without writing this epoch")
         stats = dd.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
         return float(stats[0] / stats[1]), int(stats[1])
 

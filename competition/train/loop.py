@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from competition import paths
+from competition import paths, tracking, viz
 from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text,
                                 dump_yaml, load_competition, to_plain)
 from competition.data.adapters import make_adapter
@@ -110,6 +110,7 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=print) -> d
         if d.main:
             log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
 
+    tracker = tracking.for_training(exp, comp, fold, run_cfg) if d.main else tracking.Tracker(False)
     t0 = time.time()
     while state["epoch"] < exp.train.epochs and not _stopped_early(exp, state):
         epoch = state["epoch"] + 1
@@ -136,15 +137,23 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=print) -> d
                 ckpt.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), run_dir / "best.pt")
             ckpt.save(engine.full_state(run_cfg, state), last)
             atomic_write_text(run_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
+            tracker.log(row, step=epoch)
             log(f"epoch {epoch:3d}/{exp.train.epochs}  loss {train_loss:.4f}  val dice {row['val_dice']:.4f}"
                 f"{' *' if improved else '  '}  best {state['best_score']:.4f} (epoch {state['best_epoch']})"
                 f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
         dd.barrier(d)
     train_seconds = time.time() - t0
+    if d.enabled:
+        same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in engine.raw.parameters()]), d)
+        if not same:
+            raise RuntimeError("DDP ranks hold different weights after training; refusing to write results")
+        if d.main:
+            log(f"weights identical on all {d.world} ranks")
 
     result = {}
     if d.main:
-        result = _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log)
+        result = _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker)
+    tracker.finish()
     dd.barrier(d)
     return result
 
@@ -168,7 +177,7 @@ def _check_run_dir(run_dir: Path, run_cfg: dict, restart: bool) -> None:
                           f"use a new experiment name, or --restart (RESTART=1) to start this fold over")
 
 
-def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log) -> dict:
+def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker) -> dict:
     """Predict the held-out fold with the best weights: OOF store + metrics.json."""
     from competition import oof
     from competition.metrics import dice_per_class, summarize
@@ -198,6 +207,13 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
                "n_train": None, "n_val": len(val_ids)}
     metrics["n_train"] = len(adapter.ids) - len(val_ids)
     atomic_write_text(run_dir / "metrics.json", pd.Series(metrics).to_json(indent=1))
+    tracker.summary({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice"],
+                  [[c, metrics["val_dice_per_class"][c], summ["per_class"][c]] for c in comp.classes])
+    show = list(range(min(3, len(ids))))
+    tracker.images("val_overlays", [viz.panels(adapter.load_image(ids[i]), truth[i],
+                                               probs[i] >= round(exp.train.threshold * oof.QUANT)) for i in show],
+                   [f"{ids[i]}: image | truth | prediction" for i in show])
     log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
         f"OOF dice {metrics['oof_dice']:.4f} at {size}px -> {store}")
     return metrics

@@ -1,0 +1,178 @@
+"""Model building: every architecture honours the forward contract, UNet 3+ deep supervision, the
+high-resolution head, encoder-weight handling (offline failure, local files) and config errors."""
+import time
+import warnings
+
+import pytest
+import torch
+
+from competition.config import ConfigError, LossConfig, ModelConfig
+from competition.losses import build_loss
+from competition.models import ARCHITECTURES, HighResHead, build_model
+
+
+def out_of(model, x, train=False):
+    model.train(train)
+    with torch.set_grad_enabled(train):
+        return model(x)
+
+
+def encoder_for(arch: str) -> str:
+    return "tu-test_vit" if arch.lower() == "dpt" else "tu-test_resnet"  # DPT takes ViT encoders only
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
+def test_every_architecture_returns_logits_at_input_size(arch):
+    size = 128 if arch == "PAN" else 64  # PAN's pyramid pooling needs >= 4 px at stride 32
+    model = build_model(ModelConfig(arch=arch, encoder=encoder_for(arch)), num_classes=3, in_channels=1)
+    y = out_of(model, torch.randn(2, 1, size, size))
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 3, size, size)
+
+
+@pytest.mark.parametrize("arch", ["Unet", "FPN", "UnetPlusPlus", "DeepLabV3Plus", "Segformer", "unet3plus"])
+def test_smp_encoder_rgb(arch):
+    model = build_model(ModelConfig(arch=arch, encoder="resnet18"), num_classes=4, in_channels=3)
+    assert out_of(model, torch.randn(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_arch_names_case_insensitive_and_shallower_encoder():
+    model = build_model(ModelConfig(arch="unetplusplus", encoder="tu-test_convnext", encoder_depth=4), 2, 1)
+    assert out_of(model, torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+    model = build_model(ModelConfig(arch="pspnet", encoder="resnet18", encoder_depth=4), 2, 1)
+    assert out_of(model, torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "tu-test_convnext"])
+def test_unet3plus_deep_supervision_train_list_eval_tensor(encoder):
+    model = build_model(ModelConfig(arch="unet3plus", encoder=encoder, deep_supervision=True,
+                                    kwargs={"cat_channels": 8}), 3, 1)
+    x = torch.randn(2, 1, 64, 64)
+    outs = out_of(model, x, train=True)
+    levels = 5 if encoder == "resnet18" else 4  # convnext has no stride-2 stage
+    assert isinstance(outs, list) and len(outs) == levels and all(o.shape == (2, 3, 64, 64) for o in outs)
+    assert out_of(model, x).shape == (2, 3, 64, 64)
+    # The loss takes the list and trains every head.
+    y = (torch.rand(2, 3, 64, 64) > 0.5).float()
+    build_loss(LossConfig(), "multilabel", 3)(out_of(model, x, train=True), y).backward()
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in model.heads)
+
+
+def test_unet3plus_without_deep_supervision_returns_tensor_in_training():
+    model = build_model(ModelConfig(arch="unet3plus", encoder="tu-test_resnet", kwargs={"cat_channels": 8}), 2, 1)
+    assert out_of(model, torch.randn(1, 1, 64, 64), train=True).shape == (1, 2, 64, 64)
+
+
+def test_high_res_head_doubles_size_and_starts_as_bilinear():
+    model = build_model(ModelConfig(arch="Unet", encoder="tu-test_resnet", output_scale=2), 3, 1)
+    assert isinstance(model, HighResHead)
+    x = torch.randn(2, 1, 64, 64)
+    y = out_of(model, x)
+    assert y.shape == (2, 3, 128, 128)
+    bilinear = torch.nn.functional.interpolate(out_of(model.model, x), scale_factor=2, mode="bilinear")
+    assert torch.allclose(y, bilinear, atol=1e-6)
+
+
+def test_high_res_head_passes_deep_supervision_lists():
+    model = build_model(ModelConfig(arch="unet3plus", encoder="tu-test_resnet", deep_supervision=True,
+                                    output_scale=2, kwargs={"cat_channels": 8}), 3, 1)
+    outs = out_of(model, torch.randn(1, 1, 64, 64), train=True)
+    assert len(outs) == 5 and all(o.shape == (1, 3, 128, 128) for o in outs)
+    assert out_of(model, torch.randn(1, 1, 64, 64)).shape == (1, 3, 128, 128)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (ModelConfig(arch="Unett"), r"model.arch: unknown architecture 'Unett'; valid: .*DeepLabV3Plus.*Unet.*unet3plus"),
+    (ModelConfig(encoder="resnet19"), r"unknown encoder 'resnet19'.*get_encoder_names.*tu-<name>"),
+    (ModelConfig(encoder="tu-not_a_model"), r"unknown timm model 'not_a_model'.*timm.list_models"),
+    (ModelConfig(arch="Unet", deep_supervision=True), r"deep_supervision is supported by unet3plus only"),
+    (ModelConfig(kwargs={"decoder_chanels": [8]}), r"Unet does not take \['decoder_chanels'\].*decoder_channels"),
+    (ModelConfig(kwargs={"in_channels": 3}), r"may not set \['in_channels'\]"),
+    (ModelConfig(arch="FPN", decoder_channels=[8, 8]), r"does not apply to FPN.*decoder_pyramid_channels"),
+    (ModelConfig(arch="unet3plus", kwargs={"cat_chanels": 8}), r"unknown \['cat_chanels'\]; valid: cat_channels"),
+    (ModelConfig(encoder_weights="instagram"), r"no weights 'instagram'; valid: \['imagenet'"),
+])
+def test_config_errors_name_the_key_and_valid_values(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(cfg, 3, 1)
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, so a warm cache on this machine cannot make the download succeed."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "tu-resnet18"])
+def test_imagenet_offline_fails_fast_with_the_remedy(encoder, monkeypatch, empty_hub_cache):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"encoder_weights 'imagenet' could not be downloaded \(offline\?\)\. "
+                                          r"Put a local weights file on disk and set model.encoder_weights: "
+                                          r"path/to/weights.pth \(a state_dict of the encoder"):
+        build_model(ModelConfig(encoder=encoder, encoder_weights="imagenet"), 3, 1)
+    assert time.perf_counter() - t < 10
+
+
+def test_unreachable_hub_fails_fast_without_hf_hub_offline(monkeypatch, empty_hub_cache):
+    """No HF_HUB_OFFLINE and no network: the hub alone would retry for ~25 s; the probe stops that."""
+    import competition.models as models
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"could not be downloaded \(offline\?\).*could not be reached"):
+        build_model(ModelConfig(arch="unet3plus", encoder="resnet18", encoder_weights="imagenet"), 3, 1)
+    assert time.perf_counter() - t < 10
+
+
+def _encoder_state(seed: int, encoder="resnet18", in_channels=1):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(encoder=encoder), 3, in_channels).encoder.state_dict()
+
+
+@pytest.mark.parametrize("wrap", ["plain", "prefixed", "checkpoint", "safetensors"])
+def test_local_weights_file_loads_into_the_encoder(tmp_path, wrap):
+    saved = _encoder_state(seed=1)
+    path = tmp_path / ("enc.safetensors" if wrap == "safetensors" else "enc.pth")
+    if wrap == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in saved.items()}, str(path))
+    else:
+        obj = {"plain": saved, "prefixed": {f"encoder.{k}": v for k, v in saved.items()},
+               "checkpoint": {"state_dict": {f"module.encoder.{k}": v for k, v in saved.items()}, "epoch": 3}}[wrap]
+        torch.save(obj, path)
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(arch="FPN", encoder="resnet18", encoder_weights=str(path)), 3, 1)
+    loaded = model.encoder.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_rgb_weights_adapt_to_grayscale_and_extra_keys_warn(tmp_path):
+    import timm
+    torch.manual_seed(0)
+    timm_model = timm.create_model("test_resnet")  # a plain timm state_dict: no "model." prefix, has a head
+    torch.save(timm_model.state_dict(), tmp_path / "timm.pt")
+    with pytest.warns(UserWarning, match=r"unexpected 2 \['model.fc.bias', 'model.fc.weight'\]"):
+        model = build_model(ModelConfig(encoder="tu-test_resnet", encoder_weights=str(tmp_path / "timm.pt")), 3, 1)
+    first = model.encoder.model.conv1[0].weight
+    assert first.shape[1] == 1 and torch.allclose(first, timm_model.conv1[0].weight.sum(1, keepdim=True))
+
+
+def test_local_weights_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"model.encoder_weights: file not found: 'weights/enc.pth'"):
+        build_model(ModelConfig(encoder_weights="weights/enc.pth"), 3, 1)
+    torch.save({"something": torch.zeros(2)}, tmp_path / "junk.pth")
+    with pytest.raises(ConfigError, match=r"nothing in .*junk.pth matches the encoder"):
+        build_model(ModelConfig(encoder_weights="junk.pth"), 3, 1)
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"bad.pth cannot be read as weights"):
+        build_model(ModelConfig(encoder_weights="bad.pth"), 3, 1)
+
+
+def test_random_init_emits_no_download_and_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        build_model(ModelConfig(encoder="tu-test_resnet", encoder_weights=None), 3, 1)
