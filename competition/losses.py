@@ -56,9 +56,6 @@ def _lovasz(mode, num_classes, w, **kw):
     return _Lovasz(mode, w, **kw)
 
 
-_lovasz.cls = None  # set below, once _Lovasz exists (used to list valid kwargs in errors)
-
-
 class _Lovasz(nn.Module):
     """Lovasz per class, then the (weighted) mean over classes.
 
@@ -117,7 +114,7 @@ def _lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     return jaccard
 
 
-_lovasz.cls = _Lovasz
+_lovasz.cls = _Lovasz  # the class whose signature lists the valid kwargs in errors
 LOSS_TERMS.register("bce", _bce, cls="SoftBCEWithLogitsLoss | torch CrossEntropyLoss (multiclass)")
 LOSS_TERMS.register("dice", _smp_term(smp_losses.DiceLoss), cls="smp DiceLoss")
 LOSS_TERMS.register("jaccard", _smp_term(smp_losses.JaccardLoss), cls="smp JaccardLoss")

@@ -42,13 +42,13 @@ def test_arch_names_case_insensitive_and_shallower_encoder():
     assert out_of(model, torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
 
 
-@pytest.mark.parametrize("encoder", ["resnet18", "tu-test_convnext"])
+@pytest.mark.parametrize("encoder", ["tu-test_resnet", "tu-test_convnext"])
 def test_unet3plus_deep_supervision_train_list_eval_tensor(encoder):
     model = build_model(ModelConfig(arch="unet3plus", encoder=encoder, deep_supervision=True,
                                     kwargs={"cat_channels": 8}), 3, 1)
     x = torch.randn(2, 1, 64, 64)
     outs = out_of(model, x, train=True)
-    levels = 5 if encoder == "resnet18" else 4  # convnext has no stride-2 stage
+    levels = 5 if encoder == "tu-test_resnet" else 4  # convnext has no stride-2 stage
     assert isinstance(outs, list) and len(outs) == levels and all(o.shape == (2, 3, 64, 64) for o in outs)
     assert out_of(model, x).shape == (2, 3, 64, 64)
     # The loss takes the list and trains every head.
@@ -60,6 +60,9 @@ def test_unet3plus_deep_supervision_train_list_eval_tensor(encoder):
 def test_unet3plus_without_deep_supervision_returns_tensor_in_training():
     model = build_model(ModelConfig(arch="unet3plus", encoder="tu-test_resnet", kwargs={"cat_channels": 8}), 2, 1)
     assert out_of(model, torch.randn(1, 1, 64, 64), train=True).shape == (1, 2, 64, 64)
+    # Every parameter gets a gradient (DDP refuses unused parameters).
+    out_of(model, torch.randn(2, 1, 64, 64), train=True).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_high_res_head_doubles_size_and_starts_as_bilinear():

@@ -97,9 +97,12 @@ class UNet3Plus(nn.Module):
         for k in range(n - 2, -1, -1):
             in_ch = [out_ch[lvl] for lvl in self.levels[:k + 1]] + [up] * (n - 2 - k) + [out_ch[self.levels[-1]]]
             self.stages.append(_DecoderStage(self.levels[k], in_ch, cat_channels, interpolation))
-        # Heads finest first: one per decoder stage, then the bottleneck.
-        self.heads = nn.ModuleList(nn.Conv2d(up, classes, 3, padding=1) for _ in range(n - 1))
-        self.heads.append(nn.Conv2d(out_ch[self.levels[-1]], classes, 3, padding=1))
+        # Heads finest first: one per decoder stage, then the bottleneck. Without deep supervision only
+        # the final head exists: parameters no loss reaches would break DDP (unused parameters).
+        self.heads = nn.ModuleList([nn.Conv2d(up, classes, 3, padding=1)])
+        if deep_supervision:
+            self.heads.extend(nn.Conv2d(up, classes, 3, padding=1) for _ in range(n - 2))
+            self.heads.append(nn.Conv2d(out_ch[self.levels[-1]], classes, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = x.shape[-2:]
