@@ -79,7 +79,7 @@ class Engine:
         self.model.train()
         accum, clip = self.exp.train.grad_accum, self.exp.train.grad_clip
         total, count, n_images = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, position=1, unit="batch",
                    disable=not (self.dist.main and self.exp.train.progress))
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(bar, 1):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from competition import paths, tracking, viz
 from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text,
@@ -63,8 +64,12 @@ def _class_weights(exp, comp, adapter, train_ids) -> torch.Tensor | None:
     return inverse_frequency_weights(counts, total)
 
 
-def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=print) -> dict:
-    """Train one fold (resuming from last.pt when present), then write its OOF and metrics.json."""
+def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write, on_epoch=None) -> dict:
+    """Train one fold (resuming from last.pt when present), then write its OOF and metrics.json.
+
+    ``on_epoch(epoch, val_dice)`` is called after every epoch's checkpoint is written (tuning reports
+    to Optuna there and may raise ``optuna.TrialPruned``, which stops the fold cleanly).
+    """
     d = dd.setup()
     comp = load_competition(exp.competition)
     adapter = make_adapter(comp)
@@ -112,6 +117,8 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=print) -> d
 
     tracker = tracking.for_training(exp, comp, fold, run_cfg) if d.main else tracking.Tracker(False)
     t0 = time.time()
+    bar = tqdm(total=exp.train.epochs, initial=state["epoch"], desc=f"{exp.name} fold {fold}", unit="epoch",
+               position=0, dynamic_ncols=True, disable=not (d.main and exp.train.progress))
     while state["epoch"] < exp.train.epochs and not _stopped_early(exp, state):
         epoch = state["epoch"] + 1
         # Reseed per epoch so a resumed epoch draws exactly what the uninterrupted run drew.
@@ -141,7 +148,18 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=print) -> d
             log(f"epoch {epoch:3d}/{exp.train.epochs}  loss {train_loss:.4f}  val dice {row['val_dice']:.4f}"
                 f"{' *' if improved else '  '}  best {state['best_score']:.4f} (epoch {state['best_epoch']})"
                 f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+        if on_epoch is not None:
+            try:
+                on_epoch(epoch, row["val_dice"])
+            except BaseException as e:  # e.g. optuna.TrialPruned: the W&B run says why it stopped
+                tracker.summary({"stopped_by": type(e).__name__, "epochs_run": epoch})
+                tracker.finish()
+                bar.close()
+                raise
+        bar.update(1)
+        bar.set_postfix(best=f"{state['best_score']:.4f}")
         dd.barrier(d)
+    bar.close()
     train_seconds = time.time() - t0
     if d.enabled:
         same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in engine.raw.parameters()]), d)
@@ -204,10 +222,10 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
                "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
                "train_seconds": round(train_seconds, 2),
                "predict_images_per_s": round(len(val_ids) / max(pred_seconds, 1e-9), 2),
-               "n_train": None, "n_val": len(val_ids)}
-    metrics["n_train"] = len(adapter.ids) - len(val_ids)
+               "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
     atomic_write_text(run_dir / "metrics.json", pd.Series(metrics).to_json(indent=1))
-    tracker.summary({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    tracker.summary({**{k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                     **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()}})
     tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice"],
                   [[c, metrics["val_dice_per_class"][c], summ["per_class"][c]] for c in comp.classes])
     show = list(range(min(3, len(ids))))
