@@ -72,6 +72,11 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
     """
     d = dd.setup()
     comp = load_competition(exp.competition)
+    # The model first: a bad architecture or unavailable weights fail before any data is touched.
+    seed_everything(exp.train.seed, exp.train.deterministic)
+    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
+    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    model = build_model(exp.model, out_ch, in_ch)
     adapter = make_adapter(comp)
     folds = load_folds(comp, adapter)
     if fold not in set(folds["fold"]):
@@ -85,7 +90,6 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
     dd.barrier(d)
 
     device = dd.device_for(d)
-    seed_everything(exp.train.seed, exp.train.deterministic)
     train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
     val_ids = folds.loc[folds["fold"] == fold, "id"].tolist()
     train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
@@ -99,9 +103,6 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
     val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
     train_loader, val_loader = _loader(train_ds, exp, sampler), _loader(val_shard, exp)
 
-    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
-    model = build_model(exp.model, out_ch, in_ch)
     loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids))
     engine = Engine(model, loss_fn, exp, comp, device, d)
     engine.optimizer = build_optimizer(engine.model, exp.optimizer)
