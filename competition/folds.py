@@ -14,7 +14,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from competition import paths
 from competition.config import CompetitionConfig, atomic_write_text
-from competition.data.base import Adapter, DataError
+from competition.data.base import Adapter
 
 
 class FoldsError(ValueError):

@@ -6,7 +6,7 @@ Used for adapters, architectures, losses, optimizers, schedulers and augmentatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

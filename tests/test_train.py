@@ -95,7 +95,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(folded, tmp_path):
     assert 2 <= done < 4, "the run must be killed mid-way"
     again = cli(folded, "train", "--exp", "tiny", "--fold", "0")
     assert again.returncode == 0, again.stderr
-    assert f"resuming tiny fold 0 from" in again.stdout
+    assert "resuming tiny fold 0 from" in again.stdout
     hist = pd.read_csv(hist_file)
     assert hist["epoch"].tolist() == [1, 2, 3, 4]
     # Deterministic CPU settings: the resumed run reproduces the uninterrupted one (tolerance 1e-4).

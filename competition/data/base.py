@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from competition.config import CompetitionConfig
 
@@ -52,12 +53,21 @@ def read_image(path: Path, channels: str = "grayscale", bit_depth: int = 8) -> n
     return img
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image file, read from its header where OpenCV allows it."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise DataError(f"{path}: cannot be decoded as an image")
-    return int(img.shape[0]), int(img.shape[1])
+def pil_reason(e: Exception) -> str:
+    return "not a recognised image format" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the image header (no pixel decoding)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"{path}: cannot be decoded as an image ({pil_reason(e)})") from None
+    return int(h), int(w)
+
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -109,7 +119,7 @@ class Adapter(ABC):
         return read_image(self.image_path(image_id, split), self.cfg.image.channels, self.cfg.image.bit_depth)
 
     def image_size(self, image_id: str, split: str = "train") -> tuple[int, int]:
-        return image_size(self.image_path(image_id, split))
+        return header_size(self.image_path(image_id, split))
 
     @abstractmethod
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:

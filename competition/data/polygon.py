@@ -16,7 +16,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from competition.data.adapters import ADAPTERS
 from competition.data.base import Adapter, DataError, check_unique, safe_join
@@ -103,15 +102,6 @@ class PolygonJsonAdapter(Adapter):
             return table[image_id]
         except KeyError:
             raise DataError(f"unknown {split} image id {image_id!r}") from None
-
-    def image_size(self, image_id: str, split: str = "train") -> tuple[int, int]:
-        path = self.image_path(image_id, split)
-        try:
-            with Image.open(path) as im:  # header only: no pixel decoding
-                w, h = im.size
-        except Exception as e:  # PIL raises many types for corrupt files
-            raise DataError(f"{path}: cannot be decoded as an image ({e})") from None
-        return h, w
 
     def label_path(self, image_id: str) -> Path:
         spec = self.cfg.polygon_json

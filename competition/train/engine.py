@@ -125,7 +125,6 @@ class Engine:
     def validate(self, loader, n_images: int) -> np.ndarray:
         """Per-class mean Dice over the held-out images at the model's output resolution."""
         model = self.model_for_eval().eval()
-        thr = self.exp.train.threshold
         C = self.comp.num_classes
         sums = torch.zeros(C, dtype=torch.float64, device=self.device)
         for batch in loader:
