@@ -8,6 +8,8 @@ EXP    ?= baseline
 FOLD   ?= 0
 GPUS   ?= 1
 FORCE  ?=
+# No ENSEMBLE given: submit uses the newest recipe in ensembles/ (recursive '=': a later ENSEMBLE ?= default applies).
+ENSEMBLE_FLAG = $(if $(ENSEMBLE),--ensemble $(ENSEMBLE),)
 FORCE_FLAG := $(if $(FORCE),--force,)
 
 RESTART ?=
@@ -16,11 +18,24 @@ RESTART_FLAG := $(if $(RESTART),--restart,)
 LAUNCH := $(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m competition,$(PY) -m competition)
 
 .PHONY: venv folds train train-all test bench clean-venv help
+.PHONY: submit predict bundle
+.PHONY: tune tune-report runs wandb-sync
+.PHONY: ensemble oof
 
 help:
 	@echo "make folds [COMP=..] [FORCE=1]       write folds/<comp>.csv"
 	@echo "make train FOLD=k [EXP=..] [GPUS=N]  train one fold of an experiment"
 	@echo "make train-all [EXP=..]              train every fold in turn"
+	@echo "make submit [ENSEMBLE=..]            TTA inference -> validated submissions/<time>-<name>.csv + ledger row"
+	@echo "make predict [EXP=..]                the same for all folds of one experiment, without a recipe"
+	@echo "make bundle [ENSEMBLE=..] OUT=dir     offline inference folder for code competitions"
+	@echo "make tune [EXP=..] [TRIALS=N] [FOLD=k] [WORKERS=N] [STORAGE=url] [SPACE=..] [STUDY=..]  Optuna search"
+	@echo "make tune-report [EXP=..]            trials table, importances and plots of a study"
+	@echo "make oof [EXP=..] [SUSPECTS=1]       an experiment's OOF score per class/fold/image (+ label suspects)"
+	@echo "make ensemble [ENSEMBLE=blend] [EXPS=\"baseline unet3plus\"] [METHOD=caruana|optuna] [PER_CLASS=1]"
+	@echo "                                     weights/thresholds/post-processing on OOF -> ensembles/<name>.yaml"
+	@echo "make runs                            table of every finished run + runs/per_class_dice.png"
+	@echo "make wandb-sync                      upload offline W&B runs (wandb/) once online"
 	@echo "make test                             run the test suite"
 	@echo "make bench                            run the benchmarks (ratios measured in the same run)"
 
@@ -41,6 +56,16 @@ train: venv
 train-all: venv
 	$(LAUNCH) train --exp $(EXP) --fold all $(RESTART_FLAG)
 
+submit: venv
+	$(PY) -m competition submit $(ENSEMBLE_FLAG)
+
+predict: venv
+	$(PY) -m competition predict --exp $(EXP)
+
+bundle: venv
+	$(if $(OUT),,$(error OUT=<folder> is required: make bundle ENSEMBLE=name OUT=folder))
+	$(PY) -m competition bundle $(ENSEMBLE) --out $(OUT)
+
 test: venv
 	$(PY) -m pytest -q
 
@@ -49,3 +74,33 @@ bench: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Tuning: FOLD is passed only when given (make tune FOLD=1), else the search space's budget folds apply.
+TUNE_FLAGS = $(if $(SPACE),--space $(SPACE),) $(if $(TRIALS),--trials $(TRIALS),) \
+	$(if $(filter command line environment,$(origin FOLD)),--fold $(FOLD),) $(if $(WORKERS),--workers $(WORKERS),) \
+	$(if $(STORAGE),--storage '$(STORAGE)',) $(if $(STUDY),--study $(STUDY),)
+
+tune: venv
+	$(PY) -m competition tune --exp $(EXP) $(TUNE_FLAGS)
+
+tune-report: venv
+	$(PY) -m competition tune --exp $(EXP) $(TUNE_FLAGS) --report
+
+runs: venv
+	$(PY) -m competition runs --plot
+
+wandb-sync: venv
+	$(VENV)/bin/wandb sync --yes
+
+# Ensembles: ENSEMBLE -> --name, EXPS -> the member experiments, METHOD -> --method, PER_CLASS=1 -> --per-class.
+ENSEMBLE ?= blend
+EXPS     ?= baseline unet3plus
+METHOD   ?= caruana
+PER_CLASS ?=
+SUSPECTS ?=
+
+ensemble: venv
+	$(PY) -m competition ensemble --name $(ENSEMBLE) --method $(METHOD) $(if $(PER_CLASS),--per-class,) $(EXPS)
+
+oof: venv
+	$(PY) -m competition oof $(EXP) $(if $(SUSPECTS),--suspects,)

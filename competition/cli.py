@@ -67,6 +67,128 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from competition import tune
+    space = args.space or _default_space(args.exp)
+    if args.report:
+        tune.show_report(args.exp, space, storage=args.storage, study=args.study)
+        return 0
+    folds = None
+    if args.fold is not None:
+        try:
+            folds = [int(f) for f in args.fold.split(",")]
+        except ValueError:
+            raise ConfigError(f"--fold expects fold numbers separated by commas, got {args.fold!r}") from None
+    if args.workers < 1:
+        raise ConfigError(f"--workers expects a number >= 1, got {args.workers}")
+    tune.tune(args.exp, space, trials=args.trials, folds=folds, workers=args.workers, storage=args.storage,
+              study=args.study)
+    return 0
+
+
+def _default_space(exp: str) -> str:
+    """configs/search/<exp>.yaml when there is one, else configs/search/default.yaml."""
+    from pathlib import Path
+
+    from competition.config import find_config
+    try:
+        find_config("search", Path(exp).stem)
+        return Path(exp).stem
+    except ConfigError:
+        return "default"
+
+
+def cmd_runs(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from competition import runs_table
+    df, per_class = runs_table.collect(pattern=args.exp)
+    if df.empty:
+        print(f"no finished runs{f' matching {args.exp!r}' if args.exp != '*' else ''} under runs/ "
+              f"(metrics.json is written when a fold finishes training)")
+        return 0
+    t = runs_table.table(df, sort=args.sort, ascending=args.ascending)
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 60,
+                           "display.float_format", "{:.4g}".format):
+        print(t.to_string(index=False))
+    if args.plot:
+        path = runs_table.plot(df, per_class, Path(args.plot))
+        print(f"wrote {path}")
+    return 0
+
+
+def _report_submission(r, upload: bool, message: str | None, competition: str) -> None:
+    print(f"wrote {r.path}: {r.rows} rows, validated; {r.images} images in {r.seconds:.1f}s "
+          f"({r.images_per_s:.2f} img/s); row added to submissions/ledger.csv")
+    if upload:
+        from competition import ledger
+        from competition.config import load_competition
+        print(ledger.upload(r.path, load_competition(competition), message or r.path.name))
+
+
+def cmd_submit(args) -> int:
+    from competition.predict.run import submit
+    r = submit(args.ensemble, args.out, args.device, args.batch_size, args.workers, progress=not args.no_progress)
+    _report_submission(r, args.upload, args.message, r.competition)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from competition.predict.run import predict_experiment
+    r = predict_experiment(args.exp, args.out, args.device, args.batch_size, args.workers,
+                           progress=not args.no_progress)
+    _report_submission(r, args.upload, args.message, r.competition)
+    return 0
+
+
+def cmd_lb(args) -> int:
+    from competition import ledger
+    if args.submission is None and (args.public is not None or args.private is not None or args.upload):
+        raise ValueError("--public, --private and --upload need the SUBMISSION they are about")
+    if args.upload:
+        print(ledger.upload_recorded(args.submission, args.message))
+    if args.public is not None or args.private is not None:
+        ledger.record(args.submission, args.public, args.private)
+    df = ledger.read()
+    print(ledger.format_table(df))
+    png = ledger.scatter(df)
+    print(f"wrote {png}" if png else "no leaderboard scores yet: record one with `competition lb SUBMISSION --public X`")
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from competition.predict.bundle import make_bundle
+    make_bundle(args.ensemble, args.out)
+    return 0
+
+
+def cmd_oof(args) -> int:
+    from competition.ensemble import oofscore
+    oofscore.run(args.exp, suspects=args.suspects, top=args.top)
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from competition import ensemble
+    ensemble.run(args.name, args.experiments, method=args.method, per_class=args.per_class, steps=args.steps,
+                 trials=args.trials, postprocess_=not args.no_postprocess, nested_cv=not args.no_nested,
+                 tta=args.tta, threshold=args.threshold, budget_mb=args.memory_mb)
+    return 0
+
+
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="CSV path (default: submissions/<YYYYmmdd-HHMMSS>-<name>.csv)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the experiments')")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the experiments')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--upload", action="store_true",
+                   help="then submit it with the Kaggle CLI (needs submission.kaggle and a configured CLI)")
+    p.add_argument("-m", "--message", default=None, help="Kaggle submission message (default: the file name)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="competition", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,6 +214,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", default="0", help="fold number, or 'all' to train every fold in turn")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the fold over")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("tune", help="Optuna search over configs/search/<space>.yaml; resumable, many workers")
+    p.add_argument("--exp", default=DEFAULT_EXPERIMENT, help="the base experiment (name or YAML path)")
+    p.add_argument("--space", default=None,
+                   help="search space: configs/search/<name>.yaml or a path (default: <exp> if present, else default)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="finished trials the study should hold (default: the space's `trials`)")
+    p.add_argument("--fold", default=None, help="fold(s) each trial trains, e.g. 0 or 0,1 (default: the space's budget)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite under runs/studies/)")
+    p.add_argument("--study", default=None, help="study name (default: <exp>-<space>)")
+    p.add_argument("--report", action="store_true",
+                   help="print the trials table and importances and save the plots; run nothing")
+    p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("runs", help="a table of every finished run (runs/*/*/metrics.json); --plot for a PNG")
+    p.add_argument("--exp", default="*", help="only experiments matching this glob, e.g. 'baseline*'")
+    p.add_argument("--sort", default="val_dice", help="column to sort by (default: val_dice, best first)")
+    p.add_argument("--ascending", action="store_true", help="sort ascending")
+    p.add_argument("--plot", nargs="?", const="runs/per_class_dice.png", default=None, metavar="PNG",
+                   help="write per-class Dice bars per experiment (default path: runs/per_class_dice.png)")
+    p.set_defaults(fn=cmd_runs)
+
+
+    p = sub.add_parser("oof", help="an experiment's OOF score (per class, per fold, per image); --suspects")
+    p.add_argument("exp", help="experiment name or YAML path; trained folds without OOF get it from best.pt")
+    p.add_argument("--suspects", action="store_true",
+                   help="list the images x classes where the OOF most confidently disagrees with the truth, "
+                        "with overlay PNGs in runs/<exp>/suspects/")
+    p.add_argument("--top", type=int, default=20, help="how many suspects to list and draw (default 20)")
+    p.set_defaults(fn=cmd_oof)
+
+    p = sub.add_parser("ensemble", help="choose soft-voting weights, thresholds, post-processing on OOF "
+                                        "-> ensembles/<name>.yaml + .md, with a nested-CV estimate")
+    p.add_argument("experiments", nargs="+", metavar="EXP", help="member experiments (all folds trained)")
+    p.add_argument("--name", default="blend", help="recipe name: ensembles/<name>.yaml (default blend)")
+    p.add_argument("--method", choices=["caruana", "optuna"], default="caruana",
+                   help="caruana: greedy selection with replacement (default); optuna: continuous TPE search")
+    p.add_argument("--per-class", action="store_true", help="one weight per member and class (multilabel only)")
+    p.add_argument("--steps", type=int, default=50, help="Caruana: most selection steps (default 50)")
+    p.add_argument("--trials", type=int, default=100, help="optuna: trials per study (default 100)")
+    p.add_argument("--threshold", type=float, default=0.5, help="threshold the weights are chosen at (default 0.5)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the per-class post-processing search")
+    p.add_argument("--no-nested", action="store_true", help="skip the nested-CV estimate (in-sample only)")
+    p.add_argument("--tta", nargs="+", default=None, metavar="AUG",
+                   help="test-time augmentations for the recipe (default: the competition's `tta`)")
+    p.add_argument("--memory-mb", type=int, default=128, help="memory per streamed chunk (default 128)")
+    p.set_defaults(fn=cmd_ensemble)
+
+    p = sub.add_parser("submit", help="TTA inference with an ensemble recipe -> validated submission CSV + ledger row")
+    p.add_argument("--ensemble", default=None,
+                   help="recipe name (ensembles/<name>.yaml) or a YAML path (default: the newest recipe)")
+    _inference_flags(p)
+    p.set_defaults(fn=cmd_submit)
+
+    p = sub.add_parser("predict", help="like submit, for all folds of one experiment without a recipe")
+    p.add_argument("--exp", default=DEFAULT_EXPERIMENT, help="experiment name (runs/<exp>/fold*/best.pt)")
+    _inference_flags(p)
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("lb", help="record leaderboard scores; CV vs leaderboard table + submissions/cv_vs_lb.png")
+    p.add_argument("submission", nargs="?", default=None, help="a submission in the ledger (path or file name)")
+    p.add_argument("--public", type=float, default=None, help="its public leaderboard score")
+    p.add_argument("--private", type=float, default=None, help="its private leaderboard score")
+    p.add_argument("--upload", action="store_true", help="submit it with the Kaggle CLI")
+    p.add_argument("-m", "--message", default=None, help="Kaggle submission message (default: the file name)")
+    p.set_defaults(fn=cmd_lb)
+
+    p = sub.add_parser("bundle", help="pack an ensemble into an offline inference folder (code competitions)")
+    p.add_argument("ensemble", nargs="?", default=None, help="recipe name or YAML path (default: the newest recipe)")
+    p.add_argument("--out", required=True, help="the bundle folder to write")
+    p.set_defaults(fn=cmd_bundle)
     return ap
 
 

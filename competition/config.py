@@ -92,6 +92,7 @@ class SubmissionSpec(Strict):
     id_format: Literal["filename", "stem", "id"] = "filename"
     sample_submission: str | None = None  # relative to the data root
     test_truth: str | None = None  # relative to the data root; hidden test truth, for `competition score`
+    kaggle: str | None = None  # the Kaggle competition slug, for `--upload` (kaggle competitions submit -c SLUG)
 
 
 class PolygonJsonSpec(Strict):
@@ -147,6 +148,9 @@ class CompetitionConfig(Strict):
     rle_csv: RleCsvSpec = RleCsvSpec()
     mask_folders: MaskFoldersSpec = MaskFoldersSpec()
     synthetic: SyntheticSpec | None = None
+    # Test-time augmentations allowed for this competition (e.g. no vflip for upright hand X-rays):
+    # identity, hflip, vflip, rot90, rot180, rot270.
+    tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]] = ["identity", "hflip"]
     folds: int = Field(5, ge=2)
     fold_seed: int = 42
 
@@ -371,6 +375,7 @@ class OofConfig(Strict):
 class TrackingConfig(Strict):
     wandb: bool = True
     project: str | None = None  # default: the competition name
+    group: str | None = None  # W&B group; default: the experiment name (tuning groups trials by study)
 
 
 class ExperimentConfig(Strict):
@@ -423,3 +428,119 @@ def _resolve_extends(path: Path, seen: tuple) -> dict:
         else:
             base[key] = value
     return base
+
+
+# --------------------------------------------------------------------------------------------- #
+# Ensemble recipe (ensembles/<name>.yaml): written by `competition ensemble`, read by `submit`
+# --------------------------------------------------------------------------------------------- #
+class RecipeCheckpoint(Strict):
+    path: str  # relative to the project folder, e.g. runs/baseline/fold0/best.pt
+    sha256: str  # content hash (first 16 hex digits), checked before use
+
+
+class RecipeMember(Strict):
+    experiment: str
+    folds: list[int]
+    checkpoints: list[RecipeCheckpoint]
+    # One weight (global) or one per class; the members' weights sum to 1 (per class).
+    weights: list[float]
+
+
+class PostProcess(Strict):
+    min_area: int | None = None  # components smaller than this (pixels at the original size) are removed
+    keep_largest: bool = False
+
+
+class Recipe(Strict):
+    name: str
+    competition: str
+    task: Literal["multilabel", "multiclass"]
+    classes: list[str]
+    folds_sha256: str  # hash of folds/<competition>.csv the OOF scores were computed on
+    members: list[RecipeMember] = Field(min_length=1)
+    thresholds: list[float]  # per class (multilabel); ignored for multiclass (argmax)
+    postprocess: dict[str, PostProcess] = Field(default_factory=dict)  # class name -> rule
+    tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]] = ["identity"]
+    tta_scales: list[float] = [1.0]
+    scores: dict[str, Any] = Field(default_factory=dict)  # in_sample, nested, per_class, best_single, ...
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """``ensembles/<name>.yaml`` in the project, or a path."""
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = Path.cwd() / "ensembles" / f"{name_or_path}.yaml"
+    return validate(Recipe, read_yaml(p), p)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Search space (configs/search/<name>.yaml): read by `competition tune`
+# --------------------------------------------------------------------------------------------- #
+class SearchParam(Strict):
+    """One searched value, addressed by a dotted experiment key (list items by index: ``loss.terms.1.weight``).
+
+    ``float``/``int``: ``low``..``high``, optionally on a ``log`` scale or with a ``step``.
+    ``categorical``: ``choices``, a list of plain values, or a mapping label -> value for structured
+    values (Optuna records the label). ``symmetric``: the sampled v is used as ``[-v, v]`` (the
+    albumentations range form, e.g. ``Affine`` ``rotate``).
+    """
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | dict[str, Any] | None = None
+    symmetric: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty `choices` list or mapping")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical parameter takes `choices`, not `low`/`high`")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} parameter needs `low` < `high` (got {self.low}, {self.high})")
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} parameter takes `low`/`high`, not `choices`")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("`log: true` needs `low` > 0 and no `step`")
+        if self.type == "int" and not all(float(v).is_integer() for v in (self.low, self.high, self.step or 1)):
+            raise ValueError(f"an int parameter needs whole `low`/`high`/`step` (got {self.low}, {self.high})")
+        return self
+
+
+class SearchBudget(Strict):
+    epochs: int = Field(ge=1)  # train.epochs of every trial
+    folds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # trained in turn; score = mean
+
+
+class SearchSampler(Strict):
+    name: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    startup_trials: int = Field(4, ge=0)  # TPE: random trials before the model takes over
+
+
+class SearchPruner(Strict):
+    name: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(2, ge=0)  # median: trials that finish before any is pruned
+    warmup_epochs: int = Field(1, ge=0)  # median: epochs of every trial that are never pruned
+    min_resource: int = Field(1, ge=1)  # hyperband: epochs of the first rung
+    reduction_factor: int = Field(3, ge=2)  # hyperband
+
+
+class SearchSpace(Strict):
+    trials: int = Field(20, ge=1)  # finished trials the study should hold (TRIALS overrides)
+    budget: SearchBudget
+    sampler: SearchSampler = SearchSampler()
+    pruner: SearchPruner = SearchPruner()
+    fixed: dict[str, Any] = Field(default_factory=dict)  # dotted key -> value for every trial only
+    params: dict[str, SearchParam] = Field(min_length=1)
+
+
+def load_search(name_or_path: str | Path) -> SearchSpace:
+    """``configs/search/<name>.yaml`` (project first, then built-in), or a path."""
+    path = find_config("search", name_or_path)
+    return validate(SearchSpace, read_yaml(path), path)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 QUANT = 255.0
 
 
 def probabilities(logits: torch.Tensor, task: str, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Logits (N, C[+1], H, W) -> class probabilities (N, C, h, w); multiclass drops the background."""
+    import torch  # here, not at module level: reading an OOF store must not cost a torch import
+    import torch.nn.functional as F
     if size is not None and tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
     if task == "multilabel":
@@ -30,6 +33,7 @@ def probabilities(logits: torch.Tensor, task: str, size: tuple[int, int] | None 
 
 
 def quantize(probs: torch.Tensor) -> np.ndarray:
+    import torch
     return probs.mul(QUANT).round_().to(torch.uint8).cpu().numpy()
 
 

@@ -196,6 +196,18 @@ def _check_run_dir(run_dir: Path, run_cfg: dict, restart: bool) -> None:
                           f"use a new experiment name, or --restart (RESTART=1) to start this fold over")
 
 
+def write_oof(engine: Engine, exp: ExperimentConfig, comp: CompetitionConfig, adapter, fold: int,
+              val_ids: list[str]) -> Path:
+    """Predict the held-out images with the engine's (best) weights into ``runs/<exp>/fold<k>/oof/``."""
+    from competition import oof
+    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
+    ds = SegDataset(adapter, val_ids, exp, comp.task, "test")
+    batches = predict_loader(engine, _loader(ds, exp), comp.task, (size, size))
+    return oof.write(paths.oof_dir(exp.name, fold), val_ids, batches, comp.classes, (size, size), {
+        "experiment": exp.name, "fold": fold, "task": comp.task, "checkpoint": "best.pt",
+        "original_sizes": {i: list(adapter.image_size(i)) for i in val_ids}})
+
+
 def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker) -> dict:
     """Predict the held-out fold with the best weights: OOF store + metrics.json."""
     from competition import oof
@@ -203,14 +215,10 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
 
     best = ckpt.load(run_dir / "best.pt")
     engine.model_for_eval().load_state_dict(best["model"])
-    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
-    ds = SegDataset(adapter, val_ids, exp, comp.task, "test")
     t = time.time()
-    batches = predict_loader(engine, _loader(ds, exp), comp.task, (size, size))
-    store = oof.write(paths.oof_dir(exp.name, fold), val_ids, batches, comp.classes, (size, size), {
-        "experiment": exp.name, "fold": fold, "task": comp.task, "checkpoint": "best.pt",
-        "original_sizes": {i: list(adapter.image_size(i)) for i in val_ids}})
+    store = write_oof(engine, exp, comp, adapter, fold, val_ids)
     pred_seconds = time.time() - t
+    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
     probs, ids, _ = oof.read(store)
     truth = np.stack([adapter.load_mask(i, (size, size)) for i in ids])
     scores = dice_per_class(probs >= round(exp.train.threshold * oof.QUANT), truth, comp.metric.empty_score)
@@ -225,14 +233,16 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
                "predict_images_per_s": round(len(val_ids) / max(pred_seconds, 1e-9), 2),
                "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
     atomic_write_text(run_dir / "metrics.json", pd.Series(metrics).to_json(indent=1))
-    tracker.summary({**{k: v for k, v in metrics.items() if not isinstance(v, dict)},
-                     **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()}})
     tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice"],
                   [[c, metrics["val_dice_per_class"][c], summ["per_class"][c]] for c in comp.classes])
     show = list(range(min(3, len(ids))))
     tracker.images("val_overlays", [viz.panels(adapter.load_image(ids[i]), truth[i],
                                                probs[i] >= round(exp.train.threshold * oof.QUANT)) for i in show],
                    [f"{ids[i]}: image | truth | prediction" for i in show])
+    # After the last log: W&B commits the last epoch's row (and its val_dice) on the next log call,
+    # which would overwrite a summary written earlier with the last epoch's values.
+    tracker.summary({**{k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                     **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()}})
     log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
         f"OOF dice {metrics['oof_dice']:.4f} at {size}px -> {store}")
     return metrics

@@ -1,0 +1,103 @@
+"""``competition oof EXP --suspects``: where the OOF most confidently disagrees with the truth.
+
+Report 000 found swapped normal/disease labels only by reading failures. Here every image x class
+gets a *suspicion* = (1 - Dice) x the mean confidence |2p - 1| of the model on the pixels where its
+prediction and the truth disagree: a confident model that disagrees over a large area points at the
+label rather than at the model. For each suspect we also name the class whose truth the prediction
+matches best (Dice of this class's prediction against every class's truth), which is how swapped
+labels show up (only when that match is at least 0.5 and beats the class's own Dice). Ties (e.g.
+classes missed outright with full confidence) go to the larger disagreeing area. The top N are
+written as image | truth | prediction panels.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from competition import paths, viz
+from competition.config import atomic_write_text
+from competition.ensemble.blend import blend_labels, truth_labels
+from competition.ensemble.compact import chunk_images
+
+
+def _masks(P: np.ndarray, T: np.ndarray, task: str, level: int) -> tuple[np.ndarray, np.ndarray]:
+    if task == "multilabel":
+        return P >= level, T
+    C = P.shape[1]
+    k = np.arange(1, C + 1, dtype=np.uint8).reshape(1, C, 1)
+    lab = blend_labels([P], np.ones((C, 1), np.int64))
+    return lab[:, None] == k, truth_labels(T)[:, None] == k
+
+
+def scores(view, truth, task: str, level: int, budget_bytes: int = 128 << 20) -> pd.DataFrame:
+    """One row per image x class: dice, confidence, suspicion, best-matching truth class and its Dice."""
+    N, C = len(view), len(view.classes)
+    HW = int(np.prod(view.size))
+    B = chunk_images(C, HW, 12, budget_bytes)
+    rows = []
+    for s in range(0, N, B):
+        e = min(N, s + B)
+        P = view.read(s, e).reshape(e - s, C, HW)
+        pred, T = _masks(P, truth.read(s, e).reshape(e - s, C, HW), task, level)
+        conf = np.abs(P.astype(np.float32) * (2 / 255) - 1)  # |2p - 1|
+        wrong = pred ^ T
+        n_wrong = np.count_nonzero(wrong, axis=-1)
+        mean_conf = np.where(n_wrong > 0, (conf * wrong).sum(-1) / np.maximum(n_wrong, 1), 0.0)
+        ps, ts = np.count_nonzero(pred, -1), np.count_nonzero(T, -1)
+        cross = np.matmul(pred.astype(np.float32), T.astype(np.float32).transpose(0, 2, 1))  # (b, C pred, C truth)
+        denom = ps[:, :, None] + ts[:, None, :]
+        cross_dice = np.where(denom > 0, 2 * cross / np.maximum(denom, 1), 0.0)  # empty vs empty: no match
+        own = np.where(ps + ts > 0, np.diagonal(cross_dice, axis1=1, axis2=2), 1.0)
+        match = cross_dice.argmax(-1)
+        for i in range(e - s):
+            for c in range(C):
+                best = cross_dice[i, c, match[i, c]]
+                other = match[i, c] != c and best >= 0.5 and best > own[i, c]
+                rows.append((view.ids[s + i], int(view.fold_of[s + i]), view.classes[c], own[i, c],
+                             mean_conf[i, c], (1 - own[i, c]) * mean_conf[i, c],
+                             view.classes[match[i, c]] if other else "", best if other else np.nan,
+                             int(n_wrong[i, c]), int(ps[i, c]), int(ts[i, c])))
+    df = pd.DataFrame(rows, columns=["id", "fold", "class", "dice", "confidence", "suspicion", "matches_truth_of",
+                                     "matches_dice", "wrong_pixels", "pred_pixels", "truth_pixels"])
+    return df.sort_values(["suspicion", "wrong_pixels"], ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:80] or "x"
+
+
+def run(exp_name: str, view, truth, adapter, task: str, level: int, top: int, log=print) -> pd.DataFrame:
+    df = scores(view, truth, task, level)
+    top_df = df[df["suspicion"] > 0].head(top)
+    folder = paths.project() / "runs" / exp_name / "suspects"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    row_of = {i: r for r, i in enumerate(view.ids)}
+    C = len(view.classes)
+    pngs = []
+    for rank, r in enumerate(top_df.to_dict("records"), 1):
+        row = row_of[r["id"]]
+        P, T = view[row][None].reshape(1, C, -1), truth[row][None].reshape(1, C, -1)
+        pred, tr = _masks(P, T, task, level)
+        shown = [view.classes.index(r["class"])] + \
+            ([view.classes.index(r["matches_truth_of"])] if r["matches_truth_of"] else [])
+        h, w = view.size
+        panel = viz.panels(adapter.load_image(r["id"]), tr[0, shown].reshape(-1, h, w).astype(np.uint8),
+                           pred[0, shown].reshape(-1, h, w).astype(np.uint8))
+        png = folder / f"{rank:03d}-{_safe(r['id'])}-{_safe(r['class'])}.png"
+        cv2.imwrite(str(png), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        pngs.append(png.name)
+    top_df = top_df.assign(png=pngs)
+    atomic_write_text(folder / "suspects.csv", top_df.to_csv(index=False, float_format="%.4f"))
+    if len(top_df):
+        cols = ["id", "class", "dice", "confidence", "suspicion", "matches_truth_of"]
+        log(f"\nlabel suspects (most confident disagreement first; image | truth | prediction panels in "
+            f"{folder.relative_to(paths.project())}/):")
+        log(top_df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    else:
+        log("\nno suspects: the OOF agrees with the truth everywhere")
+    return top_df

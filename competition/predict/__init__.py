@@ -1,0 +1,10 @@
+"""Test-time inference and submissions.
+
+    tta.py      paired augment / de-augment views and the batched TTA forward (pure)
+    sliding.py  Gaussian-weighted sliding windows for images larger than the model input (pure)
+    members.py  a recipe's checkpoints: hash-checked, rebuilt from their own configs, loaded once
+    infer.py    one batch through every model: TTA, weights, resize to original size, threshold on device
+    submit.py   expected rows, the streaming CSV writer with its RLE worker pool, validation
+    run.py      `competition submit` / `competition predict`
+    bundle.py   `competition bundle`: an offline folder that reproduces the submission
+"""

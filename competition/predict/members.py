@@ -1,0 +1,132 @@
+"""The models of a recipe: checkpoints verified against the recipe's hashes, then loaded once each.
+
+A model is rebuilt from the resolved experiment stored INSIDE its checkpoint (``config.experiment``),
+never from ``configs/experiments/``, so a submission still works after those files have changed or
+on a machine that never had them (the offline bundle).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from competition.config import ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint, RecipeMember, validate
+from competition.data.base import safe_join
+from competition.train import checkpoint as ckpt
+from competition.train.checkpoint import CheckpointError
+from competition.train.engine import autocast_dtype
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    experiment: ExperimentConfig
+    model: torch.nn.Module
+    weight: torch.Tensor  # (C,) this checkpoint's share of the ensemble, per class
+    amp: torch.dtype | None  # autocast dtype on this device (None: full precision)
+
+
+def check_recipe(recipe: Recipe, classes: list[str], task: str, source: str) -> None:
+    """The recipe fits the competition: classes, task, one threshold and weight vector per class."""
+    if list(recipe.classes) != list(classes):
+        raise ConfigError(f"{source}: classes {recipe.classes} differ from the competition's {classes}")
+    if recipe.task != task:
+        raise ConfigError(f"{source}: task {recipe.task!r} differs from the competition's {task!r}")
+    c = len(classes)
+    if task == "multilabel" and len(recipe.thresholds) != c:
+        raise ConfigError(f"{source}: thresholds has {len(recipe.thresholds)} values; expected one per class ({c})")
+    for m in recipe.members:
+        if len(m.weights) not in (1, c):
+            raise ConfigError(f"{source}: member {m.experiment}: weights has {len(m.weights)} values; "
+                              f"expected 1 (global) or {c} (one per class)")
+        if len(m.folds) != len(m.checkpoints) or not m.checkpoints:
+            raise ConfigError(f"{source}: member {m.experiment}: {len(m.folds)} folds but "
+                              f"{len(m.checkpoints)} checkpoints; expected one checkpoint per fold")
+    unknown = sorted(set(recipe.postprocess) - set(classes))
+    if unknown:
+        raise ConfigError(f"{source}: postprocess names unknown class(es) {unknown}; classes are {classes}")
+
+
+def checkpoint_weights(recipe: Recipe, source: str) -> list[np.ndarray]:
+    """Per checkpoint, in recipe order: its (C,) weight. Members' weights are normalised per class to
+    sum to 1, then split equally among the member's folds."""
+    c = len(recipe.classes)
+    w = np.array([np.broadcast_to(np.asarray(m.weights, np.float64), (c,)) for m in recipe.members])
+    if (w < 0).any():
+        raise ConfigError(f"{source}: member weights must be non-negative")
+    total = w.sum(0)
+    if (total <= 0).any():
+        bad = [recipe.classes[k] for k in np.flatnonzero(total <= 0)]
+        raise ConfigError(f"{source}: the members' weights sum to 0 for class(es) {bad}")
+    w = w / total
+    return [w[i] / len(m.checkpoints) for i, m in enumerate(recipe.members) for _ in m.checkpoints]
+
+
+def checkpoint_paths(recipe: Recipe, root: Path, source: str) -> list[Path]:
+    """Every checkpoint's path, checked: present, inside ``root``, and with the recipe's sha256."""
+    out = []
+    for m in recipe.members:
+        for fold, c in zip(m.folds, m.checkpoints):
+            out.append(verify_checkpoint(m, fold, c, root, source))
+    return out
+
+
+def verify_checkpoint(member: RecipeMember, fold: int, c: RecipeCheckpoint, root: Path, source: str) -> Path:
+    what = f"{source}: member {member.experiment} fold {fold}"
+    path = safe_join(root, c.path, f"{what}: checkpoint path")
+    if not path.is_file():
+        raise CheckpointError(f"{what}: checkpoint {c.path} not found under {root}; the run is missing "
+                              f"(train it: make train EXP={member.experiment} FOLD={fold}) or the recipe is stale")
+    digest = ckpt.file_hash(path, n=len(c.sha256))
+    if digest != c.sha256.lower():
+        raise CheckpointError(f"{what}: checkpoint {c.path} has sha256 {digest}, the recipe expects {c.sha256}; "
+                              f"the file changed (retrained or corrupt) since the ensemble was built: "
+                              f"rebuild the ensemble (make ensemble)")
+    return path
+
+
+def read_checkpoint(path: Path, classes: list[str], task: str) -> tuple[dict, ExperimentConfig]:
+    """(the checkpoint dict, its resolved experiment), checked against the competition's classes."""
+    data = ckpt.load(path)  # CheckpointError naming the path when unreadable
+    cfg = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(cfg, dict) or "experiment" not in cfg or "model" not in data:
+        raise CheckpointError(f"{path}: not a training checkpoint (expected 'model' and 'config.experiment')")
+    exp = validate(ExperimentConfig, cfg["experiment"], f"{path} (config.experiment)")
+    comp = cfg.get("competition") or {}
+    if comp.get("classes") is not None and list(comp["classes"]) != list(classes):
+        raise CheckpointError(f"{path}: trained on classes {comp['classes']}, the recipe has {classes}")
+    if comp.get("task") not in (None, task):
+        raise CheckpointError(f"{path}: trained for task {comp['task']!r}, the recipe is {task!r}")
+    return data, exp
+
+
+def build_from_checkpoint(data: dict, exp: ExperimentConfig, path: Path, num_classes: int, task: str,
+                          in_channels: int) -> torch.nn.Module:
+    from competition.models import build_model
+    # Every weight comes from the checkpoint: never download or read pretrained encoder weights here
+    # (the offline bundle has neither internet nor the original weights file).
+    model_cfg = exp.model.model_copy(update={"encoder_weights": None})
+    out_ch = num_classes + (1 if task == "multiclass" else 0)
+    model = build_model(model_cfg, out_ch, in_channels)
+    try:
+        model.load_state_dict(data["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes ({e})") from None
+    return model.eval()
+
+
+def load_models(recipe: Recipe, root: Path, source: str, device: torch.device, in_channels: int) -> list[LoadedModel]:
+    """Verify every checkpoint first (a missing or changed file fails before any work), then load each once."""
+    paths = checkpoint_paths(recipe, root, source)
+    weights = checkpoint_weights(recipe, source)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    out = []
+    for path, w in zip(paths, weights):
+        data, exp = read_checkpoint(path, recipe.classes, recipe.task)
+        model = build_from_checkpoint(data, exp, path, len(recipe.classes), recipe.task, in_channels)
+        model = model.to(device=device, memory_format=fmt)
+        out.append(LoadedModel(path, exp, model, torch.as_tensor(w, dtype=torch.float32, device=device),
+                               autocast_dtype(exp.train.precision, device)))
+    return out

@@ -1,0 +1,188 @@
+"""``competition submit`` and ``competition predict``: a recipe (or one experiment's folds) -> a
+validated submission CSV in the competition's exact format, and a ledger row.
+
+    submissions/<YYYYmmdd-HHMMSS>-<name>.csv
+
+The CSV is written to a hidden temp file beside it, validated, and only then renamed: a failed run
+or a failed validation leaves no file named as a submission.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from competition import paths
+from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint,
+                                RecipeMember, load_competition, load_recipe, validate)
+from competition.data.adapters import make_adapter
+from competition.data.dataset import Geometry
+from competition.predict.infer import EnsemblePredictor, TestInputs, masks_for_writer
+from competition.predict.members import check_recipe, load_models
+from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
+from competition.train import checkpoint as ckpt
+from competition.train.checkpoint import CheckpointError
+
+
+@dataclass
+class SubmitResult:
+    path: Path
+    images: int
+    rows: int
+    seconds: float
+    competition: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def resolve_recipe(name: str | None) -> Path:
+    """``ensembles/<name>.yaml`` or a YAML path; with no name, the newest recipe in ``ensembles/``."""
+    folder = paths.ensembles_dir()
+    known = sorted(folder.glob("*.yaml"), key=lambda p: p.stat().st_mtime)
+    if name is None:
+        if not known:
+            raise ConfigError(f"no recipe in {folder}: build one with `make ensemble`, or predict one "
+                              f"experiment with `competition predict --exp E`")
+        return known[-1]
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    if not (folder / f"{name}.yaml").is_file():
+        raise ConfigError(f"unknown ensemble {name!r}: no {folder / (name + '.yaml')}; known: "
+                          f"{', '.join(q.stem for q in known) or '(none)'}")
+    return folder / f"{name}.yaml"
+
+
+def submission_path(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = paths.submissions_dir() / f"{stamp}-{name}.csv"
+    n = 2
+    while path.exists():  # two submissions in one second keep both files
+        path = paths.submissions_dir() / f"{stamp}-{name}-{n}.csv"
+        n += 1
+    return path
+
+
+def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, source: str,
+               device: str = "auto", batch_size: int | None = None, workers: int | None = None,
+               rle_workers: int | None = None, progress: bool = True) -> SubmitResult:
+    """Predict every test image with the recipe and write a validated CSV to ``out``.
+
+    Checkpoint paths in the recipe are relative to ``root`` (the project folder, or a bundle).
+    """
+    check_recipe(recipe, comp.classes, comp.task, source)
+    for flag, v in (("--batch-size", batch_size), ("--workers", workers)):
+        if v is not None and v < (1 if flag == "--batch-size" else 0):
+            raise ConfigError(f"{flag} {v}: expected a number >= {1 if flag == '--batch-size' else 0}")
+    dev = pick_device(device)
+    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    models = load_models(recipe, root, source, dev, in_ch)
+    predictor = EnsemblePredictor(models, comp.task, recipe.thresholds, recipe.tta, recipe.tta_scales, dev)
+    adapter = make_adapter(comp)
+    ids, expected = expected_rows(comp, adapter)
+    sub_ids = [adapter.submission_id(i, "test") for i in ids]
+    bs = batch_size or min(m.experiment.data.batch_size for m in models)
+    if any(Geometry.from_config(e).policy == "crop" and not e.data.crop_from for e in predictor.inputs.values()):
+        bs = 1  # whole images at their native sizes: sizes differ, so images cannot share a batch
+    nw = workers if workers is not None else min(m.experiment.data.workers for m in models)
+    loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
+                        num_workers=nw, pin_memory=dev.type == "cuda")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    t0 = time.time()
+    try:
+        with SubmissionWriter(tmp, comp, recipe.postprocess, rle_workers) as writer, \
+                tqdm(total=len(ids), unit="img", desc=f"predict {recipe.name}", disable=not progress,
+                     dynamic_ncols=True) as bar:
+            for batch in loader:
+                sizes = [tuple(s) for s in batch["size"].tolist()]
+                for i, p in zip(batch["index"].tolist(), predictor.probabilities(batch["inputs"], sizes)):
+                    writer.add(sub_ids[i], *masks_for_writer(predictor, p))
+                bar.update(len(sizes))
+        rows = validate_submission(tmp, comp, expected)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return SubmitResult(out, len(ids), rows, time.time() - t0, comp.name)
+
+
+def submit(ensemble: str | None = None, out: Path | None = None, device: str = "auto",
+           batch_size: int | None = None, workers: int | None = None, progress: bool = True,
+           log=print) -> SubmitResult:
+    """``competition submit``: the recipe's CSV under ``submissions/`` plus a ledger row."""
+    from competition import ledger
+    source = resolve_recipe(ensemble)
+    if ensemble is None:
+        log(f"no --ensemble given: using the newest recipe, {source}")
+    recipe = load_recipe(source)
+    comp = load_competition(recipe.competition)
+    result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name), str(source),
+                        device, batch_size, workers, progress=progress)
+    ledger.append(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name))
+    return result
+
+
+def predict_experiment(experiment: str, out: Path | None = None, device: str = "auto",
+                       batch_size: int | None = None, workers: int | None = None, progress: bool = True) -> SubmitResult:
+    """``competition predict --exp E``: all folds' best.pt, equal weights, the experiment's threshold."""
+    from competition import ledger
+    recipe, comp = experiment_recipe(experiment)
+    result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(experiment),
+                        f"runs/{experiment}", device, batch_size, workers, progress=progress)
+    ledger.append(ledger.row_for(result, recipe, "", comp.name))
+    return result
+
+
+def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:
+    """A one-member recipe over every fold of ``runs/<experiment>/`` (every fold of the folds file
+    must have its best.pt), thresholds from the run's own ``train.threshold``, the competition's TTA."""
+    run_root = paths.project() / "runs" / experiment
+    found = {int(p.parent.name[4:]): p for p in run_root.glob("fold*/best.pt") if p.parent.name[4:].isdigit()}
+    if not found:
+        raise CheckpointError(f"{run_root}/fold*/best.pt: no trained fold of experiment {experiment!r}; "
+                              f"train it first (make train-all EXP={experiment})")
+    first = found[min(found)]
+    cfg = ckpt.load(first).get("config") or {}
+    comp_name = (cfg.get("competition") or {}).get("name")
+    if not comp_name or "experiment" not in cfg:
+        raise CheckpointError(f"{first}: no config.competition.name / config.experiment in the checkpoint")
+    comp = load_competition(comp_name)
+    exp = validate(ExperimentConfig, cfg["experiment"], f"{first} (config.experiment)")
+    folds_file = paths.folds_file(comp.name)
+    wanted = sorted(set(pd.read_csv(folds_file)["fold"])) if folds_file.is_file() else sorted(found)
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise CheckpointError(f"experiment {experiment!r}: no best.pt for fold(s) {missing} "
+                              f"({', '.join(str(run_root / f'fold{k}' / 'best.pt') for k in missing)}); "
+                              f"train them first (make train EXP={experiment} FOLD=k)")
+    rel = {k: found[k].relative_to(paths.project()).as_posix() for k in wanted}
+    scores = [json.loads(p.read_text()).get("oof_dice") for p in (run_root / f"fold{k}" / "metrics.json" for k in wanted)
+              if p.is_file()]
+    recipe = Recipe(
+        name=experiment, competition=comp.name, task=comp.task, classes=comp.classes,
+        folds_sha256=ckpt.file_hash(folds_file) if folds_file.is_file() else "",
+        members=[RecipeMember(experiment=experiment, folds=wanted, weights=[1.0],
+                              checkpoints=[RecipeCheckpoint(path=rel[k], sha256=ckpt.file_hash(found[k]))
+                                           for k in wanted])],
+        thresholds=[exp.train.threshold] * comp.num_classes, tta=comp.tta, tta_scales=[1.0],
+        scores={"in_sample": sum(scores) / len(scores)} if len(scores) == len(wanted) and None not in scores else {})
+    return recipe, comp

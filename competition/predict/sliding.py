@@ -1,0 +1,79 @@
+"""Sliding-window inference with Gaussian weighting (nnU-Net style), for images larger than the
+model input (e.g. 2048² images seen through 1024² windows).
+
+Windows overlap by ``overlap`` of their size; each window's prediction is weighted by a Gaussian
+centred on the window (sigma = 1/8 of its size, as nnU-Net), because a fully convolutional model is
+least reliable near the borders of what it saw. The weighted sum is divided by the summed weights,
+so a prediction that does not depend on the window position comes out unchanged.
+
+Written here because MONAI (whose ``sliding_window_inference`` does the same) is not a dependency,
+and a few dozen lines do not justify it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SIGMA_SCALE = 0.125  # nnU-Net's default
+
+
+def gaussian_importance(h: int, w: int, sigma_scale: float = SIGMA_SCALE, device=None) -> torch.Tensor:
+    """(h, w) float32 weights, 1 at the centre, falling off as a Gaussian; never zero (nnU-Net clamps
+    to the smallest positive value so border pixels of a lone window still count)."""
+    def axis(n: int) -> torch.Tensor:
+        d = torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2
+        return torch.exp(-d ** 2 / (2 * (n * sigma_scale) ** 2))
+    g = torch.outer(axis(h), axis(w))
+    g = g / g.max()
+    tiny = g[g > 0].min()
+    return g.clamp_min(tiny).float()
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Start offsets of windows covering [0, length): the first at 0, the last flush with the end,
+    evenly spaced no further apart than ``window * (1 - overlap)``."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if length <= window:
+        return [0]
+    step = max(1.0, window * (1 - overlap))
+    n = math.ceil((length - window) / step) + 1
+    return [int(round(i * (length - window) / (n - 1))) for i in range(n)]
+
+
+@torch.no_grad()
+def sliding_window(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int,
+                   overlap: float = 0.5, batch: int = 4, sigma_scale: float = SIGMA_SCALE) -> torch.Tensor:
+    """Gaussian-weighted average of ``fn`` over overlapping ``window``² crops of (N, C, H, W) ``x``.
+
+    ``fn`` maps (B, C, window, window) to (B, K, window*s, window*s) (s: the model's output scale);
+    ``batch`` windows (of all N images each) go through one call. An image smaller than the window
+    is zero-padded (0 is the mean of a normalised input) and the padding cropped off the result.
+    """
+    n, _, h, w = x.shape
+    ph, pw = max(0, window - h), max(0, window - w)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+    hh, ww = x.shape[-2:]
+    coords = [(y, x0) for y in window_starts(hh, window, overlap) for x0 in window_starts(ww, window, overlap)]
+    acc = norm = g = None
+    s = 1
+    for i in range(0, len(coords), max(1, batch)):
+        chunk = coords[i:i + max(1, batch)]
+        out = fn(torch.cat([x[:, :, y:y + window, x0:x0 + window] for y, x0 in chunk]))
+        if acc is None:
+            s = out.shape[-1] // window
+            if out.shape[-1] != window * s or out.shape[-2] != window * s:
+                raise ValueError(f"the model maps a {window}² window to {tuple(out.shape[-2:])}: not a whole "
+                                 f"multiple of the window")
+            acc = torch.zeros((n, out.shape[1], hh * s, ww * s), dtype=torch.float32, device=out.device)
+            norm = torch.zeros((hh * s, ww * s), dtype=torch.float32, device=out.device)
+            g = gaussian_importance(window * s, window * s, sigma_scale, out.device)
+        for k, (y, x0) in enumerate(chunk):
+            ys, xs = slice(y * s, (y + window) * s), slice(x0 * s, (x0 + window) * s)
+            acc[:, :, ys, xs].add_(out[k * n:(k + 1) * n].float() * g)
+            norm[ys, xs].add_(g)
+    return acc.div_(norm)[:, :, :h * s, :w * s]
