@@ -8,7 +8,7 @@ EXP    ?= baseline
 FOLD   ?= 0
 GPUS   ?= 1
 FORCE  ?=
-# No ENSEMBLE given: submit uses the newest recipe in ensembles/ (recursive '=': a later ENSEMBLE ?= default applies).
+# ENSEMBLE defaults to `blend` (set below with the ensemble variables), the recipe `make ensemble` writes.
 ENSEMBLE_FLAG = $(if $(ENSEMBLE),--ensemble $(ENSEMBLE),)
 FORCE_FLAG := $(if $(FORCE),--force,)
 

@@ -243,7 +243,8 @@ def test_killed_study_resumes_to_its_target(tune_project, capsys):
     proc.wait()
     assert second.is_file(), "the study must be killed during its second trial"
     assert main(["tune", "--exp", "tiny", "--space", "tiny"]) == 0
-    assert "1 finished trial(s) of 3; running 2 more" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 finished trial(s) of 3; running 2 more" in out, out[:300]
     study = load(tune_project)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 3

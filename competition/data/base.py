@@ -88,38 +88,58 @@ def check_unique(ids: list[str], where: str) -> None:
 
 
 class Adapter(ABC):
-    """One competition's data on disk. Subclasses fill ``_index`` lazily; ids are sorted strings."""
+    """One competition's data on disk. Subclasses list their files in ``_train`` and ``_test``
+    (id -> path, sorted by id, computed lazily) and say how masks and groups are read."""
 
     def __init__(self, cfg: CompetitionConfig):
         self.cfg = cfg
         self.root = cfg.root()
         self.classes = list(cfg.classes)
+        self._sizes: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- listing --------------------------------------------------------------------------------
     @property
     @abstractmethod
-    def ids(self) -> list[str]:
-        """Training image ids, sorted."""
+    def _train(self) -> dict[str, Path]:
+        """Training image id -> file."""
+
+    @property
+    @abstractmethod
+    def _test(self) -> dict[str, Path]:
+        """Test image id -> file (empty when the competition ships no test images)."""
 
     @abstractmethod
     def groups(self) -> dict[str, str]:
         """id -> group (subject, patient, imaging type)."""
 
     @property
-    @abstractmethod
+    def ids(self) -> list[str]:
+        """Training image ids, sorted."""
+        return list(self._train)
+
+    @property
     def test_ids(self) -> list[str]:
         """Test image ids (no masks), sorted."""
+        return list(self._test)
 
-    @abstractmethod
     def image_path(self, image_id: str, split: str = "train") -> Path:
         """The file holding this image."""
+        table = self._train if split == "train" else self._test
+        try:
+            return table[image_id]
+        except KeyError:
+            raise DataError(f"unknown {split} image id {image_id!r}") from None
 
     # -- loading --------------------------------------------------------------------------------
     def load_image(self, image_id: str, split: str = "train") -> np.ndarray:
         return read_image(self.image_path(image_id, split), self.cfg.image.channels, self.cfg.image.bit_depth)
 
     def image_size(self, image_id: str, split: str = "train") -> tuple[int, int]:
-        return header_size(self.image_path(image_id, split))
+        """(H, W) from the file header, cached: sizes are asked for far more often than pixels."""
+        key = (split, image_id)
+        if key not in self._sizes:
+            self._sizes[key] = header_size(self.image_path(image_id, split))
+        return self._sizes[key]
 
     @abstractmethod
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.config import CompetitionConfig
-from competition.data.base import Adapter, DataError, header_size, safe_join
+from competition.data.base import Adapter, DataError, safe_join
 
 # Extensions that count as "an image file" when looking for the same id stored twice (a.png + a.jpg).
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".jp2", ".dcm"})
@@ -135,10 +134,6 @@ class FolderAdapter(Adapter):
 
     spec_name = ""  # "mask_folders" / "rle_csv": the config section
 
-    def __init__(self, cfg: CompetitionConfig):
-        super().__init__(cfg)
-        self._sizes: dict[tuple[str, str], tuple[int, int]] = {}
-
     @property
     def spec(self):
         return getattr(self.cfg, self.spec_name)
@@ -157,27 +152,6 @@ class FolderAdapter(Adapter):
         if not rel:
             return {}
         return list_images(safe_join(self.root, rel, f"{self.spec_name}.test_images"), self.spec.image_ext)
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self._train)
-
-    @property
-    def test_ids(self) -> list[str]:
-        return list(self._test)
-
-    def image_path(self, image_id: str, split: str = "train") -> Path:
-        table = self._train if split == "train" else self._test
-        try:
-            return table[image_id]
-        except KeyError:
-            raise DataError(f"unknown {split} image id {image_id!r}") from None
-
-    def image_size(self, image_id: str, split: str = "train") -> tuple[int, int]:
-        key = (split, image_id)
-        if key not in self._sizes:
-            self._sizes[key] = header_size(self.image_path(image_id, split))
-        return self._sizes[key]
 
     # -- groups and metadata ----------------------------------------------------------------------
     def meta_path(self) -> Path | None:

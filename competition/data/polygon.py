@@ -79,14 +79,6 @@ class PolygonJsonAdapter(Adapter):
         spec = self.cfg.polygon_json
         return _list_images(safe_join(self.root, spec.test_images, "polygon_json.test_images"), spec.image_ext)
 
-    @property
-    def ids(self) -> list[str]:
-        return list(self._train)
-
-    @property
-    def test_ids(self) -> list[str]:
-        return list(self._test)
-
     def groups(self) -> dict[str, str]:
         src = self.cfg.groups.source
         if src == "folder":
@@ -95,13 +87,6 @@ class PolygonJsonAdapter(Adapter):
             return {i: i for i in self.ids}
         raise DataError(f"groups.source {src!r} is not supported by the polygon_json format "
                         f"(valid: folder, none)")
-
-    def image_path(self, image_id: str, split: str = "train") -> Path:
-        table = self._train if split == "train" else self._test
-        try:
-            return table[image_id]
-        except KeyError:
-            raise DataError(f"unknown {split} image id {image_id!r}") from None
 
     def label_path(self, image_id: str) -> Path:
         spec = self.cfg.polygon_json
