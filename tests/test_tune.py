@@ -57,12 +57,6 @@ def load(project: Path, name: str = "tiny-tiny") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url)
 
 
-def cli(project: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "competition", *args], cwd=project, env=env,
-                          capture_output=True, text=True, **kw)
-
-
 # -- the search space ------------------------------------------------------------------------------
 @pytest.mark.parametrize("param, message", [
     ({"optimizer.lr": {"type": "float", "low": 0.1, "high": 0.01}}, "params.optimizer.lr"),
@@ -231,7 +225,9 @@ def test_two_worker_processes_share_one_study(tune_project, capfd):
 @pytest.mark.slow
 def test_killed_study_resumes_to_its_target(tune_project, capsys):
     from competition.cli import main
-    write(tune_project, "search", "tiny", {**TINY_SPACE, "trials": 3, "budget": {"epochs": 3, "folds": [0]}})
+    # No pruning and 6 epochs: the second trial is surely still training when it is killed.
+    write(tune_project, "search", "tiny", {**TINY_SPACE, "trials": 3, "budget": {"epochs": 6, "folds": [0]},
+                                           "pruner": {"name": "none"}})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "competition", "tune", "--exp", "tiny", "--space", "tiny"],
                             cwd=tune_project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -137,7 +137,7 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
     comp = load_competition(recipe.competition)
     result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name), str(source),
                         device, batch_size, workers, progress=progress)
-    ledger.append(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name))
+    _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name))
     return result
 
 
@@ -148,8 +148,15 @@ def predict_experiment(experiment: str, out: Path | None = None, device: str = "
     recipe, comp = experiment_recipe(experiment)
     result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(experiment),
                         f"runs/{experiment}", device, batch_size, workers, progress=progress)
-    ledger.append(ledger.row_for(result, recipe, "", comp.name))
+    _record(ledger.row_for(result, recipe, "", comp.name))
     return result
+
+
+def _record(row: dict) -> None:
+    """The ledger row, and the same row as a W&B run so teammates see submissions beside training."""
+    from competition import ledger, tracking
+    ledger.append(row)
+    tracking.log_submission(row)
 
 
 def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:

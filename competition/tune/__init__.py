@@ -26,7 +26,7 @@ def tune(exp: str, space: str, trials: int | None = None, folds: list[int] | Non
     """Run (or resume) the study until it holds ``trials`` finished trials; write the tuned config
     and the report. Returns the report dict plus ``tuned`` (the config path, or None)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    job, search, st = prepare(exp, space, trials, folds, storage, study, workers)
+    job, search, _ = prepare(exp, space, trials, folds, storage, study, workers)
     st = run(job, workers, log)
     out = report(st, studies_dir() / job.study, log)
     out["tuned"] = None
