@@ -70,6 +70,18 @@ def header_size(path: Path) -> tuple[int, int]:
 
 
 
+def read_csv_table(path: Path, what: str) -> pd.DataFrame:
+    """A CSV as strings (empty cells are ""), with a DataError naming the file when it cannot be read."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: {what} is not a readable CSV ({e})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """Nearest-neighbour resize of a (C, H, W) uint8 mask to ``size`` = (h, w)."""
     if size is None or tuple(mask.shape[1:]) == tuple(size):
@@ -169,4 +181,4 @@ class Adapter(ABC):
         path = safe_join(self.root, rel, "submission.sample_submission")
         if not path.is_file():
             raise DataError(f"{path}: sample submission not found (submission.sample_submission)")
-        return pd.read_csv(path, keep_default_na=False, dtype=str)
+        return read_csv_table(path, "sample submission")

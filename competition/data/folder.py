@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.data.base import Adapter, DataError, safe_join
+from competition.data.base import Adapter, DataError, read_csv_table, safe_join
 
 # Extensions that count as "an image file" when looking for the same id stored twice (a.png + a.jpg).
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".jp2", ".dcm"})
@@ -61,18 +61,6 @@ def list_images(folder: Path, ext: str, required: bool = False) -> dict[str, Pat
         hint = f"; found {', '.join(others)} files instead (set image_ext)" if others else ""
         raise DataError(f"{folder}: no training images found (expected <id>{ext} files{hint})")
     return found
-
-
-def read_csv_table(path: Path, what: str) -> pd.DataFrame:
-    """A CSV as strings (empty cells are ""), with a DataError naming the file when it cannot be read."""
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{path}: {what} is not a readable CSV ({e})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
 
 
 def require_columns(df: pd.DataFrame, path: Path, columns: list[str], what: str) -> None:

@@ -33,8 +33,8 @@ import pandas as pd
 
 from competition.data.adapters import ADAPTERS
 from competition.data.base import DataError, resize_mask, safe_join
-from competition.data.folder import (FolderAdapter, _few, groups_from_table, read_csv_table, require_columns,
-                                     strip_ext)
+from competition.data.base import read_csv_table
+from competition.data.folder import FolderAdapter, _few, groups_from_table, require_columns, strip_ext
 from competition.rle import decode
 
 EMPTY_RLE = ("", "-1")  # cells that mean "no pixels"
