@@ -31,9 +31,11 @@ help:
 	@echo "make bundle [ENSEMBLE=..] OUT=dir     offline inference folder for code competitions"
 	@echo "make tune [EXP=..] [TRIALS=N] [FOLD=k] [WORKERS=N] [STORAGE=url] [SPACE=..] [STUDY=..]  Optuna search"
 	@echo "make tune-report [EXP=..]            trials table, importances and plots of a study"
-	@echo "make oof [EXP=..] [SUSPECTS=1]       an experiment's OOF score per class/fold/image (+ label suspects)"
-	@echo "make ensemble [ENSEMBLE=blend] [EXPS=\"baseline unet3plus\"] [METHOD=caruana|optuna] [PER_CLASS=1]"
-	@echo "                                     weights/thresholds/post-processing on OOF -> ensembles/<name>.yaml"
+	@echo "make oof [EXP=..] [TTA=\"identity hflip\"] [SCALES=\"1 1.25\"] [SUSPECTS=1]"
+	@echo "                                     an experiment's OOF score (OOF size and native) per class/fold/image;"
+	@echo "                                     TTA= writes that TTA variant of every fold's OOF (a candidate member)"
+	@echo "make ensemble [ENSEMBLE=blend] [EXPS=\"baseline unet3plus\"] [METHOD=caruana|optuna] [PER_CLASS=1] [FORCE_BLEND=1]"
+	@echo "                                     weights on OOF, thresholds/post-processing at native size -> ensembles/<name>.yaml"
 	@echo "make runs                            table of every finished run + runs/per_class_dice.png"
 	@echo "make wandb-sync                      upload offline W&B runs (wandb/) once online"
 	@echo "make test                             run the test suite"
@@ -92,15 +94,20 @@ runs: venv
 wandb-sync: venv
 	$(VENV)/bin/wandb sync --yes
 
-# Ensembles: ENSEMBLE -> --name, EXPS -> the member experiments, METHOD -> --method, PER_CLASS=1 -> --per-class.
+# Ensembles: ENSEMBLE -> --name, EXPS -> the member experiments, METHOD -> --method, PER_CLASS=1 -> --per-class,
+# FORCE_BLEND=1 -> --force-blend. OOF: TTA -> --tta, SCALES -> --scales, SUSPECTS=1 -> --suspects.
 ENSEMBLE ?= blend
 EXPS     ?= baseline unet3plus
 METHOD   ?= caruana
 PER_CLASS ?=
 SUSPECTS ?=
+FORCE_BLEND ?=
+TTA ?=
+SCALES ?=
 
 ensemble: venv
-	$(PY) -m competition ensemble --name $(ENSEMBLE) --method $(METHOD) $(if $(PER_CLASS),--per-class,) $(EXPS)
+	$(PY) -m competition ensemble --name $(ENSEMBLE) --method $(METHOD) $(if $(PER_CLASS),--per-class,) \
+		$(if $(FORCE_BLEND),--force-blend,) $(EXPS)
 
 oof: venv
-	$(PY) -m competition oof $(EXP) $(if $(SUSPECTS),--suspects,)
+	$(PY) -m competition oof $(EXP) $(if $(TTA),--tta $(TTA),) $(if $(SCALES),--scales $(SCALES),) $(if $(SUSPECTS),--suspects,)

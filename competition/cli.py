@@ -166,7 +166,8 @@ def cmd_bundle(args) -> int:
 
 def cmd_oof(args) -> int:
     from competition.ensemble import oofscore
-    oofscore.run(args.exp, suspects=args.suspects, top=args.top)
+    oofscore.run(args.exp, suspects=args.suspects, top=args.top, tta=args.tta, scales=args.scales,
+                 native_cv=not args.no_native, csv=args.csv, truth_csv=args.truth_csv)
     return 0
 
 
@@ -174,7 +175,8 @@ def cmd_ensemble(args) -> int:
     from competition import ensemble
     ensemble.run(args.name, args.experiments, method=args.method, per_class=args.per_class, steps=args.steps,
                  trials=args.trials, postprocess_=not args.no_postprocess, nested_cv=not args.no_nested,
-                 tta=args.tta, threshold=args.threshold, budget_mb=args.memory_mb)
+                 threshold=args.threshold, budget_mb=args.memory_mb, force_blend=args.force_blend,
+                 csv=args.csv, truth_csv=args.truth_csv)
     return 0
 
 
@@ -244,11 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the images x classes where the OOF most confidently disagrees with the truth, "
                         "with overlay PNGs in runs/<exp>/suspects/")
     p.add_argument("--top", type=int, default=20, help="how many suspects to list and draw (default 20)")
+    p.add_argument("--tta", nargs="+", default=None, metavar="VIEW",
+                   help="write and score a TTA variant of every trained fold (views from the competition's "
+                        "`tta` list), runs/<exp>/fold<k>/oof-<variant>/; `competition ensemble` uses it")
+    p.add_argument("--scales", nargs="+", type=float, default=None, metavar="S",
+                   help="with --tta: multi-scale TTA, e.g. 1 1.25 (default 1)")
+    p.add_argument("--no-native", action="store_true", help="skip the native-resolution score")
+    p.add_argument("--csv", default=None, metavar="OUT.csv",
+                   help="also write the OOF as a submission CSV at native size (the competition's format)")
+    p.add_argument("--truth-csv", default=None, metavar="TRUTH.csv",
+                   help="also write the training truth in the competition's format (with height, width)")
     p.set_defaults(fn=cmd_oof)
 
     p = sub.add_parser("ensemble", help="choose soft-voting weights, thresholds, post-processing on OOF "
                                         "-> ensembles/<name>.yaml + .md, with a nested-CV estimate")
-    p.add_argument("experiments", nargs="+", metavar="EXP", help="member experiments (all folds trained)")
+    p.add_argument("experiments", nargs="+", metavar="EXP",
+                   help="member experiments (all folds trained): EXP uses every complete OOF variant of it as a "
+                        "candidate member, EXP:VARIANT one (EXP:plain = no TTA)")
     p.add_argument("--name", default="blend", help="recipe name: ensembles/<name>.yaml (default blend)")
     p.add_argument("--method", choices=["caruana", "optuna"], default="caruana",
                    help="caruana: greedy selection with replacement (default); optuna: continuous TPE search")
@@ -258,8 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="threshold the weights are chosen at (default 0.5)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the per-class post-processing search")
     p.add_argument("--no-nested", action="store_true", help="skip the nested-CV estimate (in-sample only)")
-    p.add_argument("--tta", nargs="+", default=None, metavar="AUG",
-                   help="test-time augmentations for the recipe (default: the competition's `tta`)")
+    p.add_argument("--force-blend", action="store_true",
+                   help="write the weighted ensemble even when the best single member or equal weights has the "
+                        "better nested estimate")
+    p.add_argument("--csv", default=None, metavar="OUT.csv",
+                   help="also write the recipe's OOF predictions of the training images as a submission CSV")
+    p.add_argument("--truth-csv", default=None, metavar="TRUTH.csv",
+                   help="also write the training truth in the competition's format (with height, width)")
     p.add_argument("--memory-mb", type=int, default=128, help="memory per streamed chunk (default 128)")
     p.set_defaults(fn=cmd_ensemble)
 

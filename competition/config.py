@@ -7,8 +7,6 @@ allowed values; everything downstream receives these frozen models, never raw di
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -211,11 +209,14 @@ def _unwrap(ann: Any) -> Any:
 
 
 def read_yaml(path: Path | str) -> dict:
+    from competition.io import ReadError, read_text
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such configuration file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "configuration file"))
+    except ReadError as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if data is None:
@@ -256,17 +257,9 @@ def to_plain(cfg: BaseModel) -> dict:
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write to a temp file in the same folder and rename, so no reader ever sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Kept for the modules that import it from here: :func:`competition.io.atomic_write_text`."""
+    from competition.io import atomic_write_text as write
+    write(path, text)
 
 
 def dump_yaml(data: dict | BaseModel, path: Path | str) -> None:
@@ -368,8 +361,15 @@ class TrainConfig(Strict):
     progress: bool = True
 
 
+TTAView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]
+
+
 class OofConfig(Strict):
-    size: int | None = None  # OOF resolution (square); null = the model input size
+    size: int | None = None  # OOF resolution (square); null = the model's output size
+    # The TTA variant written beside the plain OOF after training (views from the competition's
+    # `tta`); null: the competition's whole `tta` list; [] or [identity]: the plain OOF only.
+    tta: list[TTAView] | None = None
+    tta_scales: list[float] = [1.0]
 
 
 class TrackingConfig(Strict):
@@ -444,6 +444,9 @@ class RecipeMember(Strict):
     checkpoints: list[RecipeCheckpoint]
     # One weight (global) or one per class; the members' weights sum to 1 (per class).
     weights: list[float]
+    # The OOF variant this member was chosen as: its TTA views and scales, applied at submit time.
+    tta: list[TTAView] = ["identity"]
+    tta_scales: list[float] = [1.0]
 
 
 class PostProcess(Strict):
@@ -460,8 +463,9 @@ class Recipe(Strict):
     members: list[RecipeMember] = Field(min_length=1)
     thresholds: list[float]  # per class (multilabel); ignored for multiclass (argmax)
     postprocess: dict[str, PostProcess] = Field(default_factory=dict)  # class name -> rule
-    tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]] = ["identity"]
-    tta_scales: list[float] = [1.0]
+    # The resolution members' probabilities are quantised (uint8) and blended at, as in the OOF;
+    # null: each member's own OOF size. Then resized to each image's original size and binarised.
+    oof_size: list[int] | None = None
     scores: dict[str, Any] = Field(default_factory=dict)  # in_sample, nested, per_class, best_single, ...
 
 

@@ -1,10 +1,13 @@
 """``competition folds``: (Stratified)GroupKFold written to ``folds/<competition>.csv``.
 
 The file is committed, so every teammate trains on the same split. A group never spans two folds;
-a folds file that no longer matches the dataset is an error listing the ids that differ.
+a folds file that no longer matches the dataset is an error listing the ids that differ. The file's
+own ``group`` column is never trusted: groups are recomputed from the data, so a hand-edited (or
+stale) file cannot smuggle one subject into two folds.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -13,12 +16,24 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from competition import paths
-from competition.config import CompetitionConfig, atomic_write_text
-from competition.data.base import Adapter
+from competition.config import CompetitionConfig
+from competition.data.base import Adapter, DataError, csv_from_text
+from competition.io import ReadError, atomic_write_text, clean_stale_temps, read_text
+
+COLUMNS = ("id", "group", "fold")
+_MAX_LISTED = 10
+_STALE_TEMP_S = 3600  # a folds file is written in well under a second; older temps are a killed run's
+_INT = re.compile(r"^[0-9]{1,9}$")  # 9 digits: far more folds than anyone uses, and no int64 overflow
 
 
-class FoldsError(ValueError):
-    pass
+class FoldsError(DataError):
+    """A folds file (or a split) that cannot be used; the message names the file, row or ids."""
+
+
+def _few(items) -> str:
+    items = list(items)
+    more = f" ... ({len(items)} in all)" if len(items) > _MAX_LISTED else ""
+    return ", ".join(map(str, items[:_MAX_LISTED])) + more
 
 
 def presence_matrix(adapter: Adapter) -> np.ndarray:
@@ -75,41 +90,112 @@ def make_folds(cfg: CompetitionConfig, adapter: Adapter, k: int, seed: int) -> p
     return df
 
 
-def check_groups(df: pd.DataFrame, where: str) -> None:
+def _leaking_groups(df: pd.DataFrame) -> list[str]:
     span = df.groupby("group")["fold"].nunique()
-    bad = span[span > 1]
-    if len(bad):
-        raise FoldsError(f"{where}: group(s) {list(bad.index[:10])} span more than one fold (leakage)")
+    return list(span.index[span > 1])
+
+
+def check_groups(df: pd.DataFrame, where: str) -> None:
+    bad = _leaking_groups(df)
+    if bad:
+        raise FoldsError(f"{where}: group(s) {bad[:10]} span more than one fold (leakage)")
 
 
 def write_folds(df: pd.DataFrame, path: Path, force: bool = False) -> None:
     if path.exists() and not force:
         raise FoldsError(f"{path} exists (teammates share it through git); pass --force (FORCE=1) to overwrite")
+    # A killed earlier write leaves a hidden temp beside the file, where `git add folds/` would pick it up.
+    clean_stale_temps(path.parent, _STALE_TEMP_S)
     atomic_write_text(path, df.to_csv(index=False))
 
 
 def load_folds(cfg: CompetitionConfig, adapter: Adapter | None = None, path: Path | None = None) -> pd.DataFrame:
-    """Read and check the folds file; with an adapter, also check it still matches the dataset."""
+    """Read and check the folds file; with an adapter, also check it still matches the dataset.
+
+    With an adapter the returned ``group`` column is the data's own grouping, not the file's.
+    """
     path = path or paths.folds_file(cfg.name)
     if not path.is_file():
         raise FoldsError(f"{path}: no folds file; run `make folds COMP={cfg.name}` first")
-    df = pd.read_csv(path, dtype={"id": str, "group": str})
-    missing_cols = {"id", "group", "fold"} - set(df.columns)
-    if missing_cols:
-        raise FoldsError(f"{path}: missing column(s) {sorted(missing_cols)}; expected id,group,fold")
+    df = _read_folds_csv(path)
     dup = df["id"][df["id"].duplicated()]
     if len(dup):
         raise FoldsError(f"{path}: id(s) listed twice: {list(dup[:10])}")
+    df["fold"] = _fold_numbers(df, path)
+    _check_fold_count(df, path, cfg)
     check_groups(df, str(path))
     if adapter is not None:
-        have, want = set(df["id"]), set(adapter.ids)
-        gone, new = sorted(have - want), sorted(want - have)
-        if gone or new:
-            raise FoldsError(f"{path} no longer matches the dataset: ids in the file but not in the data: "
-                             f"{gone[:20]}{' ...' if len(gone) > 20 else ''}; ids in the data but not in the file: "
-                             f"{new[:20]}{' ...' if len(new) > 20 else ''}. Re-run `make folds FORCE=1` "
-                             f"(and commit it) if the dataset changed on purpose.")
+        _check_ids_match(df, adapter, path)
+        df["group"] = _check_groups_match(df, adapter, path, cfg)
     return df
+
+
+def _read_folds_csv(path: Path) -> pd.DataFrame:
+    expected = f"expected a CSV with columns {','.join(COLUMNS)} (written by `make folds`)"
+    try:
+        text = read_text(path, "folds file")
+    except ReadError as e:
+        raise FoldsError(f"{e}; {expected}") from None
+    try:
+        df = csv_from_text(text)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError) as e:
+        reason = "it is empty" if isinstance(e, pd.errors.EmptyDataError) else f"it is not a readable CSV ({e})"
+        raise FoldsError(f"{path}: not a folds file: {reason}; {expected}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise FoldsError(f"{path}: not a folds file: missing column(s) {missing} (found {list(df.columns)}); "
+                         f"{expected}")
+    empty = np.flatnonzero((df["id"].str.strip() == "").to_numpy())
+    if len(empty):
+        raise FoldsError(f"{path}: empty id at line(s) {_few(empty + 2)}; every row names one image")
+    return df
+
+
+def _fold_numbers(df: pd.DataFrame, path: Path) -> pd.Series:
+    """The fold column as int64; anything but a non-negative integer is an error naming its rows."""
+    text = df["fold"].str.strip()
+    bad = np.flatnonzero(~text.str.match(_INT).to_numpy())
+    if len(bad):
+        rows = [f"line {k + 2} (id {df['id'].iloc[k]!r}, fold {df['fold'].iloc[k]!r})" for k in bad]
+        raise FoldsError(f"{path}: fold value(s) that are not integers at {_few(rows)}; folds must be "
+                         f"integers 0, 1, ... (regenerate with `make folds FORCE=1`)")
+    return text.astype(np.int64)
+
+
+def _check_fold_count(df: pd.DataFrame, path: Path, cfg: CompetitionConfig) -> None:
+    folds = sorted(set(df["fold"]))
+    if len(folds) < 2:
+        what = "no images" if not folds else f"every image in fold {folds[0]}"
+        raise FoldsError(f"{path}: lists {what}; training needs at least 2 folds (one to validate on, "
+                         f"the rest to train on). Regenerate it with `make folds COMP={cfg.name} FORCE=1`.")
+
+
+def _check_ids_match(df: pd.DataFrame, adapter: Adapter, path: Path) -> None:
+    have, want = set(df["id"]), set(adapter.ids)
+    gone, new = sorted(have - want), sorted(want - have)
+    if gone or new:
+        raise FoldsError(f"{path} no longer matches the dataset: ids in the file but not in the data: "
+                         f"{gone[:20]}{' ...' if len(gone) > 20 else ''}; ids in the data but not in the file: "
+                         f"{new[:20]}{' ...' if len(new) > 20 else ''}. Re-run `make folds FORCE=1` "
+                         f"(and commit it) if the dataset changed on purpose.")
+
+
+def _check_groups_match(df: pd.DataFrame, adapter: Adapter, path: Path, cfg: CompetitionConfig) -> pd.Series:
+    """The data's groups for ``df``'s ids; refuses a file whose ``group`` column says otherwise."""
+    groups_map = adapter.groups()
+    data_groups = df["id"].map(groups_map).astype(str)
+    differ = np.flatnonzero((data_groups != df["group"].str.strip()).to_numpy())
+    if len(differ):
+        rows = [f"{df['id'].iloc[k]!r} (file: {df['group'].iloc[k]!r}, data: {data_groups.iloc[k]!r})"
+                for k in differ]
+        leaks = _leaking_groups(df.assign(group=data_groups))
+        leak = (f"; with the data's groups, group(s) {_few(leaks)} span more than one fold (leakage)"
+                if leaks else "")
+        raise FoldsError(f"{path}: the group column disagrees with the data for image(s) {_few(rows)}{leak}. "
+                         f"Groups come from the data, not the folds file; regenerate it with "
+                         f"`make folds COMP={cfg.name} FORCE=1` (and commit it).")
+    return data_groups
 
 
 def summary(df: pd.DataFrame, adapter: Adapter) -> str:
@@ -126,6 +212,8 @@ def run(cfg: CompetitionConfig, adapter: Adapter, k: int | None = None, seed: in
     k = k or cfg.folds
     seed = cfg.fold_seed if seed is None else seed
     path = paths.folds_file(cfg.name)
+    # Bad labels fail here, naming their file and row, rather than hours into training.
+    adapter.validate_labels()
     if path.exists() and not force:
         return path, load_folds(cfg, adapter, path), False
     df = make_folds(cfg, adapter, k, seed)

@@ -22,8 +22,9 @@ import pandas as pd
 from competition import paths
 from competition.config import CompetitionConfig, Recipe, atomic_write_text
 
-COLUMNS = ["time", "file", "competition", "ensemble", "ensemble_sha256", "members", "oof_in_sample",
-           "oof_nested", "tta", "images", "seconds", "public_lb", "private_lb"]
+COLUMNS = ["time", "file", "competition", "ensemble", "ensemble_sha256", "members", "cv_native_in_sample",
+           "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "images", "seconds", "public_lb", "private_lb"]
+ADDED = ["cv_native_in_sample", "cv_native_nested"]  # absent from ledgers written before them
 PLOT = "cv_vs_lb.png"
 
 
@@ -40,6 +41,9 @@ def read(path: Path | None = None) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
         raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    for c in ADDED:
+        if c not in df.columns:
+            df[c] = ""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; a ledger has columns {COLUMNS}")
@@ -97,9 +101,12 @@ def row_for(result, recipe: Recipe, recipe_sha: str, competition: str) -> dict:
         file = str(result.path)
     return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "file": file, "competition": competition,
             "ensemble": recipe.name, "ensemble_sha256": recipe_sha, "members": describe_members(recipe),
-            "oof_in_sample": _score(recipe.scores, "in_sample", "oof", "ensemble"),
-            "oof_nested": _score(recipe.scores, "nested", "nested_cv"),
-            "tta": f"{'+'.join(recipe.tta)}@{','.join(f'{s:g}' for s in recipe.tta_scales)}",
+            "cv_native_in_sample": _score(recipe.scores, "in_sample"),
+            "cv_native_nested": _score(recipe.scores, "nested"),
+            "oof_in_sample": _score(recipe.scores.get("at_oof_size") or {}, "in_sample"),
+            "oof_nested": _score(recipe.scores.get("at_oof_size") or {}, "nested"),
+            "tta": " ".join(f"{m.experiment}:{'+'.join(m.tta)}@{','.join(f'{s:g}' for s in m.tta_scales)}"
+                            for m in recipe.members),
             "images": str(result.images), "seconds": f"{result.seconds:.1f}", "public_lb": "", "private_lb": ""}
 
 
@@ -136,11 +143,15 @@ def record(submission: str, public: float | None = None, private: float | None =
 
 
 def cv_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Submissions with CV (nested when known, else in-sample), leaderboard scores and the gap."""
-    num = {c: pd.to_numeric(df[c], errors="coerce") for c in ("oof_in_sample", "oof_nested", "public_lb", "private_lb")}
-    cv = num["oof_nested"].fillna(num["oof_in_sample"])
+    """Submissions with CV (native-resolution when known, else at the OOF size; nested when known,
+    else in-sample), leaderboard scores and the gap."""
+    cols = ("cv_native_in_sample", "cv_native_nested", "oof_in_sample", "oof_nested", "public_lb", "private_lb")
+    num = {c: pd.to_numeric(df[c], errors="coerce") if c in df else pd.Series(np.nan, index=df.index) for c in cols}
+    in_sample = num["cv_native_in_sample"].fillna(num["oof_in_sample"])
+    nested = num["cv_native_nested"].fillna(num["oof_nested"])
+    cv = nested.fillna(in_sample)
     return pd.DataFrame({"file": [Path(f).name for f in df["file"]], "ensemble": df["ensemble"],
-                         "cv_in_sample": num["oof_in_sample"], "cv_nested": num["oof_nested"],
+                         "cv_in_sample": in_sample, "cv_nested": nested,
                          "public": num["public_lb"], "private": num["private_lb"], "public_minus_cv": num["public_lb"] - cv})
 
 
@@ -180,7 +191,7 @@ def scatter(df: pd.DataFrame, path: Path | None = None) -> Path | None:
     lo, hi = float(vals.min()), float(vals.max())
     pad = max(1e-3, (hi - lo) * 0.1)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8, label="LB = CV")
-    ax.set_xlabel("CV Dice (nested when known, else in-sample OOF)")
+    ax.set_xlabel("CV Dice at native resolution (nested when known, else in-sample)")
     ax.set_ylabel("leaderboard Dice")
     ax.set_title("Does CV track the leaderboard?")
     ax.legend(fontsize=8)

@@ -4,7 +4,12 @@
     ids.json    the N image ids, in row order
     meta.json   resolution, classes, task, quantisation, each image's original (H, W)
 
-Written into ``oof.tmp/`` and renamed, so a reader never sees a half-written store.
+Written into a hidden temp folder beside it (unique per process) and renamed, so a reader never
+sees a half-written store and two writers never share a temp folder.
+
+The plain store ``oof/`` is predicted without TTA; ``oof-<variant>/`` holds the same images
+predicted with a TTA variant (``competition oof EXP --tta ...``). Both come from the submission's
+own inference path (:mod:`competition.predict.heldout`).
 """
 from __future__ import annotations
 
@@ -21,6 +26,12 @@ if TYPE_CHECKING:
 QUANT = 255.0
 
 
+def store_size(exp) -> tuple[int, int]:
+    """(h, w) an experiment's OOF is stored at: ``oof.size``, else the model's output size."""
+    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
+    return size, size
+
+
 def probabilities(logits: torch.Tensor, task: str, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Logits (N, C[+1], H, W) -> class probabilities (N, C, h, w); multiclass drops the background."""
     import torch  # here, not at module level: reading an OOF store must not cost a torch import
@@ -32,18 +43,39 @@ def probabilities(logits: torch.Tensor, task: str, size: tuple[int, int] | None 
     return torch.softmax(logits.float(), dim=1)[:, 1:]
 
 
-def quantize(probs: torch.Tensor) -> np.ndarray:
+def quantize_tensor(probs: torch.Tensor) -> torch.Tensor:
+    """Probabilities -> uint8 levels round(255 p): the one quantisation of OOF and test predictions."""
     import torch
-    return probs.mul(QUANT).round_().to(torch.uint8).cpu().numpy()
+    return probs.float().clamp(0, 1).mul_(QUANT).round_().to(torch.uint8)
+
+
+def quantize(probs: torch.Tensor) -> np.ndarray:
+    return quantize_tensor(probs).cpu().numpy()
 
 
 def write(out_dir: Path, ids: list[str], batches: Iterable[tuple[list[int], np.ndarray]],
           classes: list[str], size: tuple[int, int], meta: dict) -> Path:
     """Stream uint8 batches (row indices, (B, C, h, w)) into a memory-mapped store, then publish it."""
+    import tempfile
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        _fill(tmp, ids, batches, classes, size, meta)
+        if out_dir.exists():
+            old = out_dir.with_name(f"{tmp.name}.old")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _fill(tmp: Path, ids, batches, classes, size, meta) -> None:
     arr = np.lib.format.open_memmap(tmp / "probs.npy", mode="w+", dtype=np.uint8,
                                     shape=(len(ids), len(classes), *size))
     filled = np.zeros(len(ids), bool)
@@ -57,10 +89,6 @@ def write(out_dir: Path, ids: list[str], batches: Iterable[tuple[list[int], np.n
     (tmp / "ids.json").write_text(json.dumps(ids))
     full_meta = {"size": list(size), "classes": classes, "quantization": "uint8, p = value / 255", **meta}
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def read(oof_dir: Path) -> tuple[np.ndarray, list[str], dict]:

@@ -23,8 +23,16 @@ def run_dir(experiment: str, fold: int) -> Path:
     return project() / "runs" / experiment / f"fold{fold}"
 
 
-def oof_dir(experiment: str, fold: int) -> Path:
-    return run_dir(experiment, fold) / "oof"
+def oof_dir(experiment: str, fold: int, variant: str = "") -> Path:
+    """The plain OOF (``oof/``) or a TTA variant's (``oof-<variant>/``, see predict.tta.variant_name)."""
+    return run_dir(experiment, fold) / (f"oof-{variant}" if variant else "oof")
+
+
+def oof_variants(experiment: str, fold: int) -> list[str]:
+    """The variants whose OOF store exists for one fold ("" = plain), plain first."""
+    run = run_dir(experiment, fold)
+    found = [p.name[4:] for p in run.glob("oof-*") if (p / "probs.npy").is_file()] if run.is_dir() else []
+    return ([""] if (run / "oof" / "probs.npy").is_file() else []) + sorted(found)
 
 
 def ensembles_dir() -> Path:

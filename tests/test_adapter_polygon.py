@@ -115,3 +115,65 @@ def test_path_escaping_the_data_root(tmp_path):
     bad = cfg(root, polygon_json={"train_images": "../train/DCM"})
     with pytest.raises(DataError, match=r"escapes the data root"):
         make_adapter(bad).ids
+
+
+# --------------------------------------------------------------------------------------------- #
+# Malformed label files: refused with the file, the annotation and what was expected
+# --------------------------------------------------------------------------------------------- #
+def write_label(root, stem, content: bytes | str):
+    path = root / "train/outputs_json/ID1" / f"{stem}.json"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("[]", r"x\.json: expected JSON \{\"annotations\".*but the top level is a JSON list, not an object"),
+    ('[{"label": "a", "points": [[2, 2], [9, 2], [9, 9]]}]', r"x\.json: .*top level is a JSON list"),
+    ('"annotations"', r"x\.json: .*top level is a JSON string"),
+    ("{}", r'x\.json: expected JSON .*but "annotations" is missing'),
+    ('{"annotations": {"label": "a"}}', r'x\.json: .*but "annotations" is a JSON object'),
+    ('{"annotations": [{"label": ["a"], "points": [[2, 2], [9, 2], [9, 9]]}]}',
+     r"x\.json: annotation 0 has unknown label \['a'\]"),
+])
+def test_label_file_of_the_wrong_shape(tmp_path, content, pattern):
+    add(tmp_path, "ID1", "x", [])
+    write_label(tmp_path, "x", content)
+    with pytest.raises(DataError, match=pattern):
+        make_adapter(cfg(tmp_path)).load_mask("ID1/x")
+
+
+@pytest.mark.parametrize("points, bad", [
+    ([[2, 2], ["12.5", 2], [9, 9]], r"point 1 is \['12\.5', 2\]"),
+    ([[2, 2], [9, 2], [9, True]], r"point 2 is \[9, True\]"),
+    ([[False, 2], [9, 2], [9, 9]], r"point 0 is \[False, 2\]"),
+    ([[2, 2], [9, None], [9, 9]], r"point 1 is \[9, None\]"),
+])
+def test_string_and_boolean_coordinates_are_refused_not_converted(tmp_path, points, bad):
+    add(tmp_path, "ID1", "x", [{"label": "a", "points": SQUARE}, {"label": "b", "points": points}])
+    with pytest.raises(DataError, match=r"x\.json: annotation 1 \(b\) has non-numeric points: " + bad +
+                                        r"; coordinates must be JSON numbers"):
+        make_adapter(cfg(tmp_path)).load_mask("ID1/x")
+
+
+def test_int_and_float_coordinates_are_fine(tmp_path):
+    add(tmp_path, "ID1", "x", [{"label": "a", "points": [[2, 2.0], [9.5, 2], [9, 9]]}])
+    assert make_adapter(cfg(tmp_path)).load_mask("ID1/x")[0].sum() > 0
+
+
+@pytest.mark.parametrize("points", [[[0, 0], 5, [5, 5]], [[0, 0], [1, 2, 3], [5, 5]], [[0, 0], [1e400, 0], [5, 5]]])
+def test_points_that_are_not_pairs_or_not_finite(tmp_path, points):
+    add(tmp_path, "ID1", "x", [])
+    text = json.dumps({"annotations": [{"label": "a", "points": points}]})
+    write_label(tmp_path, "x", text.replace("Infinity", "1e400"))  # JSON has no Infinity; 1e400 overflows to it
+    with pytest.raises(DataError, match=r"x\.json: annotation 0 \(a\) (has non-numeric points or points that are "
+                                        r"not \[x, y\] pairs|needs at least 3 finite)"):
+        make_adapter(cfg(tmp_path)).load_mask("ID1/x")
+
+
+def test_non_utf8_label_file_names_the_file(tmp_path):
+    add(tmp_path, "ID1", "x", [])
+    write_label(tmp_path, "x", '{"annotations": [{"label": "a", "note": "Müller", "points": []}]}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"ID1/x\.json: label file is not UTF-8 text \(undecodable byte 0xfc"):
+        make_adapter(cfg(tmp_path)).load_mask("ID1/x")
+    write_label(tmp_path, "x", b"\xef\xbb\xbf" + json.dumps({"annotations": []}).encode())  # a BOM is fine
+    assert make_adapter(cfg(tmp_path)).load_mask("ID1/x").sum() == 0

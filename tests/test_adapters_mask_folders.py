@@ -207,3 +207,10 @@ def test_per_class_class_name_escaping(tmp_path):
     (tmp_path / "masks" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="escapes the data root"):
         make_adapter(cfg(tmp_path, classes=["p", "../../../../x"], mode="per_class")).load_mask("a")
+
+
+def test_non_utf8_meta_csv_names_the_file(binary):
+    (binary / "meta.csv").write_bytes("id,group\na,Zürich\nb,g1\nc,g2\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"meta\.csv: metadata CSV is not UTF-8 text \(undecodable byte 0xfc on "
+                                        r"line 2\)"):
+        make_adapter(cfg(binary, groups={"source": "column", "column": "group"})).groups()

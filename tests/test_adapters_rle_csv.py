@@ -228,3 +228,40 @@ def test_no_images_and_unknown_id(tmp_path):
     ad = make_adapter(cfg(make_data(tmp_path / "ok")))
     with pytest.raises(DataError, match="unknown train image id '../a'"):
         ad.load_mask("../a")
+
+
+def test_non_utf8_train_csv_names_the_file(tmp_path):
+    make_data(tmp_path, rows=[("a", "x", "1 3")])
+    (tmp_path / "train.csv").write_bytes("id,class,rle\na,x,1 3\nb,y,\nc,x,\n# Société\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"train\.csv: train CSV \(rle_csv\.csv\) is not UTF-8 text \(undecodable "
+                                        r"byte 0xe9 on line 5\); save it as UTF-8"):
+        make_adapter(cfg(tmp_path)).ids
+
+
+def test_groups_csv_with_a_byte_order_mark_keeps_its_id_column(tmp_path):
+    make_data(tmp_path)
+    (tmp_path / "groups.csv").write_bytes(b"\xef\xbb\xbfid,patient\na,p1\nb,p1\nc,p2\n")  # as Excel saves it
+    ad = make_adapter(cfg(tmp_path, groups={"source": "column", "column": "patient", "csv": "groups.csv"}))
+    assert ad.groups() == {"a": "p1", "b": "p1", "c": "p2"}
+
+
+@pytest.mark.parametrize("bad", ["1 x", "5 3 2", "1281 2", "0 3", "3 -1"])
+def test_validate_labels_checks_every_rle_against_the_image_size(tmp_path, bad):
+    make_data(tmp_path, rows=[("a", "x", "1 3"), ("b", "y", bad)])
+    ad = make_adapter(cfg(tmp_path))
+    assert ad.presence("b").tolist() == [False, True]  # the index alone cannot tell it is malformed
+    with pytest.raises(DataError, match=r"train\.csv line 3 \(id 'b', class 'y'\): malformed RLE for the 40x32 image "
+                                        r"b\.png"):
+        ad.validate_labels()
+
+
+def test_validate_labels_accepts_good_rle(tmp_path):
+    make_adapter(cfg(make_data(tmp_path))).validate_labels()
+
+
+def test_row_with_more_cells_than_the_header_is_refused_not_shifted(tmp_path):
+    make_data(tmp_path)
+    (tmp_path / "train.csv").write_text("id,class,rle\na,x,1 3,extra\nb,y,\n")  # pandas would make a,x an index
+    with pytest.raises(DataError, match=r"train\.csv: train CSV \(rle_csv\.csv\) is not a readable CSV \(line 2 has 4 "
+                                        r"cells but the header has 3\)"):
+        make_adapter(cfg(tmp_path)).ids

@@ -35,27 +35,34 @@ def test_recipe_weights_scores_and_hashes(members, capsys):
         assert m.folds == [0, 1, 2] and len(m.checkpoints) == 3
         for c in m.checkpoints:
             assert c.sha256 == file_hash(members / c.path)
-    assert rec.tta == ["identity", "hflip"] and rec.tta_scales == [1.0]  # the competition's TTA list
+    # Only plain OOF exists: every member is the plain variant, and submit applies exactly that.
+    assert all(m.tta == ["identity"] and m.tta_scales == [1.0] for m in rec.members)
+    assert rec.oof_size == [64, 64]
     # In-sample is at least the best single experiment (untuned and tuned), and the ensemble gains here.
     assert s["in_sample"] >= s["best_single"]["oof_at_threshold"]
     assert s["in_sample"] >= s["best_single"]["in_sample"] > 0
     assert s["gain_over_best_single"]["in_sample"] > 0.01
     assert 0 < s["nested"] <= 1 and set(map(str, s["nested_per_fold"])) == {"0", "1", "2"}
-    assert "nested CV" in out and f"{s['nested']:.4f}" in out and "gain over best single" in out
+    assert s["chosen"] == "search" and "nested" in s["chosen_because"]
+    assert "native-resolution CV" in out and f"{s['nested']:.4f}" in out and "gain over best single" in out
+    for member in ("good", "soft", "noise"):  # one line per candidate variant, kept or not
+        assert any(line.strip().startswith(f"variant {member} ") for line in out.splitlines())
+    assert "not kept" in next(line for line in out.splitlines() if line.strip().startswith("variant noise "))
     md = (members / "ensembles/b1.md").read_text()
     assert "| class | threshold | post-processing |" in md and md.count("\n| ") >= 12 + 3
     # The recipe's thresholds are written as probabilities: level 128 is exactly 0.5.
     assert all(0 < t < 1 for t in rec.thresholds)
 
 
-def test_per_class_optuna_and_tta_override(members, capsys):
+def test_per_class_optuna_without_nested(members, capsys):
     assert main(["ensemble", "--name", "b2", "good", "soft", "--per-class", "--method", "optuna", "--trials", "8",
-                 "--no-postprocess", "--no-nested", "--tta", "identity"]) == 0
+                 "--no-postprocess", "--no-nested", "--force-blend"]) == 0
     rec = load_recipe("b2")
     w = np.array([m.weights for m in rec.members])
     assert w.shape == (2, 12)
     np.testing.assert_allclose(w.sum(0), 1.0)
-    assert rec.tta == ["identity"] and rec.postprocess == {} and rec.scores["nested"] is None
+    assert rec.postprocess == {} and rec.scores["nested"] is None
+    assert rec.scores["chosen_because"] == "forced by --force-blend"
 
 
 def test_incomplete_oof_is_refused(members, capsys):
@@ -71,8 +78,9 @@ def test_bad_names_and_options_are_clear_errors(members, capsys):
     assert "ensemble name" in capsys.readouterr().err
     assert main(["ensemble", "--name", "x", "good", "good"]) == 2
     assert "listed twice" in capsys.readouterr().err
-    assert main(["ensemble", "--name", "x", "good", "--tta", "spin"]) == 2
-    assert "tta" in capsys.readouterr().err
+    assert main(["oof", "good", "--tta", "identity", "rot90"]) == 2  # not in the competition's tta list
+    err = capsys.readouterr().err
+    assert "rot90" in err and "['identity', 'hflip']" in err and "Traceback" not in err
 
 
 def test_multiclass_competition(project, tiny_data_cache, capsys):
@@ -115,12 +123,13 @@ def test_two_trained_experiments_end_to_end(tiny_project, capsys):
     shutil.rmtree(paths.oof_dir("eb", 2))
     capsys.readouterr()
     assert main(["oof", "eb"]) == 0
-    assert "eb fold 2: no OOF; predicting its" in capsys.readouterr().out
+    assert "eb fold 2: predicting its" in capsys.readouterr().out
     assert (paths.oof_dir("eb", 2) / "probs.npy").is_file()
     assert main(["ensemble", "--name", "e2e", "ea", "eb"]) == 0
     out = capsys.readouterr().out
     rec = load_recipe("e2e")
     s = rec.scores
-    assert s["in_sample"] >= max(s["members_at_threshold"].values()) - 1e-9
-    assert s["nested"] is not None and "nested CV" in out
+    assert s["nested"] is not None and "native-resolution CV" in out
+    # Training wrote the plain OOF and the competition's TTA variant: four candidate members.
+    assert sorted(v["member"] for v in s["variants"]) == ["ea", "ea[identity+hflip]", "eb", "eb[identity+hflip]"]
     assert all(c.sha256 == file_hash(tiny_project / c.path) for m in rec.members for c in m.checkpoints)

@@ -126,3 +126,21 @@ def test_multiclass_components_count_the_argmax_masks():
         np.testing.assert_array_equal(pred, (pred_lab == c + 1).sum((1, 2)))
         np.testing.assert_array_equal(inter, ((pred_lab == c + 1) & (lab == c + 1)).sum((1, 2)))
     assert (np.bincount(comps[1].image) == 2).all()  # the disc and the spurious blob, in every image
+
+
+def test_one_threshold_to_level_rule():
+    """threshold_level is the nearest level, inverts threshold_value, and the search's cut agrees
+    with blend_levels for thresholds other than 0.5 (the rule training, `oof` and `ensemble` share)."""
+    from competition.ensemble.blend import blend_levels, threshold_level, threshold_value
+    from competition.ensemble.compact import level_cut
+    assert all(threshold_level(threshold_value(k)) == k for k in range(1, 256))
+    assert threshold_level(0.5) == 128 and threshold_level(0.3) == 77 and threshold_level(0.01) == 3
+    for t in (0.01 * i for i in range(1, 100)):
+        k = threshold_level(t)
+        assert abs(threshold_value(k) - t) <= 0.5 / 255 + 1e-12
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 256, (2, 1, 50), dtype=np.uint8) for _ in range(3)]
+    w = np.array([[2, 1, 1]])
+    s = sum(c.astype(np.int64) * wi for c, wi in zip(chunks, w[0]))
+    for t in (0.13, 0.3, 0.5, 0.77):
+        np.testing.assert_array_equal(s >= level_cut(t, int(w.sum())), blend_levels(chunks, w) >= threshold_level(t))

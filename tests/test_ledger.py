@@ -17,12 +17,13 @@ CLASSES = ["a", "b"]
 
 def recipe(name: str, in_sample: float, nested: float | None = None, weights=(0.6, 0.4)) -> Recipe:
     ck = [RecipeCheckpoint(path="runs/x/fold0/best.pt", sha256="0" * 16)]
-    members = [RecipeMember(experiment="base", folds=[0], checkpoints=ck, weights=[weights[0]]),
+    members = [RecipeMember(experiment="base", folds=[0], checkpoints=ck, weights=[weights[0]],
+                            tta=["identity", "hflip"], tta_scales=[1.0, 1.25]),
                RecipeMember(experiment="u3p", folds=[0], checkpoints=ck, weights=[weights[1]])]
-    scores = {"in_sample": in_sample, **({"nested": {"mean": nested, "std": 0.01}} if nested is not None else {})}
+    native = {"in_sample": in_sample, **({"nested": {"mean": nested, "std": 0.01}} if nested is not None else {})}
+    scores = {**native, "at_oof_size": {"in_sample": in_sample + 0.01}}
     return Recipe(name=name, competition="c", task="multilabel", classes=CLASSES, folds_sha256="f",
-                  members=members, thresholds=[0.5, 0.5], tta=["identity", "hflip"], tta_scales=[1.0, 1.25],
-                  scores=scores)
+                  members=members, thresholds=[0.5, 0.5], scores=scores)
 
 
 def add(project: Path, name: str, in_sample: float, nested: float | None = None) -> str:
@@ -39,9 +40,11 @@ def test_rows_scores_and_table(project):
     assert df.columns.tolist() == ledger.COLUMNS and len(df) == 2
     row = df.iloc[0]
     assert row["file"] == "submissions/2025-e1.csv" and row["ensemble"] == "e1" and row["ensemble_sha256"] == "abc123"
-    assert row["members"] == "base(f0)x0.60 + u3p(f0)x0.40" and row["tta"] == "identity+hflip@1,1.25"
-    assert float(row["oof_in_sample"]) == 0.9 and float(row["oof_nested"]) == 0.88 and row["public_lb"] == ""
-    assert df.iloc[1]["oof_nested"] == ""
+    assert row["members"] == "base(f0)x0.60 + u3p(f0)x0.40"
+    assert row["tta"] == "base:identity+hflip@1,1.25 u3p:identity@1"
+    assert float(row["cv_native_in_sample"]) == 0.9 and float(row["cv_native_nested"]) == 0.88
+    assert float(row["oof_in_sample"]) == 0.91 and row["oof_nested"] == "" and row["public_lb"] == ""
+    assert df.iloc[1]["cv_native_nested"] == ""
 
     ledger.record(first, public=0.8512)  # by file name
     ledger.record("submissions/2025-e1.csv", private=0.85)  # or by path; public is kept

@@ -75,6 +75,15 @@ def proj(trained, tmp_path, monkeypatch) -> Path:
     return p
 
 
+@pytest.fixture
+def proj_oof(trained, tmp_path, monkeypatch) -> Path:
+    """As ``proj``, keeping the OOF stores training wrote."""
+    p = tmp_path / "proj"
+    shutil.copytree(trained, p, ignore=shutil.ignore_patterns("last.pt", "wandb"))
+    monkeypatch.chdir(p)
+    return p
+
+
 def ck(exp: str, fold: int) -> RecipeCheckpoint:
     path = f"runs/{exp}/fold{fold}/best.pt"
     return RecipeCheckpoint(path=path, sha256=file_hash(Path(path)))
@@ -84,20 +93,22 @@ def write_recipe(name: str = "duo", members=None, **extra) -> Recipe:
     comp = load_competition("tiny-hands")
     c = len(comp.classes)
     members = members or [
-        RecipeMember(experiment="big", folds=FOLDS, checkpoints=[ck("big", k) for k in FOLDS], weights=[0.75]),
+        RecipeMember(experiment="big", folds=FOLDS, checkpoints=[ck("big", k) for k in FOLDS], weights=[0.75],
+                     tta=["identity", "hflip"]),
         RecipeMember(experiment="small", folds=FOLDS, checkpoints=[ck("small", k) for k in FOLDS],
-                     weights=[0.25] * (c - 1) + [0.5])]  # per class: the last class weighs both equally
+                     weights=[0.25] * (c - 1) + [0.5], tta=["identity", "hflip"])]  # the last class: equal
     fields = dict(name=name, competition="tiny-hands", task="multilabel", classes=comp.classes,
                   folds_sha256=file_hash(Path("folds/tiny-hands.csv")), members=members,
-                  thresholds=[0.3 + 0.4 * k / (c - 1) for k in range(c)], tta=["identity", "hflip"],
-                  scores={"in_sample": 0.61, "nested": {"mean": 0.58}})
+                  thresholds=[0.3 + 0.4 * k / (c - 1) for k in range(c)],
+                  scores={"in_sample": 0.61, "nested": {"mean": 0.58}, "at_oof_size": {"in_sample": 0.6}})
     recipe = Recipe(**{**fields, **extra})
     dump_yaml(recipe, f"ensembles/{name}.yaml")
     return recipe
 
 
 def reference_probs(recipe: Recipe) -> dict[str, np.ndarray]:
-    """The ensemble written out the slow, obvious way: per image, per checkpoint, per view."""
+    """The ensemble written out the slow, obvious way: per image, per member, per checkpoint, per view;
+    each member's mean quantised to uint8 at the store size (64 px, as its OOF would be), then blended."""
     from competition.config import ExperimentConfig
     from competition.data.adapters import make_adapter
     from competition.data.dataset import SegDataset
@@ -107,25 +118,31 @@ def reference_probs(recipe: Recipe) -> dict[str, np.ndarray]:
     c = len(comp.classes)
     w = np.array([np.broadcast_to(m.weights, (c,)) for m in recipe.members], float)
     w /= w.sum(0)
-    models = []  # (checkpoint's share of the ensemble, experiment, model), each loaded once
+    members = []  # (member's share per class, [(experiment, model) per fold])
     for m, wm in zip(recipe.members, w):
+        models = []
         for cp in m.checkpoints:
             data = torch.load(cp.path, weights_only=True)
             exp = ExperimentConfig(**data["config"]["experiment"])
             model = build_model(exp.model, c, 1)
             model.load_state_dict(data["model"])
-            models.append((torch.as_tensor(wm / len(m.checkpoints), dtype=torch.float32).view(c, 1, 1), exp,
-                           model.eval()))
+            models.append((exp, model.eval()))
+        members.append((torch.as_tensor(wm, dtype=torch.float32).view(c, 1, 1), models))
     out = {}
     for image in adapter.test_ids:
         size = adapter.image_size(image, "test")
-        total = torch.zeros(c, *size)
-        for share, exp, model in models:
-            x = SegDataset(adapter, [image], exp, "multilabel", "test", split="test")[0]["image"][None]
-            with torch.no_grad():
-                p = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
-            total += share * F.interpolate(p, size=size, mode="bilinear", align_corners=False)[0]
-        out[adapter.submission_id(image, "test")] = total.numpy()
+        total = torch.zeros(c, 64, 64)
+        for share, models in members:
+            mean = 0
+            for exp, model in models:
+                x = SegDataset(adapter, [image], exp, "multilabel", "test", split="test")[0]["image"][None]
+                with torch.no_grad():
+                    p = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
+                mean = mean + p / len(models)
+            mean = F.interpolate(mean, size=(64, 64), mode="bilinear", align_corners=False)[0]
+            total += share * torch.round(mean * 255) / 255
+        out[adapter.submission_id(image, "test")] = F.interpolate(
+            total[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
     return out
 
 
@@ -155,8 +172,10 @@ def test_submit_matches_an_independent_computation_validates_scores_and_logs(pro
     row = led.iloc[-1]
     assert row["file"] == f"submissions/{sub.name}" and row["ensemble"] == "duo"
     assert row["ensemble_sha256"] == file_hash(proj / "ensembles/duo.yaml")
-    assert row["members"] == "big(f0,1,2)x~0.74 + small(f0,1,2)x~0.26" and row["tta"] == "identity+hflip@1"
-    assert float(row["oof_in_sample"]) == 0.61 and float(row["oof_nested"]) == 0.58 and row["images"] == "4"
+    assert row["members"] == "big(f0,1,2)x~0.74 + small(f0,1,2)x~0.26"
+    assert row["tta"] == "big:identity+hflip@1 small:identity+hflip@1"
+    assert float(row["cv_native_in_sample"]) == 0.61 and float(row["cv_native_nested"]) == 0.58
+    assert float(row["oof_in_sample"]) == 0.6 and row["images"] == "4"
     assert not list((proj / "submissions").glob(".*"))  # no temp file left behind
 
 
@@ -228,9 +247,10 @@ def test_predict_one_experiment_and_a_missing_fold(proj, capsys):
     sub = next(p for p in (proj / "submissions").glob("*-big.csv"))
     assert len(pd.read_csv(sub)) == 48
     row = pd.read_csv(proj / "submissions/ledger.csv").iloc[-1]
-    oof = np.mean([pd.read_json(proj / f"runs/big/fold{k}/metrics.json", typ="series")["oof_dice"] for k in FOLDS])
-    assert row["ensemble"] == "big" and row["oof_in_sample"] == pytest.approx(oof, abs=1e-6)
-    assert row["members"] == "big(f0,1,2)x1.00" and row["tta"] == "identity+hflip@1"  # the competition's TTA
+    metrics = [pd.read_json(proj / f"runs/big/fold{k}/metrics.json", typ="series") for k in FOLDS]
+    assert row["ensemble"] == "big" and row["oof_in_sample"] == pytest.approx(np.mean([m["oof_dice"] for m in metrics]), abs=1e-6)
+    assert row["cv_native_in_sample"] == pytest.approx(np.mean([m["oof_dice_native"] for m in metrics]), abs=1e-6)
+    assert row["members"] == "big(f0,1,2)x1.00" and row["tta"] == "big:identity+hflip@1"  # the competition's TTA
     (proj / "runs/big/fold2/best.pt").unlink()
     capsys.readouterr()
     assert main(["predict", "--exp", "big"]) == 2
@@ -245,13 +265,109 @@ def test_large_inputs_go_through_gaussian_sliding_windows(proj, monkeypatch):
     data = torch.load("runs/big/fold0/best.pt", weights_only=True)
     data["config"]["experiment"]["data"].update(policy="crop", input_size=32, crop_from=64)
     save(data, Path("runs/big/fold0/crop.pt"))
-    member = RecipeMember(experiment="big", folds=[0], weights=[1.0],
+    member = RecipeMember(experiment="big", folds=[0], weights=[1.0], tta=["identity", "vflip"], tta_scales=[1.0, 1.5],
                           checkpoints=[RecipeCheckpoint(path="runs/big/fold0/crop.pt",
                                                         sha256=file_hash(Path("runs/big/fold0/crop.pt")))])
-    write_recipe("crop", members=[member], tta=["identity", "vflip"], tta_scales=[1.0, 1.5])
+    write_recipe("crop", members=[member])
     calls = []
     real = infer.sliding_window
     monkeypatch.setattr(infer, "sliding_window", lambda fn, x, window, *a, **k: calls.append((tuple(x.shape), window))
                         or real(fn, x, window, *a, **k))
     r = submit("crop", progress=False)
     assert r.rows == 48 and calls and all(shape[-2:] == (64, 64) and w == 32 for shape, w in calls)
+
+
+# --------------------------------------------------------------------------------------------- #
+# CV you can trust: OOF is the submission, held out; native CV is what the scorer computes
+# --------------------------------------------------------------------------------------------- #
+def serve_fold_as_test(proj: Path, fold: int) -> list[str]:
+    """Make fold ``fold``'s held-out training images the test set (same files, same order)."""
+    data = proj / "data/tiny-hands"
+    folds = pd.read_csv(proj / "folds/tiny-hands.csv")
+    ids = folds.loc[folds["fold"] == fold, "id"].tolist()
+    shutil.rmtree(data / "test/DCM")
+    for subject in sorted({i.split("/")[0] for i in ids}):
+        shutil.copytree(data / "train/DCM" / subject, data / "test/DCM" / subject)
+    classes = load_competition("tiny-hands").classes
+    pd.DataFrame([(f"{Path(i).name}.png" if not i.endswith(".png") else Path(i).name, c) for i in ids for c in classes],
+                 columns=["image_name", "class"]).assign(rle="").to_csv(data / "sample_submission.csv", index=False)
+    return ids
+
+
+@pytest.mark.parametrize("tta", [["identity"], ["identity", "hflip"]])
+def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta):
+    """The OOF row of a held-out image and the submission path's prediction of the same image, served
+    as a test image by `submit`, are the same bytes (plain OOF and the TTA variant training wrote)."""
+    from competition.predict.run import run_recipe
+    from competition.predict.tta import variant_name
+    from competition.config import Recipe as R
+    ids = serve_fold_as_test(proj_oof, 0)
+    store = proj_oof / "runs/big/fold0" / (f"oof-{variant_name(tta)}" if variant_name(tta) else "oof")
+    oof_probs = np.load(store / "probs.npy")
+    oof_ids = [str(i) for i in pd.read_json(store / "ids.json", typ="series")]
+    comp = load_competition("tiny-hands")
+    member = RecipeMember(experiment="big", folds=[0], weights=[1.0], tta=tta, checkpoints=[ck("big", 0)])
+    recipe = R(name="one", competition="tiny-hands", task="multilabel", classes=comp.classes, folds_sha256="",
+               members=[member], thresholds=[0.5] * len(comp.classes))
+    seen = {}
+    run_recipe(recipe, comp, proj_oof, proj_oof / "submissions/one.csv", "test", progress=False,
+               on_probs=lambda i, us: seen.setdefault(i, us[0]))
+    assert sorted(seen) == sorted(ids) == sorted(oof_ids)
+    for i in ids:
+        assert seen[i].dtype == np.uint8 and seen[i].shape == (12, 64, 64)
+        np.testing.assert_array_equal(seen[i], oof_probs[oof_ids.index(i)], err_msg=i)
+    assert oof_probs.any()
+
+
+def test_oof_csv_closed_loop_with_the_scorer(proj_oof, capsys):
+    """`competition oof --csv --truth-csv` writes the OOF as a submission at native size (64 px from a
+    32 px OOF here) and the truth; the scorer gives exactly the native-resolution OOF Dice."""
+    from competition.cli import main
+    from competition.ensemble import oofscore
+    from competition.score import score_files
+    r = oofscore.run("small", csv="oof.csv", truth_csv="truth.csv", log=lambda *_: None)
+    assert pd.read_csv("oof.csv", keep_default_na=False).columns.tolist() == ["image_name", "class", "rle"]
+    s = score_files("oof.csv", "truth.csv", load_competition("tiny-hands"))
+    assert abs(s.mean - r["native"]) < 1e-9
+    assert r["native"] != pytest.approx(r["mean"], abs=1e-6)  # the resize to 64 px is really measured
+    capsys.readouterr()
+    assert main(["score", "--comp", "tiny-hands", "oof.csv", "--truth", "truth.csv"]) == 0
+    assert f"mean Dice {r['native']:.4f}" in capsys.readouterr().out
+
+
+def test_ensemble_chooses_tta_variants_on_oof_and_scores_at_native_size(proj_oof, capsys):
+    """Each (experiment, TTA variant) is a candidate; the recipe's in-sample native CV equals the
+    scorer on its OOF CSV; submit applies exactly the recipe's variants."""
+    from competition.cli import main
+    from competition.config import load_recipe
+    from competition.score import score_files
+    assert main(["oof", "small", "--tta", "hflip", "--no-native"]) == 0  # a third variant: hflip alone
+    capsys.readouterr()
+    assert main(["ensemble", "--name", "loop", "small", "--csv", "ens.csv", "--truth-csv", "truth.csv"]) == 0
+    out = capsys.readouterr().out
+    rec = load_recipe("loop")
+    s = rec.scores
+    assert sorted(v["member"] for v in s["variants"]) == ["small", "small[hflip]", "small[identity+hflip]"]
+    for v in s["variants"]:
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"variant {v['member']} "))
+        assert ("not kept" in line) == (not v["weight"])
+    native_line = next(x for x in out.splitlines() if x.startswith("native-resolution CV"))
+    assert f"in-sample {s['in_sample']:.4f}" in native_line and f"nested {s['nested']:.4f}" in native_line
+    assert "at the OOF size 32x32" in native_line
+    assert abs(score_files("ens.csv", "truth.csv", load_competition("tiny-hands")).mean - s["in_sample"]) < 1e-9
+    chosen = {p: s["candidates"][p]["native"]["nested"] for p in ("search", "single", "equal")}
+    assert chosen[s["chosen"]] == max(chosen.values())
+    kept = {(m.experiment, tuple(m.tta)) for m in rec.members}
+    allowed = {("small", ("identity",)), ("small", ("hflip",)), ("small", ("identity", "hflip"))}
+    assert kept <= allowed and rec.oof_size == [32, 32]
+    # submit runs exactly these members and views
+    from competition.predict import infer
+    views = []
+    real = infer.tta_predict
+    import competition.predict.infer as inf
+    inf.tta_predict = lambda fn, x, v, s, *a: views.append(tuple(v)) or real(fn, x, v, s, *a)
+    try:
+        assert main(["submit", "--ensemble", "loop", "--no-progress"]) == 0
+    finally:
+        inf.tta_predict = real
+    assert set(views) == {t for _, t in kept}

@@ -64,7 +64,7 @@ def test_training_run_records_per_class_history_table_overlays_and_best_summary(
     assert s["best_dice/thumb"] == pytest.approx(m["val_dice_per_class"]["thumb"])
     assert s["val_dice_per_class"]["_type"] == "table-file" and s["val_overlays"]["count"] == 3
     table = json.loads((only_run(folded) / "files" / s["val_dice_per_class"]["path"]).read_text())
-    assert table["columns"] == ["class", "val_dice", "oof_dice"] and [r[0] for r in table["data"]] == CLASSES
+    assert table["columns"] == ["class", "val_dice", "oof_dice", "oof_dice_native"] and [r[0] for r in table["data"]] == CLASSES
     assert len(list((only_run(folded) / "files/media/images").glob("val_overlays_*.png"))) == 3
 
 

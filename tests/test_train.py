@@ -68,8 +68,34 @@ def test_training_improves_and_writes_every_artifact(folded):
     assert json.loads((run / "oof/ids.json").read_text()) == val_ids
     meta = json.loads((run / "oof/meta.json").read_text())
     assert meta["original_sizes"][val_ids[0]] == [64, 64] and meta["size"] == [64, 64]
-    # The OOF store, thresholded, scores what validation scored for the best checkpoint.
+    # The OOF store, thresholded, scores what validation scored for the best checkpoint; here the
+    # images are 64 px, so the native-resolution score is the same pixels again.
     assert metrics["oof_dice"] == pytest.approx(metrics["val_dice"], abs=0.02)
+    assert metrics["oof_dice_native"] == pytest.approx(metrics["oof_dice"], abs=0.01)
+    # Training also wrote the competition's TTA variant, from the same best.pt.
+    assert metrics["oof_variants"] == ["plain", "identity+hflip"]
+    tta_meta = json.loads((run / "oof-identity+hflip/meta.json").read_text())
+    assert tta_meta["tta"] == ["identity", "hflip"] and tta_meta["checkpoint_sha256"] == meta["checkpoint_sha256"]
+
+
+def test_multiclass_oof_dice_uses_the_argmax(tiny_project):
+    """metrics.json's multiclass OOF Dice is the argmax against the background, as `competition oof`
+    and the submission binarise, not a per-class 0.5 threshold."""
+    from competition.cli import main
+    from competition.ensemble import oofscore
+    from competition.train.loop import fit
+    from conftest import tiny_competition
+    (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition(task="multiclass")))
+    assert main(["folds", "--comp", "tiny-hands"]) == 0
+    write_exp(tiny_project, "mc", model={"arch": "Unet", "encoder": "tu-test_resnet"},
+              data={"input_size": 32}, train={"epochs": 2}, tracking={"wandb": False})
+    m = [fit(load_experiment("mc"), k, log=lambda *_: None) for k in range(3)][0]
+    folds = pd.read_csv(tiny_project / "folds/tiny-hands.csv")
+    r = oofscore.run("mc", log=lambda *_: None)
+    fold0 = r["table"][r["table"]["fold"] == 0]
+    assert m["oof_dice"] == pytest.approx(fold0["mean"].mean(), abs=1e-9)
+    assert m["oof_dice_native"] == pytest.approx(fold0["native_mean"].mean(), abs=1e-9)
+    assert len(fold0) == (folds["fold"] == 0).sum()
 
 
 @pytest.mark.slow

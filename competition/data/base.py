@@ -7,7 +7,12 @@ interface only, so a new competition format is one new file.
 """
 from __future__ import annotations
 
+import csv
+import os
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from io import StringIO
 from pathlib import Path
 
 import cv2
@@ -16,19 +21,76 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from competition.config import CompetitionConfig
+from competition.io import ReadError, read_text
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file (and row) and what was expected."""
 
 
+def _inside(root: Path, p: Path) -> bool:
+    return p == root or root in p.parents
+
+
 def safe_join(root: Path, rel: str | Path, what: str = "path") -> Path:
     """``root / rel``, refusing anything (``..``, absolute paths, symlinks) that escapes ``root``."""
     root = Path(root).resolve()
     p = (root / rel).resolve()
-    if p != root and root not in p.parents:
-        raise DataError(f"{what} {str(rel)!r} escapes the data root {root}")
+    if not _inside(root, p):
+        via = "" if p == Path(os.path.normpath(root / rel)) else f" (it resolves to {p} through a symlink)"
+        raise DataError(f"{what} {str(rel)!r} escapes the data root {root}{via}")
     return p
+
+
+def check_inside(root: Path, path: Path, what: str) -> None:
+    """Refuse a listed file or folder whose real location (after symlinks) is outside ``root``.
+
+    A symlink is followed wherever it points, so one link could feed a file from anywhere on the
+    machine into training or a submission; links that stay inside the data root are fine.
+    """
+    root = Path(root).resolve()
+    real = Path(path).resolve()
+    if not _inside(root, real):
+        raise DataError(f"{path}: {what} is a symlink to {real}, outside the data root {root}; "
+                        f"copy it into the data root or link to a place inside it")
+    if not real.exists():
+        raise DataError(f"{path}: {what} is a broken symlink (it points to {real}, which does not exist)")
+
+
+def walk_files(folder: Path, root: Path, match: Callable[[str], bool] = lambda name: True,
+               max_depth: int | None = None) -> Iterator[Path]:
+    """Every regular file under ``folder`` whose name ``match``es, as listed (not resolved), sorted.
+
+    Hidden entries (``.DS_Store``, ``._a.png``, our own marker and temp files) are skipped. Symlinked
+    files and sub-folders are followed only when they resolve inside ``root`` (else a DataError
+    naming them); a sub-folder linking back to one of its own parents is a loop, also an error.
+    ``max_depth``: how many folder levels below ``folder`` to enter (None: all).
+    """
+    root = Path(root).resolve()
+    yield from _walk(Path(folder), root, match, max_depth, (Path(folder).resolve(),))
+
+
+def _walk(folder: Path, root: Path, match, depth: int | None, parents: tuple[Path, ...]) -> Iterator[Path]:
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        p = Path(e.path)
+        if e.is_dir():
+            if depth is not None and depth <= 0:
+                continue
+            if e.is_symlink():
+                check_inside(root, p, "folder")
+            real = p.resolve()
+            if real in parents:
+                raise DataError(f"{p}: symlink loop (it points back to {real}, a folder above it)")
+            yield from _walk(p, root, match, None if depth is None else depth - 1, parents + (real,))
+        elif match(e.name):
+            if e.is_symlink():
+                check_inside(root, p, "file")
+            if e.is_file():
+                yield p
 
 
 def read_image(path: Path, channels: str = "grayscale", bit_depth: int = 8) -> np.ndarray:
@@ -69,14 +131,45 @@ def header_size(path: Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def read_data_text(path: Path, what: str) -> str:
+    """A UTF-8 text file, with a DataError naming the file when it is missing or not UTF-8."""
+    try:
+        return read_text(path, what)
+    except ReadError as e:
+        raise DataError(str(e)) from None
+
+
+def csv_from_text(text: str, **kw) -> pd.DataFrame:
+    """A CSV's cells as strings (empty cells are ""); a row with more cells than the header is a ParserError.
+
+    By default pandas would silently turn the surplus leading cells of such a row into an index,
+    shifting every value one column over.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(StringIO(text), dtype=str, keep_default_na=False, index_col=False, **kw)
+        except pd.errors.ParserWarning:
+            raise pd.errors.ParserError(_surplus_row(text)) from None
+
+
+def _surplus_row(text: str) -> str:
+    rows = csv.reader(StringIO(text))
+    width = len(next(rows, []))
+    for line, row in enumerate(rows, 2):
+        if len(row) > width:
+            return f"line {line} has {len(row)} cells but the header has {width}"
+    return f"a row has more cells than the header's {width}"
+
 
 def read_csv_table(path: Path, what: str) -> pd.DataFrame:
     """A CSV as strings (empty cells are ""), with a DataError naming the file when it cannot be read."""
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
+    text = read_data_text(path, what)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        df = csv_from_text(text, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
         raise DataError(f"{path}: {what} is not a readable CSV ({e})") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
@@ -156,6 +249,14 @@ class Adapter(ABC):
     @abstractmethod
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
         """(C, H, W) uint8 in {0, 1} at ``size`` = (h, w), or at the image's own size when None."""
+
+    def validate_labels(self) -> None:
+        """Check every training label now (``make folds``), not mid-training.
+
+        The default does nothing: formats whose :meth:`presence` reads the labels (polygons, mask
+        files) already check them when folds are stratified or summarised; a format that derives
+        presence from an index without decoding (RLE CSV) overrides this.
+        """
 
     def presence(self, image_id: str) -> np.ndarray:
         """(C,) bool: which classes this training image contains (for stratified folds, samplers)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.data.base import Adapter, DataError, read_csv_table, safe_join
+from competition.data.base import Adapter, DataError, read_csv_table, safe_join, walk_files
 
 # Extensions that count as "an image file" when looking for the same id stored twice (a.png + a.jpg).
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".jp2", ".dcm"})
@@ -21,13 +21,14 @@ def _few(items) -> str:
     return ", ".join(map(str, items[:MAX_LISTED])) + more
 
 
-def list_images(folder: Path, ext: str, required: bool = False) -> dict[str, Path]:
+def list_images(folder: Path, ext: str, required: bool = False, root: Path | None = None) -> dict[str, Path]:
     """id -> file for every ``<id><ext>`` under ``folder`` (recursively), sorted by id.
 
     The id is the path relative to ``folder``, without the extension, with ``/`` separators. An id
     stored under two image extensions (``a.png`` and ``a.jpg``) is an error naming both files;
     hidden files (``.DS_Store``, ``._a.png``) are skipped. A missing folder is an empty listing unless
-    ``required``.
+    ``required``. Symlinked files and sub-folders must resolve inside ``root`` (the data root;
+    default ``folder`` itself), else a DataError naming them.
     """
     if not folder.is_dir():
         if required:
@@ -35,10 +36,12 @@ def list_images(folder: Path, ext: str, required: bool = False) -> dict[str, Pat
         return {}
     ext_l = ext.lower()
     by_id: dict[str, list[Path]] = {}
-    for p in folder.rglob("*"):
+    def is_image(name: str) -> bool:
+        low = name.lower()
+        return bool(ext_l) and low.endswith(ext_l) or Path(low).suffix in IMAGE_EXTS
+
+    for p in walk_files(folder, root or folder, is_image):
         rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
         name = rel.as_posix()
         if ext_l and name.lower().endswith(ext_l):  # also multi-part extensions such as .nii.gz
             by_id.setdefault(name[: -len(ext_l)], []).append(p)
@@ -132,14 +135,15 @@ class FolderAdapter(Adapter):
 
     @cached_property
     def _train(self) -> dict[str, Path]:
-        return list_images(self.images_dir, self.spec.image_ext, required=True)
+        return list_images(self.images_dir, self.spec.image_ext, required=True, root=self.root)
 
     @cached_property
     def _test(self) -> dict[str, Path]:
         rel = self.spec.test_images
         if not rel:
             return {}
-        return list_images(safe_join(self.root, rel, f"{self.spec_name}.test_images"), self.spec.image_ext)
+        return list_images(safe_join(self.root, rel, f"{self.spec_name}.test_images"), self.spec.image_ext,
+                           root=self.root)
 
     # -- groups and metadata ----------------------------------------------------------------------
     def meta_path(self) -> Path | None:

@@ -103,7 +103,8 @@ class MaskFoldersAdapter(FolderAdapter):
         if mode == "per_class":
             h, w = self.image_size(image_id)
             mask = np.zeros((n, h, w), np.uint8)
-            folder = self.mask_path(image_id, "x").parent
+            self.masks_dir  # noqa: B018  checks the folder itself first
+            folder = safe_join(self.root, Path(self.spec.masks) / image_id, "mask folder")
             if folder.is_dir():
                 valid = set(self.classes)
                 strays = sorted(p.name for p in folder.iterdir()

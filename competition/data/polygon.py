@@ -18,18 +18,69 @@ import cv2
 import numpy as np
 
 from competition.data.adapters import ADAPTERS
-from competition.data.base import Adapter, DataError, check_unique, safe_join
+from competition.data.base import Adapter, DataError, check_unique, read_data_text, safe_join, walk_files
 
 _SHIFT = 4  # cv2.fillPoly fixed-point bits: polygon vertices keep 1/16 px precision after scaling
 _SS = 4  # supersampling factor when rasterizing at a size other than the image's own
 
 
-def _list_images(folder: Path, ext: str) -> dict[str, Path]:
+def _list_images(folder: Path, ext: str, root: Path) -> dict[str, Path]:
+    """``<ID>/<stem>`` -> file for every ``<ID>/<stem><ext>`` in ``folder``; symlinks must stay in ``root``."""
     if not folder.is_dir():
         return {}
-    found = {f"{p.parent.name}/{p.stem}": p for p in sorted(folder.glob(f"*/*{ext}"))}
+    files = walk_files(folder, root, lambda name: name.endswith(ext), max_depth=1)
+    found = dict(sorted((f"{p.parent.name}/{p.stem}", p) for p in files if p.parent != folder))
     check_unique([p.name for p in found.values()], str(folder))  # submissions name images by file name
     return found
+
+
+_EXPECTED = '{"annotations": [{"label": ..., "points": [[x, y], ...]}, ...]}'
+# Exact types: bool is a subclass of int, and true/false as coordinates is a broken export, not 1/0.
+_NUMBER_TYPES = (int, float)
+
+
+def _annotations(path: Path) -> list:
+    """The ``annotations`` list of a label file, or a DataError naming the file and the expected shape."""
+    text = read_data_text(path, "label file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: expected JSON {_EXPECTED}, but it is not valid JSON ({e.msg} at line "
+                        f"{e.lineno})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected JSON {_EXPECTED}, but the top level is a JSON {_json_type(data)}, "
+                        f"not an object")
+    anns = data.get("annotations")
+    if not isinstance(anns, list):
+        got = "missing" if "annotations" not in data else f"a JSON {_json_type(anns)}"
+        raise DataError(f'{path}: expected JSON {_EXPECTED}, but "annotations" is {got}')
+    return anns
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _points(raw, where: str) -> np.ndarray:
+    """(k, 2) float64 of an annotation's ``points``: JSON numbers only, at least 3 finite [x, y] pairs.
+
+    Strings ("12.5") and booleans would pass a plain float conversion; they mean a broken export,
+    so they are refused rather than silently converted.
+    """
+    if isinstance(raw, list):
+        for k, pt in enumerate(raw):
+            if isinstance(pt, list) and any(type(v) not in _NUMBER_TYPES for v in pt):
+                raise DataError(f"{where} has non-numeric points: point {k} is {pt!r}; coordinates must "
+                                f"be JSON numbers (not strings, booleans or null)")
+    try:
+        pts = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{where} has non-numeric points or points that are not [x, y] pairs; "
+                        f"expected [[x, y], ...] with numbers") from None
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3 or not np.isfinite(pts).all():
+        raise DataError(f"{where} needs at least 3 finite [x, y] points, got shape {pts.shape}")
+    return pts
 
 
 def rasterize(polygons: list[tuple[int, np.ndarray]], src: tuple[int, int], dst: tuple[int, int],
@@ -69,7 +120,7 @@ class PolygonJsonAdapter(Adapter):
     def _train(self) -> dict[str, Path]:
         spec = self.cfg.polygon_json
         folder = safe_join(self.root, spec.train_images, "polygon_json.train_images")
-        images = _list_images(folder, spec.image_ext)
+        images = _list_images(folder, spec.image_ext, self.root)
         if not images:
             raise DataError(f"{folder}: no training images found (expected <ID>/<image>{spec.image_ext})")
         return images
@@ -77,7 +128,8 @@ class PolygonJsonAdapter(Adapter):
     @cached_property
     def _test(self) -> dict[str, Path]:
         spec = self.cfg.polygon_json
-        return _list_images(safe_join(self.root, spec.test_images, "polygon_json.test_images"), spec.image_ext)
+        return _list_images(safe_join(self.root, spec.test_images, "polygon_json.test_images"), spec.image_ext,
+                            self.root)
 
     def groups(self) -> dict[str, str]:
         src = self.cfg.groups.source
@@ -97,29 +149,16 @@ class PolygonJsonAdapter(Adapter):
         path = self.label_path(image_id)
         if not path.is_file():
             raise DataError(f"{path}: label file not found for image {image_id!r}")
-        try:
-            data = json.loads(path.read_text())
-            anns = data["annotations"]
-            if not isinstance(anns, list):
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f'{path}: expected JSON {{"annotations": [{{"label": ..., "points": [[x, y], ...]}}]}}') \
-                from None
+        anns = _annotations(path)
         h, w = self.image_size(image_id)
         index = {c: k for k, c in enumerate(self.classes)}
         out = []
         for n, ann in enumerate(anns):
             label = ann.get("label") if isinstance(ann, dict) else None
-            if label not in index:
+            if not isinstance(label, str) or label not in index:  # a list label would not even hash
                 raise DataError(f"{path}: annotation {n} has unknown label {label!r}; "
                                 f"valid: {', '.join(self.classes)}")
-            try:
-                pts = np.asarray(ann.get("points"), dtype=np.float64)
-            except (TypeError, ValueError):
-                raise DataError(f"{path}: annotation {n} ({label}) has non-numeric points") from None
-            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3 or not np.isfinite(pts).all():
-                raise DataError(f"{path}: annotation {n} ({label}) needs at least 3 finite [x, y] points, "
-                                f"got shape {pts.shape}")
+            pts = _points(ann.get("points"), f"{path}: annotation {n} ({label})")
             if (pts < 0).any() or (pts[:, 0] > w).any() or (pts[:, 1] > h).any():
                 raise DataError(f"{path}: annotation {n} ({label}) has points outside the {w}x{h} image "
                                 f"(x in [0, {w}], y in [0, {h}] expected)")

@@ -32,10 +32,9 @@ import numpy as np
 import pandas as pd
 
 from competition.data.adapters import ADAPTERS
-from competition.data.base import DataError, resize_mask, safe_join
-from competition.data.base import read_csv_table
+from competition.data.base import DataError, read_csv_table, resize_mask, safe_join
 from competition.data.folder import FolderAdapter, _few, groups_from_table, require_columns, strip_ext
-from competition.rle import decode
+from competition.rle import decode, validate
 
 EMPTY_RLE = ("", "-1")  # cells that mean "no pixels"
 
@@ -146,6 +145,28 @@ class RleCsvAdapter(FolderAdapter):
         self.image_path(image_id)
         return self._index.presence[self._pos[image_id]].copy()
 
+    def validate_labels(self) -> None:
+        """Check every non-empty RLE against its image's size (from the header) now, at ``make folds``.
+
+        Presence comes from the index without decoding, so without this a malformed RLE would count
+        its class as present in the folds' stratification and only fail once training decodes it.
+        """
+        idx = self._index
+        for image_id, rows in idx.rows.items():
+            shape = self.image_size(image_id)
+            for r in rows:
+                try:
+                    validate(idx.rle[r], shape)
+                except ValueError as e:
+                    raise self._rle_error(r, image_id, e) from None
+
+    def _rle_error(self, r: int, image_id: str, e: Exception) -> DataError:
+        idx = self._index
+        h, w = self.image_size(image_id)
+        return DataError(f"{idx.path} line {idx.line[r]} (id {image_id!r}, class {self.classes[idx.cls[r]]!r}): "
+                         f"malformed RLE for the {w}x{h} image {self.image_path(image_id).name} ({e}); expected "
+                         f"'start length ...' pairs, 1-based, {self.spec.pixel_order}")
+
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
         idx = self._index
         self.image_path(image_id)
@@ -155,9 +176,6 @@ class RleCsvAdapter(FolderAdapter):
             try:
                 m = decode(idx.rle[r], (h, w), order=self.spec.pixel_order)
             except ValueError as e:  # RLEError and anything else the decoder rejects
-                raise DataError(f"{idx.path} line {idx.line[r]} (id {image_id!r}, class "
-                                f"{self.classes[idx.cls[r]]!r}): malformed RLE for the {w}x{h} image "
-                                f"{self.image_path(image_id).name} ({e}); expected 'start length ...' pairs, "
-                                f"1-based, {self.spec.pixel_order}") from None
+                raise self._rle_error(r, image_id, e) from None
             mask[idx.cls[r]] |= (m != 0)
         return resize_mask(mask, size)

@@ -6,24 +6,40 @@ format for ``competition score``. Each subject has ``images_per_subject`` images
 mirrored right hands with a different pose and exposure); the subject folder is the group. Classes
 overlap: carpal bones and radius/ulna are drawn over each other, as in real hand radiographs, and
 ``sesamoid`` is present in only some subjects so that rare-class handling has something to do.
+
+The data root is written only when it is absent, empty or carries this module's marker
+(``.generated``, listing the files it wrote): a copied competition YAML that points a ``synthetic:``
+section at real data is refused, and regenerating replaces only files the marker lists.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from pathlib import Path
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from competition.config import CompetitionConfig, atomic_write_text
+from competition.config import CompetitionConfig
+from competition.data.base import DataError
 from competition.data.polygon import rasterize
+from competition.io import ReadError, atomic_write_bytes, atomic_write_text, is_temp_name, read_text
 from competition.rle import encode
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent generation is then the user's to avoid
+    fcntl = None
 
 CLASSES = ["thumb", "index", "middle", "ring", "little", "metacarpals",
            "scaphoid", "lunate", "trapezium", "radius", "ulna", "sesamoid"]
-_DONE = ".generated"
+_DONE = ".generated"  # the marker: JSON with the spec, the files we wrote and whether all are in place
+_LOCK = ".generated.lock"
+_STAGING_PREFIX = ".generating."
 
 
 def _capsule(a: np.ndarray, b: np.ndarray, r: float, n: int = 8) -> np.ndarray:
@@ -116,65 +132,266 @@ def _render(polys, rng, size: int) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def _write_image(root: Path, split: str, subject: str, stem: str, img, polys) -> None:
-    folder = root / split / "DCM" / subject
-    folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / f"{stem}.png"), img)
+def _layout(subjects: int, test_subjects: int, images_per_subject: int):
+    """(subject index, split, subject, image index, stem) of every image, in generation order.
+
+    Also rebuilds the file list of a folder generated before markers listed their files.
+    """
+    n_img = 0
+    for s in range(subjects + test_subjects):
+        for k in range(images_per_subject):
+            yield s, "train" if s < subjects else "test", f"ID{s:03d}", k, f"image{n_img:05d}_{'LR'[k % 2]}"
+            n_img += 1
+
+
+def _layout_files(subjects: int, test_subjects: int, images_per_subject: int) -> list[str]:
+    files = ["test_truth.csv", "sample_submission.csv"]
+    for _, split, subject, _, stem in _layout(subjects, test_subjects, images_per_subject):
+        files.append(f"{split}/DCM/{subject}/{stem}.png")
+        if split == "train":
+            files.append(f"train/outputs_json/{subject}/{stem}.json")
+    return sorted(files)
+
+
+def _write_image(root: Path, split: str, subject: str, stem: str, img, polys) -> list[str]:
+    """Write one image (and, for training, its label file); returns their paths relative to ``root``."""
+    ok, png = cv2.imencode(".png", img)
+    if not ok:
+        raise DataError(f"{root}: could not encode synthetic image {stem}.png")
+    rel = [f"{split}/DCM/{subject}/{stem}.png"]
+    atomic_write_bytes(root / rel[0], png.tobytes())
     if split == "train":
         ann = {"annotations": [{"label": n, "points": np.round(p, 2).tolist()} for n, p in polys]}
-        (root / "train" / "outputs_json" / subject).mkdir(parents=True, exist_ok=True)
-        (root / "train" / "outputs_json" / subject / f"{stem}.json").write_text(json.dumps(ann))
+        rel.append(f"train/outputs_json/{subject}/{stem}.json")
+        atomic_write_text(root / rel[1], json.dumps(ann))
+    return rel
 
 
-def generate(cfg: CompetitionConfig, root: Path) -> None:
-    """Write the whole dataset into ``root`` (deterministic in ``cfg.synthetic.seed``)."""
-    spec = cfg.synthetic
+def _check_classes(cfg: CompetitionConfig) -> None:
     unknown = sorted(set(cfg.classes) - set(CLASSES))
     if unknown:
         raise ValueError(f"classes: the synthetic generator draws only {CLASSES}; unknown {unknown}")
+
+
+def generate(cfg: CompetitionConfig, root: Path) -> list[str]:
+    """Write the whole dataset into ``root`` (deterministic in ``cfg.synthetic.seed``); returns the
+    files written, relative to ``root``."""
+    spec = cfg.synthetic
+    _check_classes(cfg)
     rng = np.random.default_rng(spec.seed)
-    truth_rows, sample_rows = [], []
-    n_img = 0
-    for s in range(spec.subjects + spec.test_subjects):
-        split = "train" if s < spec.subjects else "test"
-        subject = f"ID{s:03d}"
-        anatomy_seed = rng.integers(1 << 31)
-        has_sesamoid = rng.random() < 0.3
-        for k in range(spec.images_per_subject):
-            img_rng = np.random.default_rng([spec.seed, s, k])
-            polys = _hand(np.random.default_rng(anatomy_seed), has_sesamoid)
-            polys = [(n, p) for n, p in _pose(polys, img_rng, spec.size, mirror=k % 2 == 1) if n in cfg.classes]
-            img = _render(polys, img_rng, spec.size)
-            stem = f"image{n_img:05d}_{'LR'[k % 2]}"
-            n_img += 1
-            _write_image(root, split, subject, stem, img, polys)
-            if split == "test":
-                hw = (spec.size, spec.size)
-                masks = rasterize([(cfg.classes.index(n), p) for n, p in polys], hw, hw, len(cfg.classes))
-                for c, m in zip(cfg.classes, masks):
-                    truth_rows.append((f"{stem}.png", c, encode(m, cfg.submission.pixel_order), *hw))
-                    sample_rows.append((f"{stem}.png", c, ""))
+    truth_rows, sample_rows, written = [], [], []
+    for s, split, subject, k, stem in _layout(spec.subjects, spec.test_subjects, spec.images_per_subject):
+        if k == 0:
+            anatomy_seed = rng.integers(1 << 31)
+            has_sesamoid = rng.random() < 0.3
+        img_rng = np.random.default_rng([spec.seed, s, k])
+        polys = _hand(np.random.default_rng(anatomy_seed), has_sesamoid)
+        polys = [(n, p) for n, p in _pose(polys, img_rng, spec.size, mirror=k % 2 == 1) if n in cfg.classes]
+        img = _render(polys, img_rng, spec.size)
+        written += _write_image(root, split, subject, stem, img, polys)
+        if split == "test":
+            hw = (spec.size, spec.size)
+            masks = rasterize([(cfg.classes.index(n), p) for n, p in polys], hw, hw, len(cfg.classes))
+            for c, m in zip(cfg.classes, masks):
+                truth_rows.append((f"{stem}.png", c, encode(m, cfg.submission.pixel_order), *hw))
+                sample_rows.append((f"{stem}.png", c, ""))
     sub = cfg.submission
     cols = [sub.id_column, sub.class_column, sub.rle_column]
-    pd.DataFrame(truth_rows, columns=cols + ["height", "width"]).to_csv(root / "test_truth.csv", index=False)
-    pd.DataFrame(sample_rows, columns=cols).to_csv(root / "sample_submission.csv", index=False)
+    atomic_write_text(root / "test_truth.csv",
+                      pd.DataFrame(truth_rows, columns=cols + ["height", "width"]).to_csv(index=False))
+    atomic_write_text(root / "sample_submission.csv", pd.DataFrame(sample_rows, columns=cols).to_csv(index=False))
+    return sorted(written + ["test_truth.csv", "sample_submission.csv"])
+
+
+# --------------------------------------------------------------------------------------------- #
+# Writing into the data root without ever touching anyone else's files
+# --------------------------------------------------------------------------------------------- #
+def _stamp(cfg: CompetitionConfig) -> dict:
+    return json.loads(json.dumps({"synthetic": cfg.synthetic.model_dump(), "classes": list(cfg.classes)}))
+
+
+def _is_ours(name: str) -> bool:
+    """Entries we leave in the data root besides the data: the marker, the lock, staging leftovers
+    and the temp file of a marker write that was killed."""
+    return name in (_DONE, _LOCK) or name.startswith(_STAGING_PREFIX) or _is_marker_temp(name)
+
+
+def _is_marker_temp(name: str) -> bool:
+    return name.startswith(_DONE + ".") and is_temp_name(name)
+
+
+def _foreign_error(cfg: CompetitionConfig, root: Path, entries: list[str]) -> DataError:
+    shown = ", ".join(entries[:5]) + (f" ... ({len(entries)} in all)" if len(entries) > 5 else "")
+    return DataError(
+        f"{root}: refusing to generate the synthetic competition {cfg.name!r} here: the folder already holds "
+        f"files it did not generate ({shown}; no {_DONE} marker). Nothing was changed. If this is real "
+        f"data, remove the `synthetic:` section from the competition config; otherwise point data_root "
+        f"to a new or empty folder.")
+
+
+def _read_marker(path: Path) -> dict:
+    """The marker as {"stamp", "complete", "files"}; older markers held only the stamp."""
+    try:
+        data = json.loads(read_text(path, "synthetic-data marker"))
+    except (ReadError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable synthetic-data marker ({e}); if the folder holds only "
+                        f"generated data, delete it and run again") from None
+    if isinstance(data, dict) and set(data) == {"synthetic", "classes"}:  # before markers listed files
+        spec = data["synthetic"]
+        files = _layout_files(spec["subjects"], spec["test_subjects"], spec["images_per_subject"])
+        return {"stamp": data, "complete": True, "files": files}
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, str) and _is_relative(f) for f in files):
+        raise DataError(f"{path}: synthetic-data marker without a valid file list; if the folder holds only "
+                        f"generated data, delete it and run again")
+    return data
+
+
+def _is_relative(rel: str) -> bool:
+    p = PurePosixPath(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts
+
+
+def _write_marker(root: Path, stamp: dict, files: list[str], complete: bool) -> None:
+    body = {"generator": __name__, "complete": complete, "stamp": stamp, "files": sorted(files)}
+    atomic_write_text(root / _DONE, json.dumps(body, indent=1, sort_keys=True))
+
+
+def _existing_files(cfg: CompetitionConfig, root: Path) -> tuple[list[str], dict | None]:
+    """(files we generated earlier, their marker) for a folder we may write into; refuses any other.
+
+    A folder we may write into is absent, empty (but for our own lock and staging leftovers), or
+    carries our marker. Checked under the lock, so no other generator changes it meanwhile.
+    """
+    if (root / _DONE).is_file() and not (root / _DONE).is_symlink():
+        marker = _read_marker(root / _DONE)
+        return marker["files"], marker
+    with os.scandir(root) as it:
+        foreign = sorted(e.name for e in it if not _is_ours(e.name))
+    if foreign:
+        raise _foreign_error(cfg, root, foreign)
+    return [], None
+
+
+@contextmanager
+def _locked(root: Path):
+    """An exclusive lock on ``root`` so two processes (DDP ranks, two runs) never generate at once."""
+    with open(root / _LOCK, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _prepare_root(cfg: CompetitionConfig, root: Path) -> None:
+    """Create ``root`` when absent; refuse a data_root that is a file (or a dangling link) before anything."""
+    if root.is_symlink() and not root.exists():
+        raise DataError(f"{root}: data_root is a broken symlink; fix it or remove the link")
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: data_root is a file, not a folder; point data_root to a folder")
+    if not root.exists():
+        root.mkdir(parents=True, exist_ok=True)  # another process may be creating it too
+        return
+    with os.scandir(root) as it:
+        foreign = sorted(e.name for e in it if not _is_ours(e.name))
+    if foreign and not (root / _DONE).is_file():
+        raise _foreign_error(cfg, root, foreign)  # before the lock file is written into someone's data
+
+
+def _install(root: Path, staging: Path, old: list[str], new: list[str], stamp: dict) -> None:
+    """Move the staged files into ``root``, replacing only files listed as ours; the marker goes last."""
+    olds, news = set(old), set(new)
+    _check_targets(root, olds, news)
+    # From here on a kill must leave a folder that says "ours, incomplete" and lists every file
+    # either generation may have left, so the next run regenerates and can clean up after it.
+    _write_marker(root, stamp, sorted(olds | news), complete=False)
+    for rel in sorted(olds - news):
+        _remove_ours(root, rel)
+    for rel in new:
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, dst)
+    _write_marker(root, stamp, new, complete=True)
+
+
+def _check_targets(root: Path, olds: set[str], news: set[str]) -> None:
+    """Refuse, before changing anything, to overwrite a file we did not write or to reach through a
+    symlinked folder out of the data root (a ``train/DCM`` linked to real data, say)."""
+    clash = sorted(f for f in news - olds if os.path.lexists(root / f))
+    if clash:
+        raise DataError(f"{root}: regenerating the synthetic data would overwrite file(s) it did not "
+                        f"generate: {', '.join(clash[:5])}; move them away or point data_root to an empty "
+                        f"folder. Nothing was changed.")
+    real_root = root.resolve()
+    for rel in sorted({str(PurePosixPath(f).parent) for f in olds | news}):
+        real = (root / rel).resolve()
+        if real != real_root and real_root not in real.parents:
+            raise DataError(f"{root / rel}: links out of the data root (to {real}); the synthetic generator "
+                            f"writes and deletes only inside {root}. Nothing was changed.")
+
+
+def _remove_ours(root: Path, rel: str) -> None:
+    """Delete one file we generated, then any folders it leaves empty (never a non-empty one)."""
+    path = root / rel
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    parent = path.parent
+    while parent != root:
+        try:
+            parent.rmdir()  # fails, and stops here, when anything else is still inside
+        except OSError:
+            return
+        parent = parent.parent
+
+
+def _clean_staging(root: Path) -> None:
+    # Staging folders and marker temps are only ever created by this module, and we hold the lock:
+    # any found now were left by a killed run.
+    with os.scandir(root) as it:
+        entries = [(e.path, e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    for path, name, is_dir in entries:
+        if is_dir and name.startswith(_STAGING_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+        elif not is_dir and _is_marker_temp(name):
+            os.unlink(path)
 
 
 def ensure_generated(cfg: CompetitionConfig) -> Path:
-    """Generate the data on first use; later calls only check the marker file."""
+    """Generate the data on first use; later calls only check the marker file.
+
+    Generated data is only written into a folder that is absent, empty, or carries our marker; a
+    folder with anyone else's files is refused with a DataError and left untouched. Regenerating
+    replaces only the files our marker lists. The data is generated into a hidden staging folder and
+    moved into place file by file, the marker last, so a run killed at any point never leaves a
+    folder that looks complete.
+    """
     root = cfg.root()
-    marker = root / _DONE
-    stamp = json.dumps({"synthetic": cfg.synthetic.model_dump(), "classes": cfg.classes}, sort_keys=True)
-    if marker.is_file() and marker.read_text() == stamp:
+    stamp = _stamp(cfg)
+    if _complete(root, stamp):
         return root
-    # Generate beside the target and rename, so an interrupted first run never leaves half a dataset.
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    print(f"generating the synthetic competition {cfg.name!r} into {root} ...", flush=True)
-    generate(cfg, tmp)
-    atomic_write_text(tmp / _DONE, stamp)
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
+    _check_classes(cfg)
+    _prepare_root(cfg, root)
+    with _locked(root):
+        old, marker = _existing_files(cfg, root)
+        if marker is not None and marker.get("complete") and marker.get("stamp") == stamp:
+            return root  # another process generated it while we waited for the lock
+        _clean_staging(root)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=_STAGING_PREFIX))
+        try:
+            print(f"generating the synthetic competition {cfg.name!r} into {root} ...", flush=True)
+            new = generate(cfg, staging)
+            _install(root, staging, old, new, stamp)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _complete(root: Path, stamp: dict) -> bool:
+    """Whether ``root`` already holds a complete generation of exactly this spec (the fast path)."""
+    marker = root / _DONE
+    if not marker.is_file() or marker.is_symlink():
+        return False
+    try:
+        data = _read_marker(marker)
+    except DataError:
+        return False  # reported, with its advice, by the full check under the lock
+    return bool(data.get("complete")) and data.get("stamp") == stamp

@@ -24,30 +24,71 @@ import numpy as np
 from competition import paths
 from competition.config import ConfigError, load_competition, load_experiment
 from competition.data.adapters import make_adapter
-from competition.ensemble import compact, nested, postprocess, recipe, store
+from competition.ensemble import compact, native, nested, postprocess, recipe, store
 from competition.folds import load_folds
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def open_members(experiments: list[str], log=print):
-    """(competition, adapter, folds, folds hash, experiment configs, OOF views, truth view)."""
+def parse_member(spec: str) -> tuple[str, str | None]:
+    """``EXP`` (every complete OOF variant of the experiment) or ``EXP:VARIANT`` (one; ``EXP:plain``
+    for the OOF without TTA)."""
+    name, sep, variant = spec.partition(":")
+    if not sep:
+        return name, None
+    return name, "" if variant in ("", "plain") else variant
+
+
+def complete_variants(experiment: str, folds) -> list[str]:
+    """Variants ("" = plain) whose OOF exists for every fold of the folds file, plain first."""
+    per_fold = [set(paths.oof_variants(experiment, int(k))) for k in sorted(set(folds["fold"]))]
+    common = set.intersection(*per_fold) if per_fold else set()
+    return sorted(common, key=lambda v: (v != "", v))
+
+
+def open_members(specs: list[str], log=print):
+    """(competition, adapter, folds, folds hash, per candidate: experiment config, OOF views, truth view).
+
+    Every (experiment, TTA variant) pair is a candidate member: the search decides whether a view
+    helps exactly as it decides whether an experiment helps.
+    """
+    from competition.predict.tta import check_views
     from competition.train.checkpoint import file_hash
-    if not experiments:
+    if not specs:
         raise ConfigError("name at least one experiment to ensemble")
-    exps = [load_experiment(e) for e in experiments]
-    names = [e.name for e in exps]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"experiment listed twice: {sorted({n for n in names if names.count(n) > 1})}")
-    comps = sorted({e.competition for e in exps})
+    parsed = [parse_member(s) for s in specs]
+    if len(set(parsed)) != len(parsed):
+        raise ConfigError(f"member listed twice: {sorted({s for s in specs if specs.count(s) > 1})}")
+    loaded = {}
+    for name, _ in parsed:
+        if name not in loaded:
+            loaded[name] = load_experiment(name)
+    comps = sorted({e.competition for e in loaded.values()})
     if len(comps) != 1:
         raise ConfigError(f"members belong to different competitions {comps}; an ensemble has one")
     comp = load_competition(comps[0])
     adapter = make_adapter(comp)
     folds = load_folds(comp, adapter)
     folds_sha = file_hash(paths.folds_file(comp.name))
-    views = [store.open_experiment(n, folds, comp.classes, comp.task) for n in names]
-    sizes = {v.experiment: v.size for v in views}
+    exps, views, seen = [], [], set()
+    for (name, variant), spec in zip(parsed, specs):
+        exp = loaded[name]
+        variants = [variant] if variant is not None else (complete_variants(exp.name, folds) or [""])
+        for v in variants:
+            if (exp.name, v) in seen:
+                continue
+            view = store.open_experiment(exp.name, folds, comp.classes, comp.task, v)
+            try:
+                check_views(view.tta, comp.tta, f"{spec}: OOF variant {v or 'plain'}")
+            except ConfigError as e:
+                if variant is not None:
+                    raise
+                log(f"skipping {view.label}: {e}")
+                continue
+            seen.add((exp.name, v))
+            exps.append(exp)
+            views.append(view)
+    sizes = {v.label: v.size for v in views}
     if len(set(sizes.values())) != 1:
         raise ConfigError(f"members' OOF sizes differ ({', '.join(f'{k} {h}x{w}' for k, (h, w) in sizes.items())}); "
                           f"set the same oof.size in their experiment YAMLs")
@@ -62,18 +103,21 @@ def original_areas(view, adapter) -> np.ndarray:
 
 def run(name: str, experiments: list[str], *, method: str = "caruana", per_class: bool = False,
         steps: int = 50, trials: int = 100, postprocess_: bool = True, nested_cv: bool = True,
-        tta: list[str] | None = None, threshold: float = 0.5, budget_mb: int = 128,
-        log=print) -> tuple[Path, Path, nested.Outcome]:
-    """Choose the ensemble, estimate it honestly, write ``ensembles/<name>.yaml`` and ``.md``."""
+        threshold: float = 0.5, budget_mb: int = 128, force_blend: bool = False,
+        csv: str | None = None, truth_csv: str | None = None, log=print) -> tuple[Path, Path, dict]:
+    """Choose the ensemble on OOF, re-choose thresholds and post-processing at native resolution,
+    estimate it honestly, write ``ensembles/<name>.yaml`` and ``.md``."""
     if not NAME.fullmatch(name):
         raise ConfigError(f"ensemble name {name!r}: use letters, digits, '_', '-', '.' (it names a file)")
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    paths.ensembles_dir().mkdir(parents=True, exist_ok=True)
+    _check_writable(paths.ensembles_dir(), csv, truth_csv)
     comp, adapter, folds, folds_sha, exps, views, truth = open_members(experiments, log)
-    checkpoints = recipe.checkpoints([e.name for e in exps], sorted(set(folds["fold"])))
+    checkpoints = recipe.checkpoints(sorted({e.name for e in exps}), sorted(set(folds["fold"])))
     budget = budget_mb << 20
     N, C = len(truth), len(comp.classes)
-    log(f"OOF of {', '.join(v.experiment for v in views)}: {N} images x {C} classes at "
+    log(f"OOF of {', '.join(v.label for v in views)}: {N} images x {C} classes at "
         f"{truth.size[0]}x{truth.size[1]}, {len(set(folds['fold']))} folds")
     ev = compact.build(views, truth, comp.task, threshold, budget)
     total = N * C * int(np.prod(truth.size)) // (1 if comp.task == "multilabel" else C)
@@ -83,17 +127,54 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
         ev, views, truth, views[0].fold_of, comp.metric.empty_score, method=method, per_class=per_class,
         steps=steps, trials=trials, postprocess=postprocess_, rules=postprocess.candidate_rules(areas),
         scale=np.prod(truth.size) / areas, nested=nested_cv, budget_bytes=budget, log=log)
-    rec = recipe.build(name, comp, folds_sha, [e.name for e in exps], checkpoints, out, tta=tta,
+    weights = {pk: plan.weights for pk, plan in out.plans.items() if pk[0] in nested.CANDIDATES}
+    images = native.Images(views, adapter, views[0].ids)
+    nat = native.evaluate(images, weights, views[0].fold_of, comp.task, comp.metric.empty_score,
+                          postprocess=postprocess_, rules=postprocess.candidate_rules(areas), log=log)
+    chosen, why = choose(nat, force_blend)
+    rec = recipe.build(name, comp, folds_sha, exps, views, checkpoints, out, nat, chosen, why,
                        search={"method": method, "per_class": per_class, "threshold": threshold,
                                "steps": len(out.search.path) if method == "caruana" else trials,
                                "uncertain_fraction": round(ev.uncertain / max(total, 1), 4)},
                        oof_size=list(truth.size))
-    yaml_path, md_path = recipe.write(rec, out)
+    yaml_path, md_path = recipe.write(rec)
     from competition import tracking  # W&B run (offline by default; never fatal) if any member tracks
     from competition.config import to_plain
     tracking.log_ensemble(to_plain(rec), {c: v["in_sample"] for c, v in rec.scores["per_class"].items()},
                           enabled=any(e.tracking.wandb for e in exps), project=exps[0].tracking.project)
-    for line in recipe.summary(rec, out):
+    for line in recipe.summary(rec):
         log(line)
     log(f"wrote {yaml_path.relative_to(paths.project())} and {md_path.relative_to(paths.project())}")
-    return yaml_path, md_path, out
+    if csv or truth_csv:
+        plan = nat.plans[(chosen, None)]
+        if csv:
+            native.write_csv(csv, images, plan.weights, list(rec.thresholds), plan.rules, comp)
+            log(f"wrote {csv}: the recipe's OOF predictions of the training images at native size")
+        if truth_csv:
+            native.write_truth_csv(truth_csv, adapter, views[0].ids, comp)
+            log(f"wrote {truth_csv}: the training truth; `competition score {csv or 'OOF.csv'} --truth "
+                f"{truth_csv}` gives the in-sample native-resolution CV")
+    return yaml_path, md_path, {"oof": out, "native": nat, "recipe": rec}
+
+
+def choose(nat: native.NativeOutcome, force_blend: bool) -> tuple[str, str]:
+    """The candidate the recipe is written for, and why: the best nested native-resolution estimate
+    (the honest one; in-sample when nested CV was skipped), unless the weighted blend is forced."""
+    if force_blend:
+        return "search", "forced by --force-blend"
+    scores = nat.nested or nat.in_sample
+    kind = "nested" if nat.nested else "in-sample (nested CV skipped)"
+    best = max(nested.CANDIDATES, key=lambda p: (round(scores[p], 12), p == "search"))
+    others = ", ".join(f"{recipe.CANDIDATE_NAMES[p]} {scores[p]:.4f}" for p in nested.CANDIDATES if p != best)
+    return best, f"best {kind} native-resolution estimate: {scores[best]:.4f} (vs {others})"
+
+
+def _check_writable(folder: Path, *files) -> None:
+    """Fail before any search when an output cannot be written (read-only folder, missing parent)."""
+    import os
+    targets = [folder] + [Path(f).resolve().parent for f in files if f]
+    for t in targets:
+        if not t.is_dir():
+            raise ConfigError(f"{t}: output folder does not exist")
+        if not os.access(t, os.W_OK):
+            raise ConfigError(f"{t}: output folder is not writable")

@@ -16,6 +16,8 @@ training's target (``to_target``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 LEVELS = 256  # blend levels 0..255; thresholds k = 1..255
@@ -24,6 +26,20 @@ LEVELS = 256  # blend levels 0..255; thresholds k = 1..255
 def threshold_value(k: int) -> float:
     """The probability threshold that level ``k`` stands for: (k - 0.5) / 255."""
     return (float(k) - 0.5) / 255.0
+
+
+def threshold_level(t: float) -> int:
+    """The level k whose threshold (k - 0.5) / 255 is nearest to ``t``, so ``stored uint8 >= k`` is
+    ``p >= t`` up to the quantisation and ``threshold_level(threshold_value(k)) == k``. The one rule
+    turning a probability threshold into a uint8 level (training's OOF score, ``competition oof``,
+    ensembles)."""
+    return int(min(LEVELS - 1, max(1, math.floor(float(t) * 255.0 + 1.0))))
+
+
+def threshold_table() -> np.ndarray:
+    """(255,) float32 thresholds of levels 1..255, as the submission compares them (``p >= t``):
+    ``np.searchsorted(table, p, side="right")`` is the level of a float probability p."""
+    return np.array([threshold_value(k) for k in range(1, LEVELS)], np.float32)
 
 
 def is_integer(w: np.ndarray) -> bool:

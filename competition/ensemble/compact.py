@@ -21,17 +21,19 @@ from fractions import Fraction
 
 import numpy as np
 
-from competition.ensemble.blend import (is_integer, labels_from_full, normalized, truth_labels,
+from competition.ensemble.blend import (is_integer, labels_from_full, normalized, threshold_level, truth_labels,
                                         with_background)
 
 MAX_ELEMS = 1 << 22  # uncertain pixels evaluated at once (bounds the per-step temporaries)
 
 
 def level_cut(threshold: float, total) -> int | float:
-    """The smallest blended sum predicted positive: exact (an int) for integer totals."""
+    """The smallest blended sum predicted positive: the blend is at least level k = threshold_level(t)
+    (sum / total >= k - 0.5, as ``blend_levels`` rounds); exact (an int) for integer totals."""
+    k = threshold_level(threshold)
     if isinstance(total, (int, np.integer)):
-        return math.ceil(Fraction(repr(float(threshold))) * 255 * int(total))
-    return np.float32(threshold * 255 * total)
+        return math.ceil(Fraction(2 * k - 1, 2) * int(total))
+    return np.float32((k - 0.5) * total)
 
 
 def chunk_images(n_classes: int, pixels: int, n_members: int, budget_bytes: int) -> int:
@@ -257,7 +259,7 @@ def build(members: list, truth, task: str, threshold: float = 0.5, budget_bytes:
     truth_sum, inter0, pred0 = (np.zeros((N, C), np.int64) for _ in range(3))
     args = dict(n_members=M, truth_sum=truth_sum, inter0=inter0, pred0=pred0, threshold=threshold)
     if task == "multilabel":
-        hi_level = math.ceil(Fraction(repr(float(threshold))) * 255)
+        hi_level = threshold_level(threshold)  # a member alone is positive at v >= its level
         parts, counts, kept = [[] for _ in range(C)], np.zeros((C, N, 2), np.int64), 0
         for s in range(0, N, B):
             kept += _multilabel_chunk(members, truth, s, min(N, s + B), hi_level, parts, counts, args)

@@ -1,50 +1,39 @@
-"""``competition oof EXP``: an experiment's OOF score — per class, per fold, mean — and a per-image table.
+"""``competition oof EXP``: an experiment's OOF score — per class, per fold, mean, at the OOF size and at
+each image's native size — and a per-image table.
 
-A fold that was trained (``best.pt`` present) but has no ``oof/`` (interrupted at the end, or OOF
-deleted to save disk) gets one: its held-out images are predicted with ``best.pt`` and the run's own
-resolved config (``runs/<exp>/fold<k>/config.yaml``), exactly as training's last step does.
+A fold that was trained (``best.pt`` present) but has no OOF (interrupted at the end, or OOF deleted
+to save disk) gets one; ``--tta VIEW... [--scales S...]`` writes a TTA *variant* of every trained fold
+(``runs/<exp>/fold<k>/oof-<variant>/``) that ``competition ensemble`` then treats as a candidate member.
+Both go through :func:`competition.predict.heldout.predict_fold`, the submission's own inference path.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from competition import oof, paths
-from competition.config import ConfigError, ExperimentConfig, atomic_write_text, read_yaml, validate
-from competition.ensemble.blend import blend_labels, truth_labels
+from competition import paths
+from competition.config import ConfigError, atomic_write_text
+from competition.ensemble.blend import blend_labels, threshold_level, threshold_value, truth_labels
 from competition.ensemble.compact import chunk_images
 from competition.metrics import dice_per_class
 
 
-def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], log=print):
-    """Write ``runs/<exp>/fold<k>/oof/`` from ``best.pt`` and the run's own resolved config."""
-    from competition.models import build_model
-    from competition.train import checkpoint as ckpt
-    from competition.train import distributed as dd
-    from competition.train.engine import Engine
-    from competition.train.loop import write_oof
-
-    run = paths.run_dir(exp_name, fold)
-    cfg_path = run / "config.yaml"
-    exp = validate(ExperimentConfig, read_yaml(cfg_path).get("experiment", {}), cfg_path)
-    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
-    model = build_model(exp.model, out_ch, 1 if comp.image.channels == "grayscale" else 3)
-    d = dd.setup()
-    engine = Engine(model, None, exp, comp, dd.device_for(d), d)
-    engine.model_for_eval().load_state_dict(ckpt.load(run / "best.pt")["model"])
-    log(f"{exp_name} fold {fold}: no OOF; predicting its {len(val_ids)} held-out images with best.pt ...")
-    return write_oof(engine, exp, comp, adapter, fold, val_ids)
-
-
-def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, log=print) -> list[int]:
-    """Produce the OOF of every trained fold that lacks it; -> the folds produced. Untrained folds are
-    left for :func:`competition.ensemble.store.open_experiment` to report."""
+def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identity",), scales=(1.0,),
+               log=print) -> list[int]:
+    """Produce the OOF (of one TTA variant) of every trained fold that lacks it; -> the folds produced.
+    Untrained folds are left for :func:`competition.ensemble.store.open_experiment` to report."""
+    from competition.predict.heldout import predict_fold
+    from competition.predict.tta import variant_name
+    variant = variant_name(views, scales)
     made = []
     for k in sorted(set(folds["fold"])):
-        d = paths.oof_dir(exp_name, k)
+        d = paths.oof_dir(exp_name, k, variant)
         if (d / "probs.npy").is_file() or not (paths.run_dir(exp_name, k) / "best.pt").is_file():
             continue
-        predict_fold(exp_name, int(k), comp, adapter, folds.loc[folds["fold"] == k, "id"].astype(str).tolist(), log)
+        ids = folds.loc[folds["fold"] == k, "id"].astype(str).tolist()
+        log(f"{exp_name} fold {k}: predicting its {len(ids)} held-out images with best.pt "
+            f"(TTA {'+'.join(views)} @ {', '.join(f'{s:g}' for s in scales)}) -> {d.name}/ ...")
+        predict_fold(exp_name, int(k), comp, adapter, ids, views, scales, log=log)
         made.append(int(k))
     return made
 
@@ -66,49 +55,91 @@ def per_image(view, truth, task: str, level: int, empty: float, budget_bytes: in
     return out
 
 
-def report(exp_name: str, view, scores: np.ndarray, level: int) -> tuple[str, pd.DataFrame]:
+def report(exp_name: str, view, scores: np.ndarray, level: int, task: str, native: np.ndarray | None,
+           variant: str) -> tuple[str, pd.DataFrame]:
     """The printed summary and the per-image table (id, fold, mean, one column per class)."""
     classes = view.classes
     table = pd.DataFrame(scores, columns=classes)
     table.insert(0, "mean", scores.mean(1))
     table.insert(0, "fold", view.fold_of)
     table.insert(0, "id", view.ids)
-    per_fold = table.groupby("fold")["mean"].agg(["size", "mean"]).rename(columns={"size": "images"})
+    if native is not None:
+        table.insert(3, "native_mean", native.mean(1))
+    per_fold = table.groupby("fold")[["mean"] + (["native_mean"] if native is not None else [])].mean()
+    per_fold.insert(0, "images", table.groupby("fold").size())
     fmt = "{:.4f}".format
-    lines = [f"{exp_name}: OOF Dice {scores.mean():.4f} over {len(view)} images x {len(classes)} classes "
-             f"at {view.size[0]}x{view.size[1]} (threshold {(level - 0.5) / 255:.3f} of the uint8 OOF)", "",
-             "per fold:", per_fold.to_string(float_format=fmt), "",
-             "per class:", pd.Series(scores.mean(0), index=classes, name="dice").to_string(float_format=fmt), "",
-             "worst images:",
-             table.nsmallest(min(5, len(table)), "mean")[["id", "fold", "mean"]].to_string(
-                 index=False, float_format=fmt)]
+    rule = "argmax against the background" if task == "multiclass" else f"threshold {threshold_value(level):.3f}"
+    name = f"{exp_name}{f' (TTA variant {variant})' if variant else ''}"
+    lines = [f"{name}: OOF Dice {scores.mean():.4f} over {len(view)} images x {len(classes)} classes "
+             f"at {view.size[0]}x{view.size[1]} ({rule})"]
+    if native is not None:
+        lines.append(f"{name}: native-resolution OOF Dice {native.mean():.4f} (each image at its original "
+                     f"size, scored as the leaderboard scores a submission)")
+    per_class = pd.DataFrame({"dice": scores.mean(0)}, index=classes)
+    if native is not None:
+        per_class["native"] = native.mean(0)
+    lines += ["", "per fold:", per_fold.to_string(float_format=fmt), "",
+              "per class:", per_class.to_string(float_format=fmt), "",
+              "worst images:",
+              table.nsmallest(min(5, len(table)), "mean")[["id", "fold", "mean"]].to_string(
+                  index=False, float_format=fmt)]
     return "\n".join(lines), table
 
 
-def run(exp_name_or_path: str, suspects: bool = False, top: int = 20, log=print) -> dict:
+def native_scores(exp, comp, adapter, view, csv: str | None = None) -> np.ndarray:
+    """(N, C) native-resolution Dice of one experiment's OOF, binarised as ``competition predict``
+    binarises (``train.threshold``, or the argmax), no post-processing; optionally as a CSV too."""
+    from competition.ensemble import native
+    images = native.Images([view], adapter, view.ids)
+    w = np.ones((len(comp.classes), 1), np.int64)
+    thresholds = [exp.train.threshold] * len(comp.classes)
+    if csv:
+        native.write_csv(csv, images, w, thresholds, {}, comp)
+    return native.score_plan(images, w, thresholds, {}, comp.task, comp.metric.empty_score)
+
+
+def run(exp_name_or_path: str, suspects: bool = False, top: int = 20, tta: list[str] | None = None,
+        scales: list[float] | None = None, native_cv: bool = True, csv: str | None = None,
+        truth_csv: str | None = None, log=print) -> dict:
     """Score an experiment's OOF (producing missing folds' OOF first); optionally list label suspects."""
     from competition.config import load_competition, load_experiment
     from competition.data.adapters import make_adapter
     from competition.ensemble import store
     from competition.folds import load_folds
+    from competition.predict.tta import check_views, variant_name
     from competition.train.checkpoint import file_hash
 
     exp = load_experiment(exp_name_or_path)
     comp = load_competition(exp.competition)
+    views = check_views(tta, comp.tta, "--tta") if tta else ["identity"]
+    scales = [float(s) for s in (scales or [1.0])]
+    if any(s <= 0 for s in scales):
+        raise ConfigError(f"--scales must be positive numbers, got {scales}")
+    variant = variant_name(views, scales)
     adapter = make_adapter(comp)
     folds = load_folds(comp, adapter)
-    made = ensure_oof(exp.name, comp, adapter, folds, log)
-    view = store.open_experiment(exp.name, folds, comp.classes, comp.task)
+    made = ensure_oof(exp.name, comp, adapter, folds, views, scales, log)
+    view = store.open_experiment(exp.name, folds, comp.classes, comp.task, variant)
     truth = store.truth_cache(comp, adapter, view.ids, view.size, file_hash(paths.folds_file(comp.name)), log=log)
-    # The same binarisation as training's OOF score in metrics.json: probs >= round(threshold * 255).
-    level = int(round(exp.train.threshold * oof.QUANT))
+    # The same binarisation as training's OOF score in metrics.json (one threshold -> level rule).
+    level = threshold_level(exp.train.threshold)
     scores = per_image(view, truth, comp.task, level, comp.metric.empty_score)
-    text, table = report(exp.name, view, scores, level)
-    out = paths.project() / "runs" / exp.name / "oof_scores.csv"
+    nat = native_scores(exp, comp, adapter, view, csv) if (native_cv or csv) else None
+    if truth_csv:
+        from competition.ensemble.native import write_truth_csv
+        write_truth_csv(truth_csv, adapter, view.ids, comp)
+    text, table = report(exp.name, view, scores, level, comp.task, nat, variant)
+    out = paths.project() / "runs" / exp.name / f"oof_scores{f'-{variant}' if variant else ''}.csv"
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6f"))
     log(text)
     log(f"\nper-image table: {out.relative_to(paths.project())}")
-    result = {"mean": float(scores.mean()), "table": table, "produced": made, "path": out}
+    if csv:
+        log(f"wrote {csv}: the OOF as a submission at native size (score it: competition score {csv} "
+            f"--truth {truth_csv or 'TRUTH.csv'})")
+    if truth_csv:
+        log(f"wrote {truth_csv}: the training truth in the competition's format")
+    result = {"mean": float(scores.mean()), "native": None if nat is None else float(nat.mean()),
+              "table": table, "produced": made, "path": out, "variant": variant}
     if suspects:
         from competition.ensemble import suspects as sus
         if top < 1:

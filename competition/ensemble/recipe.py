@@ -29,62 +29,79 @@ def checkpoints(experiments: list[str], folds: list[int]) -> dict[str, list[Reci
     return out
 
 
+CANDIDATE_NAMES = {"search": "weighted ensemble", "single": "best single", "equal": "equal weights"}
+
+
 def _r(x) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
-def _per_class_means(d: np.ndarray | None) -> np.ndarray | None:
-    return None if d is None else d.mean(0)
-
-
-def build(name: str, comp, folds_sha: str, experiments: list[str], ckpts: dict, out, *, tta, search: dict,
-          oof_size: list[int]) -> Recipe:
-    plan = out.plans[("ensemble", None)]
+def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict, out, nat, chosen: str,
+          why: str, *, search: dict, oof_size: list[int]) -> Recipe:
+    """The recipe for candidate ``chosen``: its in-sample weights (from the OOF-size search) with the
+    thresholds and post-processing chosen at native resolution, and every score beside it."""
+    plan = nat.plans[(chosen, None)]
     W = normalized(plan.weights)
     used = [m for m in range(W.shape[1]) if W[:, m].any()]
     glob = bool(np.all(W == W[0]))
     folds = sorted({int(f) for f in out.fold_of})
-    members = [{"experiment": experiments[m], "folds": folds,
-                "checkpoints": [c.model_dump() for c in ckpts[experiments[m]]],
-                "weights": [float(W[0, m])] if glob else [float(x) for x in W[:, m]]} for m in used]
+    members = [{"experiment": exps[m].name, "folds": folds,
+                "checkpoints": [c.model_dump() for c in ckpts[exps[m].name]],
+                "weights": [float(W[0, m])] if glob else [float(x) for x in W[:, m]],
+                "tta": list(views[m].tta), "tta_scales": list(views[m].tta_scales)} for m in used]
     single = int(np.argmax(out.plans[("single", None)].weights[0]))
-    nested = bool(out.nested)
-    pc = {p: _per_class_means(out.plans[(p, None)].dice) for p in ("ensemble", "single", "equal")}
-    pn = {p: _per_class_means(out.nested_dice.get(p)) for p in ("ensemble", "single", "equal")}
+    has_nested = bool(nat.nested)
 
-    def both(p):
-        return {"in_sample": _r(out.in_sample[p]), "nested": _r(out.nested.get(p))}
+    def pair(p, where):
+        return {"in_sample": _r(where.in_sample[p]), "nested": _r(where.nested.get(p))}
 
+    candidates = {p: {"native": pair(p, nat), "oof_size": pair(p, out),
+                      **({"experiment": views[single].label} if p == "single" else {})}
+                  for p in ("search", "single", "equal")}
+    pn = {p: nat.plans[(p, None)].dice.mean(0) for p in ("search", "single", "equal")}
+    nested_pc = nat.nested_dice.get(chosen)
+    kept = {views[m].label: (float(W[:, m].mean()) if m in used else 0.0) for m in range(W.shape[1])}
     scores = {
         "metric": f"{comp.metric.name}: mean over image x class pairs (empty_score {comp.metric.empty_score})",
+        "resolution": "native: each training image at its original size, through the submission's resize, "
+                      "thresholds and post-processing",
         "oof_size": oof_size, "images": int(len(out.fold_of)), "folds": len(folds), "search": search,
-        "chosen": plan.source,
-        "in_sample": _r(out.in_sample["ensemble"]), "nested": _r(out.nested.get("ensemble")),
-        "nested_per_fold": {f: _r(v) for f, v in out.nested_per_fold.get("ensemble", {}).items()},
-        "best_single": {"experiment": experiments[single], "oof_at_threshold": _r(out.singles[single]),
-                        **both("single")},
-        "equal_weights": both("equal"),
-        "gain_over_best_single": {k: _r(out.in_sample["ensemble"] - out.in_sample["single"]) if k == "in_sample"
-                                  else (_r(out.nested["ensemble"] - out.nested["single"]) if nested else None)
-                                  for k in ("in_sample", "nested")},
-        "gain_over_equal_weights": {k: _r(out.in_sample["ensemble"] - out.in_sample["equal"]) if k == "in_sample"
-                                    else (_r(out.nested["ensemble"] - out.nested["equal"]) if nested else None)
-                                    for k in ("in_sample", "nested")},
-        "members_at_threshold": {e: _r(s) for e, s in zip(experiments, out.singles)},
-        "dropped_members": [experiments[m] for m in range(W.shape[1]) if m not in used],
-        "per_class": {c: {"in_sample": _r(pc["ensemble"][i]), "nested": _r(pn["ensemble"][i]) if nested else None,
-                          "best_single": _r(pc["single"][i]), "equal_weights": _r(pc["equal"][i])}
+        "chosen": chosen, "chosen_because": why,
+        # Unrounded: `competition score` of the recipe's OOF CSV reproduces in_sample to 1e-9.
+        "in_sample": float(nat.in_sample[chosen]),
+        "nested": None if nat.nested.get(chosen) is None else float(nat.nested[chosen]),
+        "nested_per_fold": {f: _r(v) for f, v in nat.nested_per_fold.get(chosen, {}).items()},
+        "at_oof_size": pair(chosen, out),
+        "candidates": candidates,
+        "best_single": {"experiment": views[single].label, "oof_at_threshold": _r(out.singles[single]),
+                        **pair("single", nat)},
+        "equal_weights": pair("equal", nat),
+        "gain_over_best_single": _gain(nat, chosen, "single", has_nested),
+        "gain_over_equal_weights": _gain(nat, chosen, "equal", has_nested),
+        "variants": [{"member": v.label, "oof_at_threshold": _r(out.singles[m]), "weight": _r(kept[v.label])}
+                     for m, v in enumerate(views)],
+        "dropped_members": [views[m].label for m in range(W.shape[1]) if m not in used],
+        "native_seconds": round(nat.seconds, 1),
+        "per_class": {c: {"in_sample": _r(nat.plans[(chosen, None)].dice[:, i].mean()),
+                          "nested": _r(nested_pc[:, i].mean()) if nested_pc is not None else None,
+                          "best_single": _r(pn["single"][i]), "equal_weights": _r(pn["equal"][i])}
                       for i, c in enumerate(comp.classes)},
     }
     data = {
         "name": name, "competition": comp.name, "task": comp.task, "classes": list(comp.classes),
         "folds_sha256": folds_sha, "members": members,
-        "thresholds": [round(threshold_value(k), 6) for k in plan.levels] if comp.task == "multilabel"
+        # Unrounded: the submission compares float32(p) >= float32(t) exactly as native CV did.
+        "thresholds": [threshold_value(int(k)) for k in plan.levels] if comp.task == "multilabel"
         else [0.5] * len(comp.classes),
         "postprocess": {comp.classes[c]: r.model_dump(exclude_defaults=True) for c, r in sorted(plan.rules.items())},
-        "tta": list(tta) if tta else list(comp.tta), "tta_scales": [1.0], "scores": scores,
+        "oof_size": list(oof_size), "scores": scores,
     }
-    return validate(Recipe, data, "--tta" if tta else f"ensemble {name}")
+    return validate(Recipe, data, f"ensemble {name}")
+
+
+def _gain(nat, chosen: str, other: str, has_nested: bool) -> dict:
+    return {"in_sample": _r(nat.in_sample[chosen] - nat.in_sample[other]),
+            "nested": _r(nat.nested[chosen] - nat.nested[other]) if has_nested else None}
 
 
 def _rule_text(rule) -> str:
@@ -95,28 +112,42 @@ def _rule_text(rule) -> str:
     return ", ".join(parts)
 
 
-def markdown(rec: Recipe, out) -> str:
+def _members_text(rec: Recipe) -> str:
+    per_class_w = any(len(m.weights) > 1 for m in rec.members)
+    return ", ".join(f"{m.experiment} [TTA {'+'.join(m.tta)}"
+                     f"{'' if m.tta_scales == [1.0] else ' @ ' + '+'.join(f'{s:g}' for s in m.tta_scales)}]"
+                     + ("" if per_class_w else f" ({m.weights[0]:.3f})") for m in rec.members)
+
+
+def markdown(rec: Recipe) -> str:
     s = rec.scores
     per_class_w = any(len(m.weights) > 1 for m in rec.members)
-    ws = ", ".join(f"{m.experiment}" + ("" if per_class_w else f" ({m.weights[0]:.3f})") for m in rec.members)
     srch = s["search"]
+    cand = s["candidates"]
 
     def f(x):
         return "—" if x is None else f"{x:.4f}"
     lines = [f"# Ensemble `{rec.name}`", "",
-             f"Competition `{rec.competition}` ({rec.task}) · members: {ws} · "
+             f"Competition `{rec.competition}` ({rec.task}) · members: {_members_text(rec)} · "
              f"{'per-class' if per_class_w else 'global'} weights by {srch['method']} at threshold "
-             f"{srch['threshold']} · chosen: {s['chosen']} · TTA: {', '.join(rec.tta)} · OOF {s['oof_size'][0]}x"
-             f"{s['oof_size'][1]}, {s['images']} images, {s['folds']} folds · folds file sha256 {rec.folds_sha256}",
-             "", "| | in-sample | nested CV |", "|---|---|---|",
-             f"| ensemble | {f(s['in_sample'])} | {f(s['nested'])} |",
-             f"| best single ({s['best_single']['experiment']}) | {f(s['best_single']['in_sample'])} | "
-             f"{f(s['best_single']['nested'])} |",
-             f"| equal weights | {f(s['equal_weights']['in_sample'])} | {f(s['equal_weights']['nested'])} |",
-             "", "In-sample: weights, thresholds and post-processing chosen and scored on the same OOF "
-             "(optimistic). Nested CV: chosen on the other folds' OOF, scored on the held-out fold "
-             "(the honest estimate). Baselines get the same threshold and post-processing tuning.", "",
-             "## Per class", ""]
+             f"{srch['threshold']} on the OOF at {s['oof_size'][0]}x{s['oof_size'][1]} · {s['images']} images, "
+             f"{s['folds']} folds · folds file sha256 {rec.folds_sha256}", "",
+             f"**Chosen: {CANDIDATE_NAMES[s['chosen']]}** — {s['chosen_because']}.", "",
+             "| candidate | native in-sample | native nested CV | OOF-size in-sample | OOF-size nested |",
+             "|---|---|---|---|---|"]
+    for p in ("search", "single", "equal"):
+        label = CANDIDATE_NAMES[p] + (f" ({cand[p]['experiment']})" if p == "single" else "")
+        lines.append(f"| {label}{' ✔' if p == s['chosen'] else ''} | {f(cand[p]['native']['in_sample'])} | "
+                     f"{f(cand[p]['native']['nested'])} | {f(cand[p]['oof_size']['in_sample'])} | "
+                     f"{f(cand[p]['oof_size']['nested'])} |")
+    lines += ["", "Native: every training image scored at its original size through the submission's resize, "
+              "thresholds and post-processing (thresholds and post-processing re-chosen there). In-sample: "
+              "chosen and scored on the same OOF (optimistic). Nested CV: chosen on the other folds' OOF, "
+              "scored on the held-out fold (the honest estimate).", "",
+              "## Candidate members (experiment x TTA variant)", "",
+              "| member | OOF Dice at the search threshold | weight |", "|---|---|---|"]
+    lines += [f"| {v['member']} | {f(v['oof_at_threshold'])} | {v['weight']:.3f} |" for v in s["variants"]]
+    lines += ["", "## Per class (native resolution)", ""]
     head = ["class", "threshold", "post-processing"]
     if per_class_w:
         head.append("weights (" + " / ".join(m.experiment for m in rec.members) + ")")
@@ -133,38 +164,41 @@ def markdown(rec: Recipe, out) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(rec: Recipe, out) -> tuple[Path, Path]:
+def write(rec: Recipe) -> tuple[Path, Path]:
     folder = paths.ensembles_dir()
     y, m = folder / f"{rec.name}.yaml", folder / f"{rec.name}.md"
     dump_yaml(rec, y)
-    atomic_write_text(m, markdown(rec, out))
+    atomic_write_text(m, markdown(rec))
     return y, m
 
 
-def summary(rec: Recipe, out) -> list[str]:
+def summary(rec: Recipe) -> list[str]:
     s = rec.scores
+    cand = s["candidates"]
 
     def f(x):
         return "   —  " if x is None else f"{x:.4f}"
 
     def g(x):
         return "   —   " if x is None else f"{x:+.4f}"
-    members = ", ".join(f"{m.experiment} {m.weights[0]:.3f}" if len(m.weights) == 1 else
-                        f"{m.experiment} (per class, mean {np.mean(m.weights):.3f})" for m in rec.members)
-    lines = [f"weights: {members} ({s['search']['method']}; chosen: {s['chosen']})"]
-    if s["dropped_members"]:
-        lines.append(f"weight 0, left out of the recipe: {', '.join(s['dropped_members'])}")
-    lines += ["                          in-sample   nested CV",
-              f"  ensemble                  {f(s['in_sample'])}     {f(s['nested'])}",
-              f"  best single ({s['best_single']['experiment']})".ljust(28) +
-              f"{f(s['best_single']['in_sample'])}     {f(s['best_single']['nested'])}",
-              f"  equal weights             {f(s['equal_weights']['in_sample'])}     {f(s['equal_weights']['nested'])}",
-              f"  gain over best single     {g(s['gain_over_best_single']['in_sample'])}    "
-              f"{g(s['gain_over_best_single']['nested'])}",
-              f"  gain over equal weights   {g(s['gain_over_equal_weights']['in_sample'])}    "
-              f"{g(s['gain_over_equal_weights']['nested'])}",
-              f"  (best single at threshold {s['search']['threshold']}, untuned: "
-              f"{f(s['best_single']['oof_at_threshold'])})"]
+    lines = ["candidate members (experiment x TTA variant):"]
+    for v in s["variants"]:
+        lines.append(f"  variant {v['member']:<32} OOF {f(v['oof_at_threshold'])} at threshold "
+                     f"{s['search']['threshold']} -> {'kept, weight ' + format(v['weight'], '.3f') if v['weight'] else 'not kept'}")
+    lines += [f"members: {_members_text(rec)}",
+              "                              native in-sample  native nested   OOF-size in-sample  OOF-size nested"]
+    for p in ("search", "single", "equal"):
+        label = CANDIDATE_NAMES[p] + (f" ({cand[p]['experiment']})" if p == "single" else "")
+        lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<27.27}{f(cand[p]['native']['in_sample']):>10}"
+                     f"{f(cand[p]['native']['nested']):>16}{f(cand[p]['oof_size']['in_sample']):>20}"
+                     f"{f(cand[p]['oof_size']['nested']):>17}")
+    lines += [f"chosen: {CANDIDATE_NAMES[s['chosen']]} ({s['chosen_because']})",
+              f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}   "
+              f"(at the OOF size {s['oof_size'][0]}x{s['oof_size'][1]}: in-sample {f(s['at_oof_size']['in_sample'])}"
+              f"  nested {f(s['at_oof_size']['nested'])})",
+              f"  gain over best single {g(s['gain_over_best_single']['nested'])} nested, "
+              f"over equal weights {g(s['gain_over_equal_weights']['nested'])} nested "
+              f"(native pass {s['native_seconds']:.1f}s)"]
     if rec.postprocess:
         lines.append("post-processing: " + "; ".join(f"{c}: {_rule_text(r)}" for c, r in rec.postprocess.items()))
     return lines

@@ -94,6 +94,12 @@ class OOFView(_RowFiles):
         self.experiment, self.ids, self.fold_of = experiment, ids, fold_of
         self.classes, self.size, self.task = classes, tuple(size), task
         self.original_sizes = original_sizes  # id -> (H, W) of the image the OOF was predicted from
+        self.variant, self.tta, self.tta_scales = "", ["identity"], [1.0]  # set by open_experiment
+
+    @property
+    def label(self) -> str:
+        """``exp`` for the plain OOF, ``exp[variant]`` for a TTA variant (how members are printed)."""
+        return f"{self.experiment}[{self.variant}]" if self.variant else self.experiment
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,20 +116,23 @@ def _npy_offset(path: Path) -> tuple[int, tuple, np.dtype]:
     return info
 
 
-def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], task: str) -> OOFView:
-    """Check that the experiment's OOF covers every id of the folds file exactly once, and open it."""
+def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], task: str,
+                    variant: str = "") -> OOFView:
+    """Check that the experiment's OOF (plain, or one TTA variant) covers every id of the folds file
+    exactly once, and open it."""
     ids, fold_of = canonical_order(folds)
     fold_list = sorted(set(fold_of.tolist()))
-    missing = [k for k in fold_list if not (paths.oof_dir(experiment, k) / "probs.npy").is_file()]
+    missing = [k for k in fold_list if not (paths.oof_dir(experiment, k, variant) / "probs.npy").is_file()]
     if missing:
+        flag = f" --tta {variant.split('@')[0].replace('+', ' ')}" if variant else ""
         raise OOFIncomplete(
-            f"experiment {experiment!r} has no OOF for fold(s) {missing} "
-            f"({paths.oof_dir(experiment, missing[0])} is missing). Train them (make train EXP={experiment} "
-            f"FOLD={missing[0]}); for a fold already trained (best.pt present), `competition oof {experiment}` "
-            f"writes its OOF.")
-    parts, size, originals, start = [], None, {}, 0
+            f"experiment {experiment!r} has no OOF{f' for TTA variant {variant}' if variant else ''} for fold(s) "
+            f"{missing} ({paths.oof_dir(experiment, missing[0], variant)} is missing). Train them (make train "
+            f"EXP={experiment} FOLD={missing[0]}); for a fold already trained (best.pt present), "
+            f"`competition oof {experiment}{flag}` writes its OOF.")
+    parts, size, originals, start, tta = [], None, {}, 0, None
     for k in fold_list:
-        d = paths.oof_dir(experiment, k)
+        d = paths.oof_dir(experiment, k, variant)
         probs, sids, meta = oof.read(d)
         want = [i for i, f in zip(ids, fold_of) if f == k]
         _check_ids(experiment, k, d, [str(s) for s in sids], want)
@@ -144,8 +153,14 @@ def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], ta
                            None if np.array_equal(rows, np.arange(len(rows))) else rows))
         start += len(want)
         originals.update({i: tuple(v) for i, v in meta.get("original_sizes", {}).items()})
+        this = (list(meta.get("tta", ["identity"])), [float(x) for x in meta.get("tta_scales", [1.0])])
+        if tta is not None and this != tta:
+            raise OOFIncomplete(f"{d}/meta.json: TTA {this} differs from fold {fold_list[0]}'s {tta}")
+        tta = this
         del probs
-    return OOFView(experiment, ids, fold_of, parts, list(classes), size, task, originals)
+    view = OOFView(experiment, ids, fold_of, parts, list(classes), size, task, originals)
+    view.variant, view.tta, view.tta_scales = variant, tta[0], tta[1]
+    return view
 
 
 def _check_ids(experiment: str, fold: int, d: Path, have: list[str], want: list[str]) -> None:
@@ -187,6 +202,21 @@ class TruthView(_RowFiles):
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.n, len(self.classes), *self.size)
+
+
+class MemoryTruth:
+    """The truth of a few images (one fold) held in memory, read like a :class:`TruthView`."""
+
+    def __init__(self, adapter, ids: list[str], classes: list[str], size: tuple[int, int]):
+        self.ids, self.classes, self.size = list(ids), list(classes), tuple(size)
+        self._masks = np.stack([adapter.load_mask(i, self.size) != 0 for i in ids]) if ids else \
+            np.zeros((0, len(classes), *self.size), bool)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._masks[start:stop]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def write_truth(path: Path, masks, n: int, n_classes: int, size: tuple[int, int]) -> Path:

@@ -89,7 +89,8 @@ def make_bundle(ensemble: str | None, out: Path, log=print) -> Path:
         (tmp / "run.py").write_text(RUN_PY.format(name=recipe.name))
         (tmp / "README.md").write_text(README.format(
             name=recipe.name, source=source, competition=comp.name, members=describe_members(recipe),
-            tta=", ".join(recipe.tta), scales=", ".join(f"{s:g}" for s in recipe.tta_scales)))
+            tta="; ".join(f"{m.experiment}: {', '.join(m.tta)}" for m in recipe.members),
+            scales="; ".join(f"{m.experiment}: {', '.join(f'{s:g}' for s in m.tta_scales)}" for m in recipe.members)))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

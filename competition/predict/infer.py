@@ -1,10 +1,16 @@
-"""Ensemble inference for one batch of test images: every member x fold model with TTA (and sliding
-windows for images larger than the model input), probabilities averaged with the recipe's weights,
-resized to each image's original size and binarised, all on the device.
+"""The one inference path, shared by ``competition submit``, the OOF of every trained fold and the
+native-resolution CV, so that CV measures exactly what the leaderboard scores:
 
-Members that see the same input (same geometry and preprocessing) share one decoded, preprocessed
-batch; members whose outputs have the same size are summed before the single resize to the original
-size (bilinear resizing is linear, so this equals resizing each and summing).
+    member probabilities   each member (one experiment's fold models x one TTA variant): TTA views and
+                           scales (sliding windows for images larger than the model input), averaged
+                           over its fold models, resized to the store size, quantised to uint8
+                           -- exactly what an OOF store holds for a held-out image;
+    blend                  members' uint8 probabilities weighted per class (float32);
+    to the original size   bilinear resize to each image's original (H, W);
+    binarise               ``p >= threshold`` per class, or the argmax against the background.
+
+OOF runs the first step on held-out images (one fold model per member); native CV runs the last
+three on the stored OOF; a submission runs all four on the test images.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from torch.utils.data import Dataset
 
 from competition.data.base import Adapter
 from competition.data.dataset import Geometry, SegDataset
-from competition.oof import probabilities
+from competition.oof import probabilities, quantize_tensor
 from competition.predict.members import LoadedModel
 from competition.predict.sliding import sliding_window
 from competition.predict.tta import tta_predict
@@ -25,73 +31,63 @@ from competition.predict.tta import tta_predict
 OVERLAP = 0.5  # sliding-window overlap (nnU-Net's default)
 
 
-def input_key(model: LoadedModel) -> str:
-    """Members with equal keys take the same network input."""
-    exp = model.experiment
+def input_key(exp) -> str:
+    """Experiments with equal keys take the same network input (geometry and preprocessing)."""
     return json.dumps([list(vars(Geometry.from_config(exp)).values()),
                        [t.model_dump() for t in exp.augment.preprocess]], sort_keys=True)
 
 
-class TestInputs(Dataset):
-    """Test image ``i`` -> {input name: network input} for every distinct member input, plus its
-    original (H, W). ``inputs`` maps an input name to an experiment defining that input."""
+def batch_size_for(experiments: list) -> int:
+    """Images per batch: the smallest experiment batch, 1 for whole images at their native sizes
+    (``data.policy: crop`` without ``crop_from``: sizes differ, so images cannot share a batch)."""
+    if any(Geometry.from_config(e).policy == "crop" and not e.data.crop_from for e in experiments):
+        return 1
+    return max(1, min(e.data.batch_size for e in experiments))
 
-    def __init__(self, adapter: Adapter, ids: list[str], inputs: dict, task: str):
-        self.adapter, self.ids = adapter, list(ids)
-        self.sets = {name: SegDataset(adapter, ids, exp, task, "test", split="test") for name, exp in inputs.items()}
+
+class TestInputs(Dataset):
+    """Image ``i`` of ``split`` -> {input name: network input} for every distinct member input, plus
+    its original (H, W). ``inputs`` maps an input name to an experiment defining that input."""
+
+    def __init__(self, adapter: Adapter, ids: list[str], inputs: dict, task: str, split: str = "test"):
+        self.adapter, self.ids, self.split = adapter, list(ids), split
+        self.sets = {name: SegDataset(adapter, ids, exp, task, "test", split=split) for name, exp in inputs.items()}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        h, w = self.adapter.image_size(self.ids[i], "test")
+        h, w = self.adapter.image_size(self.ids[i], self.split)
         return {"inputs": {name: ds[i]["image"] for name, ds in self.sets.items()},
                 "index": i, "size": torch.tensor([h, w])}
 
 
-class EnsemblePredictor:
-    """Binary masks at the original size for a batch, from loaded models and the recipe's rules."""
+class MemberPredictor:
+    """One member: the fold models of one experiment seen through one TTA variant.
 
-    def __init__(self, models: list[LoadedModel], task: str, thresholds: list[float], views, scales,
-                 device: torch.device):
+    ``__call__`` maps a network-input batch to uint8 (B, C, h, w) probabilities at ``store_size``:
+    the mean over the models of their TTA (and sliding-window) probabilities, resized to the store
+    size and quantised. For a held-out image (one fold model) this IS the OOF row.
+    """
+
+    def __init__(self, models: list[LoadedModel], task: str, views, scales, store_size, device: torch.device):
         self.models, self.task, self.device = models, task, device
         self.views, self.scales = list(views), list(scales)
-        names: dict[str, str] = {}  # input key -> input name
-        self.inputs = {}  # input name -> an experiment defining that input
-        for m in models:
-            key = input_key(m)
-            if key not in names:
-                names[key] = f"in{len(names)}"
-                self.inputs[names[key]] = m.experiment
-        self.model_input = [names[input_key(m)] for m in models]
-        c = len(models[0].weight)
-        self.thresholds = torch.as_tensor(thresholds if task == "multilabel" else [0.5] * c,
-                                          dtype=torch.float32, device=device).view(c, 1, 1)
+        self.store_size = tuple(store_size)
+        self.experiment = models[0].experiment
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     @torch.no_grad()
-    def probabilities(self, inputs: dict, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Per image: the (C, H, W) float32 ensemble probabilities at its original size, on the device."""
-        sums: dict[tuple, torch.Tensor] = {}
-        for m, name in zip(self.models, self.model_input):
-            x = inputs[name].to(self.device, non_blocking=True)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        total = None
+        for m in self.models:
             p = self._model_probs(m, x)
-            key = (name, tuple(p.shape[-2:]))
-            p.mul_(m.weight.view(1, -1, 1, 1))
-            sums[key] = p if key not in sums else sums[key].add_(p)
-        out = []
-        for i, size in enumerate(sizes):
-            total = None
-            for s in sums.values():
-                r = s[i:i + 1]
-                if tuple(r.shape[-2:]) != tuple(size):
-                    r = F.interpolate(r, size=tuple(size), mode="bilinear", align_corners=False)
-                total = r[0].clone() if total is None else total.add_(r[0])
-            out.append(total)
-        return out
-
-    def binarize(self, probs: torch.Tensor) -> torch.Tensor:
-        return binarize(probs, self.task, self.thresholds)
+            total = p if total is None else total.add_(p)
+        total = total.div_(len(self.models))
+        if tuple(total.shape[-2:]) != self.store_size:
+            total = F.interpolate(total, size=self.store_size, mode="bilinear", align_corners=False)
+        return quantize_tensor(total)
 
     def _model_probs(self, m: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         amp = torch.autocast(self.device.type, dtype=m.amp) if m.amp is not None else contextlib.nullcontext()
@@ -110,6 +106,23 @@ class EnsemblePredictor:
         return with_tta(x)
 
 
+def blend(members: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., C, h, w) member probabilities and (M, C) weights (each class's column sums to 1)
+    -> float32 probabilities, summed in member order: the same arithmetic for OOF and test images."""
+    total = None
+    for u, w in zip(members, weights):
+        term = u.float().mul_((w.float() / 255.0).view(-1, 1, 1))
+        total = term if total is None else total.add_(term)
+    return total
+
+
+def to_size(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W), bilinear (half-pixel centres), as the submission resizes."""
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
 def binarize(probs: torch.Tensor, task: str, thresholds: torch.Tensor) -> torch.Tensor:
     """(C, H, W) probabilities -> (C, H, W) uint8 {0, 1}: ``>=`` per-class thresholds (multilabel), or
     the argmax against the implicit background ``1 - sum`` (multiclass; thresholds unused)."""
@@ -121,13 +134,48 @@ def binarize(probs: torch.Tensor, task: str, thresholds: torch.Tensor) -> torch.
     return (winner.unsqueeze(0) == k).to(torch.uint8)
 
 
+class EnsemblePredictor:
+    """Per-image probabilities at the original size from members and the recipe's weights."""
+
+    def __init__(self, members: list[MemberPredictor], weights, task: str, thresholds: list[float],
+                 device: torch.device):
+        self.members, self.task, self.device = members, task, device
+        self.weights = torch.as_tensor(weights, dtype=torch.float32, device=device)  # (M, C)
+        names: dict[str, str] = {}  # input key -> input name
+        self.inputs = {}  # input name -> an experiment defining that input
+        for m in members:
+            key = input_key(m.experiment)
+            if key not in names:
+                names[key] = f"in{len(names)}"
+                self.inputs[names[key]] = m.experiment
+        self.member_input = [names[input_key(m.experiment)] for m in members]
+        c = self.weights.shape[1]
+        self.thresholds = torch.as_tensor(thresholds if task == "multilabel" else [0.5] * c,
+                                          dtype=torch.float32, device=device).view(c, 1, 1)
+
+    @torch.no_grad()
+    def member_probs(self, inputs: dict) -> list[torch.Tensor]:
+        """Each member's uint8 (B, C, h, w) probabilities at the store size."""
+        return [m(inputs[name]) for m, name in zip(self.members, self.member_input)]
+
+    @torch.no_grad()
+    def probabilities(self, inputs: dict, sizes: list[tuple[int, int]], member_probs=None) -> list[torch.Tensor]:
+        """Per image: the (C, H, W) float32 ensemble probabilities at its original size, on the device."""
+        us = member_probs if member_probs is not None else self.member_probs(inputs)
+        p = blend(us, self.weights)
+        return [to_size(p[i], size) for i, size in enumerate(sizes)]
+
+    def binarize(self, probs: torch.Tensor) -> torch.Tensor:
+        return binarize(probs, self.task, self.thresholds)
+
+
 def masks_for_writer(predictor: EnsemblePredictor, probs: torch.Tensor):
     """What the writer's workers receive for one image.
 
     On an accelerator the masks are binarised there and only uint8 crosses the bus. On the CPU the
     float probabilities go to the workers, which threshold one class at a time into a reused buffer:
     that avoids allocating a fresh full-size mask per image (page faults cost more than the compare)
-    and spreads the compare across the worker threads.
+    and spreads the compare across the worker threads. Both compare the same float32 values.
     """
     if probs.device.type != "cpu" or predictor.task != "multilabel":
         return predictor.binarize(probs).cpu().numpy(), None

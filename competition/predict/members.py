@@ -24,7 +24,6 @@ class LoadedModel:
     path: Path
     experiment: ExperimentConfig
     model: torch.nn.Module
-    weight: torch.Tensor  # (C,) this checkpoint's share of the ensemble, per class
     amp: torch.dtype | None  # autocast dtype on this device (None: full precision)
 
 
@@ -49,9 +48,9 @@ def check_recipe(recipe: Recipe, classes: list[str], task: str, source: str) -> 
         raise ConfigError(f"{source}: postprocess names unknown class(es) {unknown}; classes are {classes}")
 
 
-def checkpoint_weights(recipe: Recipe, source: str) -> list[np.ndarray]:
-    """Per checkpoint, in recipe order: its (C,) weight. Members' weights are normalised per class to
-    sum to 1, then split equally among the member's folds."""
+def member_weights(recipe: Recipe, source: str) -> np.ndarray:
+    """(M, C) float64: every member's weight per class, normalised so each class's weights sum to 1.
+    A member's fold models are averaged inside the member (as its OOF stands for their average)."""
     c = len(recipe.classes)
     w = np.array([np.broadcast_to(np.asarray(m.weights, np.float64), (c,)) for m in recipe.members])
     if (w < 0).any():
@@ -60,8 +59,7 @@ def checkpoint_weights(recipe: Recipe, source: str) -> list[np.ndarray]:
     if (total <= 0).any():
         bad = [recipe.classes[k] for k in np.flatnonzero(total <= 0)]
         raise ConfigError(f"{source}: the members' weights sum to 0 for class(es) {bad}")
-    w = w / total
-    return [w[i] / len(m.checkpoints) for i, m in enumerate(recipe.members) for _ in m.checkpoints]
+    return w / total
 
 
 def checkpoint_paths(recipe: Recipe, root: Path, source: str) -> list[Path]:
@@ -117,16 +115,26 @@ def build_from_checkpoint(data: dict, exp: ExperimentConfig, path: Path, num_cla
     return model.eval()
 
 
-def load_models(recipe: Recipe, root: Path, source: str, device: torch.device, in_channels: int) -> list[LoadedModel]:
-    """Verify every checkpoint first (a missing or changed file fails before any work), then load each once."""
-    paths = checkpoint_paths(recipe, root, source)
-    weights = checkpoint_weights(recipe, source)
+def load_model(path: Path, classes: list[str], task: str, device: torch.device, in_channels: int) -> LoadedModel:
+    """One checkpoint, rebuilt from its own resolved experiment, on ``device``, in eval mode."""
+    data, exp = read_checkpoint(path, classes, task)
+    model = build_from_checkpoint(data, exp, path, len(classes), task, in_channels)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    out = []
-    for path, w in zip(paths, weights):
-        data, exp = read_checkpoint(path, recipe.classes, recipe.task)
-        model = build_from_checkpoint(data, exp, path, len(recipe.classes), recipe.task, in_channels)
-        model = model.to(device=device, memory_format=fmt)
-        out.append(LoadedModel(path, exp, model, torch.as_tensor(w, dtype=torch.float32, device=device),
-                               autocast_dtype(exp.train.precision, device)))
+    return LoadedModel(path, exp, model.to(device=device, memory_format=fmt), autocast_dtype(exp.train.precision, device))
+
+
+def load_models(recipe: Recipe, root: Path, source: str, device: torch.device, in_channels: int) -> list[list[LoadedModel]]:
+    """Per member, its fold models. Every checkpoint is verified first (a missing or changed file
+    fails before any work), then loaded once even when two members (TTA variants) share it."""
+    paths = checkpoint_paths(recipe, root, source)
+    loaded: dict[Path, LoadedModel] = {}
+    out, i = [], 0
+    for m in recipe.members:
+        models = []
+        for path in paths[i:i + len(m.checkpoints)]:
+            if path not in loaded:
+                loaded[path] = load_model(path, recipe.classes, recipe.task, device, in_channels)
+            models.append(loaded[path])
+        out.append(models)
+        i += len(m.checkpoints)
     return out

@@ -23,9 +23,10 @@ from competition import paths
 from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint,
                                 RecipeMember, load_competition, load_recipe, validate)
 from competition.data.adapters import make_adapter
-from competition.data.dataset import Geometry
-from competition.predict.infer import EnsemblePredictor, TestInputs, masks_for_writer
-from competition.predict.members import check_recipe, load_models
+from competition.oof import store_size
+from competition.predict.infer import (EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for,
+                                       masks_for_writer)
+from competition.predict.members import check_recipe, load_models, member_weights
 from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
 from competition.train import checkpoint as ckpt
 from competition.train.checkpoint import CheckpointError
@@ -81,28 +82,38 @@ def submission_path(name: str) -> Path:
     return path
 
 
+def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source: str,
+                    dev: torch.device) -> EnsemblePredictor:
+    """The recipe's members (fold models x TTA variant) and weights, as the OOF was predicted."""
+    check_recipe(recipe, comp.classes, comp.task, source)
+    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    models = load_models(recipe, root, source, dev, in_ch)
+    size = tuple(recipe.oof_size) if recipe.oof_size else store_size(models[0][0].experiment)
+    members = [MemberPredictor(ms, comp.task, m.tta, m.tta_scales, size, dev)
+               for ms, m in zip(models, recipe.members)]
+    return EnsemblePredictor(members, member_weights(recipe, source), comp.task, recipe.thresholds, dev)
+
+
 def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, source: str,
                device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-               rle_workers: int | None = None, progress: bool = True) -> SubmitResult:
+               rle_workers: int | None = None, progress: bool = True, on_probs=None) -> SubmitResult:
     """Predict every test image with the recipe and write a validated CSV to ``out``.
 
     Checkpoint paths in the recipe are relative to ``root`` (the project folder, or a bundle).
+    ``on_probs(test id, [uint8 (C, h, w) per member])`` sees each image's member probabilities at the
+    store size (what an OOF row holds for a held-out image).
     """
-    check_recipe(recipe, comp.classes, comp.task, source)
     for flag, v in (("--batch-size", batch_size), ("--workers", workers)):
         if v is not None and v < (1 if flag == "--batch-size" else 0):
             raise ConfigError(f"{flag} {v}: expected a number >= {1 if flag == '--batch-size' else 0}")
     dev = pick_device(device)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
-    models = load_models(recipe, root, source, dev, in_ch)
-    predictor = EnsemblePredictor(models, comp.task, recipe.thresholds, recipe.tta, recipe.tta_scales, dev)
+    predictor = build_predictor(recipe, comp, root, source, dev)
     adapter = make_adapter(comp)
     ids, expected = expected_rows(comp, adapter)
     sub_ids = [adapter.submission_id(i, "test") for i in ids]
-    bs = batch_size or min(m.experiment.data.batch_size for m in models)
-    if any(Geometry.from_config(e).policy == "crop" and not e.data.crop_from for e in predictor.inputs.values()):
-        bs = 1  # whole images at their native sizes: sizes differ, so images cannot share a batch
-    nw = workers if workers is not None else min(m.experiment.data.workers for m in models)
+    exps = [m.experiment for m in predictor.members]
+    bs = batch_size_for(exps) if batch_size is None or batch_size_for(exps) == 1 else batch_size
+    nw = workers if workers is not None else min(e.data.workers for e in exps)
     loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
                         num_workers=nw, pin_memory=dev.type == "cuda")
     out = Path(out)
@@ -115,7 +126,11 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                      dynamic_ncols=True) as bar:
             for batch in loader:
                 sizes = [tuple(s) for s in batch["size"].tolist()]
-                for i, p in zip(batch["index"].tolist(), predictor.probabilities(batch["inputs"], sizes)):
+                us = predictor.member_probs(batch["inputs"])
+                if on_probs is not None:
+                    for j, i in enumerate(batch["index"].tolist()):
+                        on_probs(ids[i], [u[j].cpu().numpy() for u in us])
+                for i, p in zip(batch["index"].tolist(), predictor.probabilities(None, sizes, us)):
                     writer.add(sub_ids[i], *masks_for_writer(predictor, p))
                 bar.update(len(sizes))
         rows = validate_submission(tmp, comp, expected)
@@ -182,14 +197,18 @@ def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:
                               f"({', '.join(str(run_root / f'fold{k}' / 'best.pt') for k in missing)}); "
                               f"train them first (make train EXP={experiment} FOLD=k)")
     rel = {k: found[k].relative_to(paths.project()).as_posix() for k in wanted}
-    scores = [json.loads(p.read_text()).get("oof_dice") for p in (run_root / f"fold{k}" / "metrics.json" for k in wanted)
-              if p.is_file()]
+    metrics = [json.loads(p.read_text()) for p in (run_root / f"fold{k}" / "metrics.json" for k in wanted) if p.is_file()]
+
+    def mean_of(key: str) -> float | None:
+        vals = [m.get(key) for m in metrics]
+        return sum(vals) / len(vals) if len(vals) == len(wanted) and None not in vals else None
+    native, at_oof = mean_of("oof_dice_native"), mean_of("oof_dice")
     recipe = Recipe(
         name=experiment, competition=comp.name, task=comp.task, classes=comp.classes,
         folds_sha256=ckpt.file_hash(folds_file) if folds_file.is_file() else "",
-        members=[RecipeMember(experiment=experiment, folds=wanted, weights=[1.0],
+        members=[RecipeMember(experiment=experiment, folds=wanted, weights=[1.0], tta=comp.tta,
                               checkpoints=[RecipeCheckpoint(path=rel[k], sha256=ckpt.file_hash(found[k]))
                                            for k in wanted])],
-        thresholds=[exp.train.threshold] * comp.num_classes, tta=comp.tta, tta_scales=[1.0],
-        scores={"in_sample": sum(scores) / len(scores)} if len(scores) == len(wanted) and None not in scores else {})
+        thresholds=[exp.train.threshold] * comp.num_classes,
+        scores={k: v for k, v in (("in_sample", native), ("at_oof_size", {"in_sample": at_oof})) if v is not None})
     return recipe, comp

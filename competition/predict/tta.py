@@ -19,6 +19,30 @@ VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 _TURNS = {"rot90": 1, "rot180": 2, "rot270": 3}  # counter-clockwise quarter turns (torch.rot90)
 
 
+def variant_name(views: Sequence[str], scales: Sequence[float] = (1.0,)) -> str:
+    """The OOF variant a TTA setting is stored as: "" for the plain prediction (identity at scale 1),
+    else e.g. ``identity+hflip`` or ``identity+hflip@1+1.25`` (``runs/<exp>/fold<k>/oof-<variant>/``)."""
+    views, scales = list(views), [float(s) for s in scales]
+    if views == ["identity"] and scales == [1.0]:
+        return ""
+    name = "+".join(views)
+    return name if scales == [1.0] else f"{name}@{'+'.join(f'{s:g}' for s in scales)}"
+
+
+def check_views(views: Sequence[str], allowed: Sequence[str], where: str) -> list[str]:
+    """The views, in the order given, each one of the competition's ``tta`` list (else an error naming it)."""
+    from competition.config import ConfigError
+    if not views:
+        raise ConfigError(f"{where}: name at least one TTA view")
+    bad = [v for v in views if v not in allowed]
+    if bad:
+        raise ConfigError(f"{where}: TTA view(s) {bad} are not in the competition's `tta` list {list(allowed)}; "
+                          f"allowed views are an exact symmetry of this competition's images")
+    if len(set(views)) != len(views):
+        raise ConfigError(f"{where}: TTA view listed twice in {list(views)}")
+    return list(views)
+
+
 def augment(x: torch.Tensor, view: str) -> torch.Tensor:
     """The view of a (..., H, W) tensor: ``hflip`` mirrors left-right, ``rot90`` turns a quarter
     counter-clockwise (as ``np.rot90``)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -172,15 +171,3 @@ class Engine:
 def _float(out):
     """Loss in fp32 whatever the autocast dtype (deep supervision returns a list)."""
     return [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
-
-
-@torch.no_grad()
-def predict_loader(engine: Engine, loader, task: str, size: tuple[int, int]) -> Iterator[tuple[list, np.ndarray]]:
-    """Yield (row indices, uint8 probabilities at ``size``) for every batch of a ``test``-mode dataset."""
-    from competition.oof import probabilities, quantize
-    model = engine.model_for_eval().eval()
-    for batch in loader:
-        x, _ = engine._to_device(batch)
-        with engine._autocast():
-            logits = model(x)
-        yield batch["index"].tolist(), quantize(probabilities(logits, task, size))

@@ -30,7 +30,7 @@ from competition.models import build_model
 from competition.optim import build_optimizer, build_scheduler
 from competition.train import checkpoint as ckpt
 from competition.train import distributed as dd
-from competition.train.engine import Engine, TrainingDiverged, predict_loader, seed_everything
+from competition.train.engine import Engine, TrainingDiverged, seed_everything
 
 __all__ = ["fit", "TrainingDiverged"]
 
@@ -196,53 +196,67 @@ def _check_run_dir(run_dir: Path, run_cfg: dict, restart: bool) -> None:
                           f"use a new experiment name, or --restart (RESTART=1) to start this fold over")
 
 
-def write_oof(engine: Engine, exp: ExperimentConfig, comp: CompetitionConfig, adapter, fold: int,
-              val_ids: list[str]) -> Path:
-    """Predict the held-out images with the engine's (best) weights into ``runs/<exp>/fold<k>/oof/``."""
-    from competition import oof
-    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
-    ds = SegDataset(adapter, val_ids, exp, comp.task, "test")
-    batches = predict_loader(engine, _loader(ds, exp), comp.task, (size, size))
-    return oof.write(paths.oof_dir(exp.name, fold), val_ids, batches, comp.classes, (size, size), {
-        "experiment": exp.name, "fold": fold, "task": comp.task, "checkpoint": "best.pt",
-        "original_sizes": {i: list(adapter.image_size(i)) for i in val_ids}})
+def oof_variants(exp: ExperimentConfig, comp: CompetitionConfig) -> list[tuple[list[str], list[float]]]:
+    """The OOF variants training writes: the plain one, and ``oof.tta`` (default: the competition's
+    ``tta``) when it differs, so TTA is measured on OOF without a second command."""
+    from competition.predict.tta import check_views, variant_name
+    views = comp.tta if exp.oof.tta is None else exp.oof.tta
+    out = [(["identity"], [1.0])]
+    if views:
+        extra = (check_views(views, comp.tta, "oof.tta"), [float(s) for s in exp.oof.tta_scales])
+        if variant_name(*extra):
+            out.append(extra)
+    return out
 
 
 def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker) -> dict:
-    """Predict the held-out fold with the best weights: OOF store + metrics.json."""
-    from competition import oof
-    from competition.metrics import dice_per_class, summarize
+    """Predict the held-out fold from best.pt through the submission's inference path (every OOF
+    variant), then metrics.json: OOF Dice at the OOF size and at each image's native size."""
+    from competition.ensemble import oofscore, store
+    from competition.ensemble.blend import threshold_level
+    from competition.folds import load_folds
+    from competition.metrics import summarize
+    from competition.predict.heldout import predict_fold
+    from competition.predict.tta import variant_name
 
     best = ckpt.load(run_dir / "best.pt")
-    engine.model_for_eval().load_state_dict(best["model"])
     t = time.time()
-    store = write_oof(engine, exp, comp, adapter, fold, val_ids)
+    for views, scales in oof_variants(exp, comp):
+        store_dir = predict_fold(exp.name, fold, comp, adapter, val_ids, views, scales, device=engine.device)
     pred_seconds = time.time() - t
-    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
-    probs, ids, _ = oof.read(store)
-    truth = np.stack([adapter.load_mask(i, (size, size)) for i in ids])
-    scores = dice_per_class(probs >= round(exp.train.threshold * oof.QUANT), truth, comp.metric.empty_score)
-    summ = summarize(scores, comp.classes)
+    fold_df = load_folds(comp, adapter)
+    fold_df = fold_df[fold_df["fold"] == fold]
+    view = store.open_experiment(exp.name, fold_df, comp.classes, comp.task)
+    truth = store.MemoryTruth(adapter, view.ids, comp.classes, view.size)
+    level = threshold_level(exp.train.threshold)
+    scores = oofscore.per_image(view, truth, comp.task, level, comp.metric.empty_score)
+    native = oofscore.native_scores(exp, comp, adapter, view)
+    summ, nsumm = summarize(scores, comp.classes), summarize(native, comp.classes)
+    size = view.size[0]
     metrics = {"experiment": exp.name, "fold": fold, "competition": comp.name,
                "best_epoch": best["epoch"], "epochs_run": state["epoch"],
                "val_dice": state["best_score"], "val_dice_per_class": dict(zip(
                    comp.classes, [state["history"][best["epoch"] - 1][f"dice/{c}"] for c in comp.classes])),
                "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": size,
+               "oof_dice_native": nsumm["mean"], "oof_dice_native_per_class": nsumm["per_class"],
+               "oof_variants": [variant_name(v, s) or "plain" for v, s in oof_variants(exp, comp)],
                "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
                "train_seconds": round(train_seconds, 2),
-               "predict_images_per_s": round(len(val_ids) / max(pred_seconds, 1e-9), 2),
+               "predict_images_per_s": round(len(val_ids) * len(oof_variants(exp, comp)) / max(pred_seconds, 1e-9), 2),
                "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
     atomic_write_text(run_dir / "metrics.json", pd.Series(metrics).to_json(indent=1))
-    tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice"],
-                  [[c, metrics["val_dice_per_class"][c], summ["per_class"][c]] for c in comp.classes])
-    show = list(range(min(3, len(ids))))
-    tracker.images("val_overlays", [viz.panels(adapter.load_image(ids[i]), truth[i],
-                                               probs[i] >= round(exp.train.threshold * oof.QUANT)) for i in show],
-                   [f"{ids[i]}: image | truth | prediction" for i in show])
+    tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice", "oof_dice_native"],
+                  [[c, metrics["val_dice_per_class"][c], summ["per_class"][c], nsumm["per_class"][c]]
+                   for c in comp.classes])
+    show = list(range(min(3, len(view.ids))))
+    probs, T = view.read(0, len(show)), truth.read(0, len(show))
+    tracker.images("val_overlays", [viz.panels(adapter.load_image(view.ids[i]), T[i], probs[i] >= level)
+                                    for i in show], [f"{view.ids[i]}: image | truth | prediction" for i in show])
     # After the last log: W&B commits the last epoch's row (and its val_dice) on the next log call,
     # which would overwrite a summary written earlier with the last epoch's values.
-    tracker.summary({**{k: v for k, v in metrics.items() if not isinstance(v, dict)},
+    tracker.summary({**{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
                      **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()}})
     log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
-        f"OOF dice {metrics['oof_dice']:.4f} at {size}px -> {store}")
+        f"OOF dice {metrics['oof_dice']:.4f} at {size}px, {metrics['oof_dice_native']:.4f} at native size "
+        f"-> {store_dir.parent}")
     return metrics

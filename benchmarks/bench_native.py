@@ -1,0 +1,278 @@
+"""Native-resolution CV (``competition.ensemble.native``) on a hand-bone-sized case.
+
+Case: 29 classes, native 2048², OOF at 512², 2 members, a few images. The adapter is an in-memory
+stand-in whose ``load_mask`` returns a deterministic (29, 2048, 2048) uint8 mask of rotated ellipses
+(bone-sized: 30..300 px semi-axes) and a few small blobs, built once and cached; the members hold
+uint8 probabilities at 512²: the truth area-downsized, blurred, with low-frequency and pixel noise
+and a few spurious blobs (something for the post-processing to remove). Both go through
+``native.Images`` exactly as ``competition ensemble`` feeds them.
+
+1. The mask path, ``native.score_plan`` (one plan: 0.6/0.4, thresholds 0.5, no post-processing),
+   per image, against a careful numpy/OpenCV peer doing the same work: per image, per class, float32
+   blend of the two members (same arithmetic), ``cv2.resize(INTER_LINEAR)`` to 2048², ``>= 0.5``,
+   Dice against the truth, in reused buffers. Both in this process, alternating rounds after a
+   warm-up; mean Dice must agree to 1e-3 (torch's and OpenCV's bilinear kernels round differently,
+   mostly at the borders, so a few pixels at the threshold may flip).
+2. The full ``native.evaluate`` (thresholds pass + components pass, post-processing on) for 3
+   candidates x (in-sample + 5 nested folds) = 18 plans whose weights repeat as a search would
+   give them (4 distinct blends), timed on the few images and extrapolated linearly to 800 images
+   (the cost is linear in images x classes x pixels x blends), with its peak resident memory
+   (VmRSS sampled every 20 ms; VmHWM after a reset where the kernel allows it) over the baseline.
+No timing assertions; the load average is printed beside the figures (a training job may share the
+cores).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+N_CLASSES, NATIVE, OOF, N_MEMBERS = 29, 2048, 512, 2
+N_IMAGES = 2  # images built; score_plan is timed per image over all of them, evaluate runs on all
+ROUNDS, WARMUP = 5, 1
+TARGET_IMAGES = 800
+WEIGHTS = (0.6, 0.4)
+TOLERANCE = 1e-3
+MEMORY_LIMIT = 2 << 30
+
+
+# --------------------------------------------------------------------------------------------- #
+# The synthetic case
+# --------------------------------------------------------------------------------------------- #
+def make_truth(seed: int) -> np.ndarray:
+    """(C, 2048, 2048) uint8 {0, 1}: one bone-sized rotated ellipse per class, some with a satellite."""
+    rng = np.random.default_rng(seed)
+    t = np.zeros((N_CLASSES, NATIVE, NATIVE), np.uint8)
+    for c in range(N_CLASSES):
+        centre = tuple(int(v) for v in rng.integers(350, NATIVE - 350, 2))
+        axes = (int(rng.integers(30, 150)), int(rng.integers(45, 300)))
+        cv2.ellipse(t[c], centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        if rng.random() < 0.3:  # a small separate blob of the same class
+            y, x = (int(v) for v in rng.integers(100, NATIVE - 100, 2))
+            cv2.circle(t[c], (x, y), int(rng.integers(8, 30)), 1, -1)
+    return t
+
+
+class Adapter:
+    """Stand-in for a dataset adapter: ``load_mask`` builds each image's mask once and caches it."""
+
+    def __init__(self, ids: list[str]):
+        self.seeds = {image_id: k for k, image_id in enumerate(ids)}
+        self._cache: dict[str, np.ndarray] = {}
+
+    def load_mask(self, image_id: str) -> np.ndarray:
+        if image_id not in self._cache:
+            self._cache[image_id] = make_truth(self.seeds[image_id])
+        return self._cache[image_id]
+
+
+class Member:
+    """In-memory OOF rows: uint8 (N, C, 512, 512) probabilities, read like an OOF view."""
+
+    task = "multilabel"
+
+    def __init__(self, probs: np.ndarray):
+        self.probs = probs
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.probs[start:stop]
+
+
+def make_member(adapter: Adapter, ids: list[str], sigma: float, amp: float, seed: int) -> Member:
+    rng = np.random.default_rng(1000 + seed)
+    out = np.empty((len(ids), N_CLASSES, OOF, OOF), np.uint8)
+    for i, image_id in enumerate(ids):
+        truth = adapter.load_mask(image_id)
+        for c in range(N_CLASSES):
+            p = cv2.resize(truth[c].astype(np.float32), (OOF, OOF), interpolation=cv2.INTER_AREA)
+            p = cv2.GaussianBlur(p, (0, 0), sigma)
+            p += cv2.resize(rng.normal(0, amp, (8, 8)).astype(np.float32), (OOF, OOF))
+            p += rng.normal(0, 0.03, (OOF, OOF)).astype(np.float32)
+            if rng.random() < 0.2:  # a spurious blob
+                y, x = (int(v) for v in rng.integers(20, OOF - 20, 2))
+                p[y - 4:y + 4, x - 4:x + 4] += 0.8
+            out[i, c] = np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
+    return Member(out)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The peer of score_plan
+# --------------------------------------------------------------------------------------------- #
+def peer_dice(members: list[Member], adapter: Adapter, ids: list[str], weights: np.ndarray,
+              thresholds: np.ndarray, empty: float) -> np.ndarray:
+    """(N, C) Dice: per class, float32 blend, cv2 bilinear resize, >= threshold, counts; reused buffers."""
+    w = weights / weights.sum(1, keepdims=True)  # (C, M) on the simplex, as the submission normalises
+    scale = w.T.astype(np.float32) / np.float32(255.0)  # (M, C): the submission's u * (w / 255)
+    out = np.empty((len(ids), N_CLASSES))
+    pred_b = np.empty((NATIVE, NATIVE), bool)
+    true_b = np.empty((NATIVE, NATIVE), bool)
+    both_b = np.empty((NATIVE, NATIVE), bool)
+    blended = np.empty((OOF, OOF), np.float32)
+    term = np.empty((OOF, OOF), np.float32)
+    for i, image_id in enumerate(ids):
+        rows = [m.read(i, i + 1)[0] for m in members]
+        truth = adapter.load_mask(image_id)
+        for c in range(N_CLASSES):
+            np.multiply(rows[0][c], scale[0, c], out=blended, dtype=np.float32)
+            for k in range(1, len(rows)):
+                np.multiply(rows[k][c], scale[k, c], out=term, dtype=np.float32)
+                blended += term
+            big = cv2.resize(blended, (NATIVE, NATIVE), interpolation=cv2.INTER_LINEAR)
+            np.greater_equal(big, thresholds[c], out=pred_b)
+            np.not_equal(truth[c], 0, out=true_b)
+            np.logical_and(pred_b, true_b, out=both_b)
+            inter, p, t = (np.count_nonzero(a) for a in (both_b, pred_b, true_b))
+            out[i, c] = 2.0 * inter / (p + t) if p + t else empty
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# Memory
+# --------------------------------------------------------------------------------------------- #
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """Peak VmRSS, sampled every ``period`` seconds until stopped."""
+
+    def __init__(self, period: float = 0.02):
+        super().__init__(daemon=True)
+        self.period, self.peak, self._stop_event = period, _status("VmRSS"), threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _status("VmRSS"))
+            self._stop_event.wait(self.period)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self.peak = max(self.peak, _status("VmRSS"))
+        return self.peak
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- #
+def _load() -> str:
+    return "load avg " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + f" on {os.cpu_count()} cpus"
+
+
+def _ms(xs: list[float]) -> str:
+    return f"min {min(xs) * 1e3:7.1f} ms, median {statistics.median(xs) * 1e3:7.1f} ms"
+
+
+def main() -> None:
+    from competition.ensemble import native, postprocess
+
+    t_start = time.perf_counter()
+    print(f"{_load()} at start; torch.get_num_threads()={torch.get_num_threads()}, "
+          f"cv2.getNumThreads()={cv2.getNumThreads()}", flush=True)
+    ids = [f"hand{i:03d}" for i in range(N_IMAGES)]
+    adapter = Adapter(ids)
+    members = [make_member(adapter, ids, sigma, amp, k) for k, (sigma, amp) in enumerate([(1.5, 0.08), (2.5, 0.12)])]
+    images = native.Images(members, adapter, ids, "multilabel")
+    fg = np.mean([adapter.load_mask(i).mean() for i in ids])
+    print(f"case: {N_IMAGES} images x {N_CLASSES} classes, native {NATIVE}², OOF {OOF}², {N_MEMBERS} members "
+          f"(truth {fg:.2%} foreground per class; built in {time.perf_counter() - t_start:.1f} s)", flush=True)
+
+    # ---- 1. the mask path against the numpy/OpenCV peer -------------------------------------- #
+    C = N_CLASSES
+    weights = np.tile(np.array(WEIGHTS), (C, 1))
+    thresholds = [0.5] * C
+    empty = 1.0
+    sides = {
+        "ours": lambda: native.score_plan(images, weights, thresholds, {}, "multilabel", empty),
+        "peer": lambda: peer_dice(members, adapter, ids, weights, np.array(thresholds, np.float32), empty),
+    }
+    times = {k: [] for k in sides}
+    result = {}
+    for r in range(WARMUP + ROUNDS):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            gc.collect()
+            t = time.perf_counter()
+            result[name] = sides[name]()
+            dt = (time.perf_counter() - t) / N_IMAGES
+            if r >= WARMUP:
+                times[name].append(dt)
+    d_ours, d_peer = result["ours"].mean(), result["peer"].mean()
+    worst = float(np.abs(result["ours"] - result["peer"]).max())
+    assert abs(d_ours - d_peer) <= TOLERANCE, f"mean Dice differs: ours {d_ours:.6f}, peer {d_peer:.6f}"
+    print(f"score_plan (blend 0.6/0.4 -> bilinear to {NATIVE}² -> >= 0.5 -> Dice, no post-processing), "
+          f"per image, {ROUNDS} alternating rounds after {WARMUP} warm-up:")
+    print(f"  ours  (torch F.interpolate, {torch.get_num_threads()} threads)  {_ms(times['ours'])}")
+    print(f"  peer  (numpy + cv2.resize INTER_LINEAR, {cv2.getNumThreads()} threads)  {_ms(times['peer'])}")
+    print(f"  ratio of mins ours/peer {min(times['ours']) / min(times['peer']):.2f}x; mean Dice ours "
+          f"{d_ours:.6f}, peer {d_peer:.6f} (|diff| {abs(d_ours - d_peer):.1e} <= {TOLERANCE:g}: yes; worst "
+          f"image x class {worst:.1e}; bilinear kernels differ slightly at borders/rounding); {_load()}",
+          flush=True)
+
+    # ---- 2. the full evaluate, extrapolated ------------------------------------------------ #
+    # Plans as a search hands them over: Caruana counts; "single" and "equal" repeat across folds,
+    # "search" differs on two folds -> 4 distinct blends among 18 plans.
+    one = lambda a, b: np.tile(np.array([a, b], np.int64), (C, 1))  # noqa: E731
+    search = {None: one(3, 2), 0: one(3, 2), 1: one(3, 2), 2: one(2, 1), 3: one(3, 2), 4: one(2, 1)}
+    plans = {}
+    for k in [None, 0, 1, 2, 3, 4]:
+        plans[("search", k)] = search[k]
+        plans[("single", k)] = one(1, 0)
+        plans[("equal", k)] = one(1, 1)
+    fold_of = np.arange(N_IMAGES) % 5
+    rules = postprocess.candidate_rules(np.full(N_IMAGES, NATIVE * NATIVE))
+    stamps = []
+
+    def log(msg: str) -> None:
+        stamps.append((time.perf_counter(), msg))
+
+    gc.collect()
+    base = _status("VmRSS")
+    hwm_ok = _reset_hwm()
+    sampler = RssSampler()
+    sampler.start()
+    t = time.perf_counter()
+    outcome = native.evaluate(images, plans, fold_of, "multilabel", empty, postprocess=True, rules=rules, log=log)
+    seconds = time.perf_counter() - t
+    peak = sampler.stop()
+    hwm = _status("VmHWM") if hwm_ok else 0
+    n_blends = next(m for _, m in stamps if "distinct blend" in m).split(", ")[1]
+    comp = [(s, m) for s, m in stamps if "components of" in m]
+    t_curves = (comp[0][0] - t) if comp else seconds
+    n_configs = comp[0][1].split("components of ")[1] if comp else "0 configuration(s)"
+    per_image = seconds / N_IMAGES
+    total = per_image * TARGET_IMAGES
+    print(f"evaluate (thresholds + components passes, post-processing on, {len(plans)} plans: 3 candidates x "
+          f"(in-sample + 5 nested folds), {n_blends}, {n_configs}):")
+    print(f"  {seconds:.1f} s on {N_IMAGES} images = {per_image:.1f} s per image (thresholds pass "
+          f"{t_curves / N_IMAGES:.1f} s, components pass {(seconds - t_curves) / N_IMAGES:.1f} s per image)")
+    print(f"  linear in images x classes x pixels x blends: measured on {N_IMAGES} images, extrapolated to "
+          f"{TARGET_IMAGES} x {C} x {NATIVE}²: {total:.0f} s = {total / 3600:.2f} h "
+          f"(configurations counted on {N_IMAGES} images; their number can differ on {TARGET_IMAGES}); "
+          f"in-sample ensemble Dice {outcome.in_sample['ensemble']:.4f}; {_load()}")
+    extra = f", VmHWM after reset {(hwm - base) / 2**20:.0f} MiB" if hwm_ok else ""
+    print(f"  peak resident memory over baseline: {(peak - base) / 2**20:.0f} MiB sampled every 20 ms{extra} "
+          f"(baseline {base / 2**20:.0f} MiB holds the cached truth and members) -> under 2 GB: "
+          f"{'yes' if max(peak, hwm) - base < MEMORY_LIMIT else 'NO'}")
+    print(f"  total benchmark {time.perf_counter() - t_start:.0f} s; {_load()} at end", flush=True)
+
+
+if __name__ == "__main__":
+    main()

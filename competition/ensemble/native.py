@@ -1,0 +1,298 @@
+"""Native-resolution CV: a recipe scored as the leaderboard scores it.
+
+The weight search runs on the OOF at its stored size (fast). Everything the leaderboard sees is then
+redone at each training image's ORIGINAL size, through the submission's own functions
+(:func:`competition.predict.infer.blend`, ``to_size``, ``binarize`` and the writer's post-processing):
+members' uint8 OOF rows -> blended probabilities -> bilinear resize to (H, W) -> thresholds ->
+post-processing -> Dice against the truth decoded/rasterised at (H, W).
+
+Choices made here, for every plan (candidate x selection set: in-sample and each nested fold):
+1. thresholds, from one pass that histograms every blend's resized probabilities per image x class x
+   level (the Dice at all 255 thresholds at once, as ``thresholds.curves`` does at the OOF size);
+2. post-processing, from one pass that labels the components of each (blend, thresholds) at native
+   size; nnU-Net's acceptance rule then picks the rules on the selection set.
+Both passes stream image by image (classes in chunks), so memory is bounded by one image's
+probabilities whatever the number of images; the cost is linear in images x classes x pixels x blends.
+The per-image Dice that comes out equals what ``competition score`` computes from the CSV that
+:func:`write_csv` writes for the same plan (a test asserts it to 1e-9).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from competition import rle
+from competition.config import PostProcess
+from competition.ensemble import postprocess as pp
+from competition.ensemble.blend import LEVELS, normalized, threshold_table, threshold_value, truth_labels
+from competition.ensemble.thresholds import at_levels, choose_levels
+from competition.metrics import dice_from_counts
+from competition.predict.infer import binarize, blend, to_size
+from competition.predict.submit import postprocess as apply_rule
+
+CHUNK_PIXELS = 8 << 20  # class x pixel elements per chunk: bounds memory at ~40 bytes per element
+
+
+def member_weights(w: np.ndarray) -> torch.Tensor:
+    """(C, M) weights (counts or floats) -> the (M, C) float32 per-class simplex the submission uses."""
+    return torch.as_tensor(normalized(w).T.copy(), dtype=torch.float32)
+
+
+def thresholds_of(levels: np.ndarray) -> list[float]:
+    """Per-class probability thresholds of levels, as the recipe stores them (unrounded)."""
+    return [threshold_value(int(k)) for k in levels]
+
+
+def native_truth(adapter, image_id: str, task: str) -> np.ndarray:
+    """(C, H, W) bool truth at the image's original size. Multiclass classes are exclusive: where
+    labels overlap the last class wins, as in training's target (``to_target``)."""
+    m = adapter.load_mask(image_id) != 0
+    if task == "multiclass":
+        lab = truth_labels(m[None])[0]
+        m = lab[None] == np.arange(1, len(m) + 1, dtype=np.uint8).reshape(-1, 1, 1)
+    return m
+
+
+class Images:
+    """Image by image, in canonical order: the members' uint8 OOF rows and the native truth."""
+
+    def __init__(self, members: list, adapter, ids: list[str], task: str | None = None):
+        self.members, self.adapter, self.ids = members, adapter, list(ids)
+        self.task = task or members[0].task
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        for i, image_id in enumerate(self.ids):
+            rows = [torch.from_numpy(m.read(i, i + 1)[0]) for m in self.members]
+            yield i, rows, native_truth(self.adapter, image_id, self.task)
+
+
+def _chunks(n_classes: int, hw: int, task: str) -> list[tuple[int, int]]:
+    if task == "multiclass":  # the argmax couples the classes
+        return [(0, n_classes)]
+    step = max(1, CHUNK_PIXELS // max(hw, 1))
+    return [(c, min(n_classes, c + step)) for c in range(0, n_classes, step)]
+
+
+def probs_chunk(rows: list[torch.Tensor], w: torch.Tensor, c0: int, c1: int, size) -> torch.Tensor:
+    """Classes [c0, c1) of the blended probabilities at the native size (the submission's arithmetic)."""
+    return to_size(blend([r[c0:c1] for r in rows], w[:, c0:c1]), size)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The mask path: exactly what a submission writes
+# --------------------------------------------------------------------------------------------- #
+def native_masks(rows: list[torch.Tensor], w: torch.Tensor, thresholds: torch.Tensor, rules: list,
+                 task: str, size) -> np.ndarray:
+    """(C, H, W) uint8 masks of one image: blend, resize, binarise, post-process (the writer's rule)."""
+    C = rows[0].shape[0]
+    out = np.empty((C, *size), np.uint8)
+    for c0, c1 in _chunks(C, size[0] * size[1], task):
+        p = probs_chunk(rows, w, c0, c1, size)
+        out[c0:c1] = binarize(p, task, thresholds[c0:c1]).numpy()
+    for c in range(C):
+        out[c] = apply_rule(out[c], rules[c])
+    return out
+
+
+def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rules: dict, task: str,
+               empty: float, rows_subset: np.ndarray | None = None) -> np.ndarray:
+    """(N, C) Dice of a plan through the mask path (NaN for images outside ``rows_subset``)."""
+    w = member_weights(weights)
+    t = torch.as_tensor(thresholds, dtype=torch.float32)
+    C = len(thresholds)
+    rl = [rules.get(c) for c in range(C)]
+    out = np.full((len(images), C), np.nan)
+    for i, rows, truth in images:
+        if rows_subset is not None and not rows_subset[i]:
+            continue
+        m = native_masks(rows, w, t, rl, task, truth.shape[1:]).astype(bool)
+        flat_m, flat_t = m.reshape(C, -1), truth.reshape(C, -1)
+        out[i] = dice_from_counts(np.count_nonzero(flat_m & flat_t, 1), np.count_nonzero(flat_m, 1),
+                                  np.count_nonzero(flat_t, 1), empty)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# Choosing at native resolution
+# --------------------------------------------------------------------------------------------- #
+def curves(images: Images, blends: list[np.ndarray], task: str, empty: float, log=print):
+    """(per blend: (N, C, 256) Dice at every level, or (N, C, 1) for multiclass; truth sums (N, C))."""
+    N = len(images)
+    table = torch.from_numpy(threshold_table())
+    ws = [member_weights(b) for b in blends]
+    out, tsum = None, None
+    t0 = time.time()
+    for i, rows, truth in images:
+        C = truth.shape[0]
+        size = truth.shape[1:]
+        if out is None:
+            out = [np.empty((N, C, LEVELS if task == "multilabel" else 1)) for _ in blends]
+            tsum = np.zeros((N, C), np.int64)
+        T = torch.from_numpy(truth)
+        tsum[i] = T.reshape(C, -1).sum(1).numpy()
+        for j, w in enumerate(ws):
+            for c0, c1 in _chunks(C, size[0] * size[1], task):
+                p = probs_chunk(rows, w, c0, c1, size)
+                if task == "multilabel":
+                    lev = torch.bucketize(p, table, right=True)  # number of thresholds <= p
+                    cc = c1 - c0
+                    key = (torch.arange(cc).view(-1, 1, 1) * LEVELS + lev) * 2 + T[c0:c1]
+                    h = torch.bincount(key.reshape(-1), minlength=cc * LEVELS * 2).reshape(cc, LEVELS, 2).numpy()
+                    inter = np.cumsum(h[:, ::-1, 1], axis=-1)[:, ::-1]
+                    pred = np.cumsum(h[:, ::-1, :].sum(-1), axis=-1)[:, ::-1]
+                    out[j][i, c0:c1] = dice_from_counts(inter, pred, tsum[i, c0:c1, None], empty)
+                else:
+                    m = binarize(p, task, torch.zeros(c1 - c0)).bool()
+                    inter = (m & T[c0:c1]).reshape(c1 - c0, -1).sum(1).numpy()
+                    out[j][i, c0:c1, 0] = dice_from_counts(inter, m.reshape(c1 - c0, -1).sum(1).numpy(),
+                                                           tsum[i, c0:c1], empty)
+        if i == 0 or (i + 1) % 50 == 0:
+            log(f"  native thresholds: image {i + 1}/{N} ({time.time() - t0:.1f}s)")
+    return out, tsum
+
+
+def components(images: Images, configs: list[tuple[np.ndarray, np.ndarray]], task: str) -> list[list[pp.Components]]:
+    """Per (weights, levels) configuration, per class: the native-size components of its masks."""
+    acc = None
+    ws = [member_weights(w) for w, _ in configs]
+    ts = [torch.as_tensor(thresholds_of(lv) if task == "multilabel" else [0.5] * len(lv), dtype=torch.float32)
+          for _, lv in configs]
+    for i, rows, truth in images:
+        C = truth.shape[0]
+        if acc is None:
+            acc = [[([], [], []) for _ in range(C)] for _ in configs]
+        for j, (w, t) in enumerate(zip(ws, ts)):
+            masks = native_masks(rows, w, t, [None] * C, task, truth.shape[1:])
+            for c in range(C):
+                if not masks[c].any():
+                    continue
+                n, labels, stats, _ = cv2.connectedComponentsWithStats(masks[c], connectivity=8)
+                img, area, inter = acc[j][c]
+                img.append(np.full(n - 1, i, np.int64))
+                area.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
+                inter.append(np.bincount(labels[truth[c]], minlength=n)[1:].astype(np.int64))
+    C = len(acc[0]) if acc else 0
+    return [[pp.Components(*(np.concatenate(x) if x else np.zeros(0, np.int64) for x in acc[j][c]))
+             for c in range(C)] for j in range(len(configs))]
+
+
+@dataclass
+class NativePlan:
+    weights: np.ndarray  # (C, M)
+    levels: np.ndarray  # (C,) chosen at native size (zeros for multiclass)
+    rules: dict  # class index -> PostProcess
+    dice: np.ndarray  # (N, C) native Dice of every image under this plan
+
+    @property
+    def thresholds(self) -> list[float]:
+        return thresholds_of(self.levels)
+
+
+@dataclass
+class NativeOutcome:
+    plans: dict  # (candidate, fold or None) -> NativePlan
+    in_sample: dict = field(default_factory=dict)  # candidate -> mean Dice
+    nested: dict = field(default_factory=dict)
+    nested_dice: dict = field(default_factory=dict)  # candidate -> (N, C)
+    nested_per_fold: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _key(*arrays) -> bytes:
+    return b"|".join(np.ascontiguousarray(a).tobytes() + str(a.dtype).encode() for a in arrays)
+
+
+def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, empty: float, *,
+             postprocess: bool, rules: list[PostProcess], candidates=("search", "single", "equal"),
+             log=print) -> NativeOutcome:
+    """Re-choose thresholds and post-processing at native size for every plan's weights, and score.
+
+    ``weights``: (candidate, fold or None) -> (C, M) weights chosen at the OOF size.
+    """
+    t0 = time.time()
+    N = len(images)
+    folds = sorted(set(fold_of.tolist()))
+    keys = sorted({k for _, k in weights}, key=lambda k: -1 if k is None else k)
+    subsets = {k: (np.ones(N, bool) if k is None else fold_of != k) for k in keys}
+    distinct = {}
+    for w in weights.values():
+        distinct.setdefault(_key(w), w)
+    log(f"native resolution: {N} images, {len(distinct)} distinct blend(s)")
+    curve_list, tsum = curves(images, list(distinct.values()), task, empty, log)
+    curve_of = dict(zip(distinct, curve_list))
+    levels = {pk: choose_levels(curve_of[_key(w)], subsets[pk[1]]) for pk, w in weights.items()}
+    dice = {pk: at_levels(curve_of[_key(w)], levels[pk]) for pk, w in weights.items()}
+    chosen = {pk: {} for pk in weights}
+    if postprocess:
+        configs = {}
+        for pk, w in weights.items():
+            configs.setdefault(_key(w, levels[pk]), (w, levels[pk]))
+        log(f"native resolution: components of {len(configs)} configuration(s)")
+        comps = dict(zip(configs, components(images, list(configs.values()), task)))
+        for pk, w in weights.items():
+            r, inter, pred = pp.choose(comps[_key(w, levels[pk])], tsum, subsets[pk[1]], rules, np.ones(N), empty)
+            chosen[pk] = r
+            dice[pk] = dice_from_counts(inter, pred, tsum, empty)
+    out = NativeOutcome({pk: NativePlan(w, levels[pk], chosen[pk], dice[pk]) for pk, w in weights.items()})
+    procs = list(candidates) + ["ensemble"]
+    for k in keys:  # "ensemble": the candidate best on the images its selection set may look at
+        best = max(candidates, key=lambda p: (out.plans[(p, k)].dice[subsets[k]].mean(), p == "search"))
+        out.plans[("ensemble", k)] = out.plans[(best, k)]
+    for proc in procs:
+        out.in_sample[proc] = float(out.plans[(proc, None)].dice.mean())
+        if len(keys) > 1:
+            held = np.empty_like(out.plans[(proc, None)].dice)
+            for f in folds:
+                rows = fold_of == f
+                held[rows] = out.plans[(proc, f)].dice[rows]
+            out.nested_dice[proc] = held
+            out.nested[proc] = float(held.mean())
+            out.nested_per_fold[proc] = {int(f): float(held[fold_of == f].mean()) for f in folds}
+    out.seconds = time.time() - t0
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# The closed loop: OOF as a submission, and the training truth, in the competition's format
+# --------------------------------------------------------------------------------------------- #
+def write_csv(path, images: Images, weights: np.ndarray, thresholds: list[float], rules: dict, comp) -> int:
+    """The plan's native predictions of the training images as a CSV in the competition's exact
+    format (the submission writer, so post-processing and RLE are the submission's own)."""
+    from competition.io import atomic_path
+    from competition.predict.submit import SubmissionWriter
+    w = member_weights(weights)
+    t = torch.as_tensor(thresholds, dtype=torch.float32)
+    C = len(comp.classes)
+    by_name = {comp.classes[c]: r for c, r in rules.items()}
+    with atomic_path(path) as tmp:
+        with SubmissionWriter(tmp, comp, by_name) as writer:
+            for i, rows, truth in images:
+                masks = native_masks(rows, w, t, [None] * C, comp.task, truth.shape[1:])
+                writer.add(images.adapter.submission_id(images.ids[i], "train"), masks)
+        return writer.rows
+
+
+def write_truth_csv(path, adapter, ids: list[str], comp) -> int:
+    """The training truth at native size in the competition's format, with ``height``/``width``."""
+    import csv
+
+    from competition.io import atomic_path
+    spec = comp.submission
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        out = csv.writer(f, lineterminator="\n")
+        out.writerow([spec.id_column, spec.class_column, spec.rle_column, "height", "width"])
+        for i in ids:
+            m = native_truth(adapter, i, comp.task)
+            sid = adapter.submission_id(i, "train")
+            for c, name in enumerate(comp.classes):
+                out.writerow([sid, name, rle.encode(m[c] > 0, spec.pixel_order), m.shape[1], m.shape[2]])
+                n += 1
+    return n

@@ -1,0 +1,181 @@
+"""Atomic writes, file hashes and text reading: the one place the project does these.
+
+Every artifact teammates share (folds files, configs, ledgers, generated data) is written through
+:func:`atomic_path`, so a reader, or a run killed half-way, never sees half a file, and two processes
+writing the same target never share a temp file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_CHUNK = 1 << 20
+# ``.<target name>.<tempfile's 8 random characters>.tmp``: what atomic_path creates, and the only
+# names clean_stale_temps may remove.
+_TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+class ReadError(ValueError):
+    """A file could not be read as text; the message names the file and what was wrong."""
+
+
+# --------------------------------------------------------------------------------------------- #
+# Modes
+# --------------------------------------------------------------------------------------------- #
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask can only set)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: set and restore at once (not thread-safe, but only here)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` or ``mkdir()`` would give a new file or folder under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def _target_mode(path: Path) -> int:
+    # An existing file keeps its permissions, as when it is rewritten in place; a new one follows
+    # the umask. mkstemp's own 0600 would hide shared artifacts from teammates on the same machine.
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return default_mode()
+
+
+# --------------------------------------------------------------------------------------------- #
+# Atomic writes
+# --------------------------------------------------------------------------------------------- #
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; some file systems cannot open a folder, which is not an error.
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """A fresh temp path beside ``path`` to write to; on success it replaces ``path`` atomically.
+
+    The temp file (``.<name>.<random>.tmp``, created exclusively by tempfile, so concurrent writers
+    never share one) is fsynced, given the mode a normally written file would have, and
+    ``os.replace``d onto the target. On any failure it is removed and the target is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.chmod(tmp, _target_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically, byte for byte (no newline translation)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` has the shape of a temp file made by :func:`atomic_path`."""
+    return bool(_TEMP_NAME.match(name))
+
+
+def clean_stale_temps(folder: Path | str, max_age_s: float) -> list[Path]:
+    """Remove temp files left in ``folder`` by killed writers, older than ``max_age_s``; returns them.
+
+    Only regular files named like :func:`atomic_path`'s temps are touched (never folders, links or
+    anything else); a younger one may belong to a writer that is still running.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - max_age_s
+    removed = []
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if not is_temp_name(e.name) or not e.is_file(follow_symlinks=False):
+                continue
+            try:
+                if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+            except FileNotFoundError:  # its writer finished (or another cleaner was faster)
+                continue
+    return removed
+
+
+# --------------------------------------------------------------------------------------------- #
+# Reading and hashing
+# --------------------------------------------------------------------------------------------- #
+def file_hash(path: Path | str, n: int = 16) -> str:
+    """The first ``n`` hex digits of the file's SHA-256, read in chunks (files may be large)."""
+    if not 1 <= n <= 64:
+        raise ValueError(f"file_hash: n must be between 1 and 64 hex digits, got {n}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def read_text(path: Path | str, what: str = "file") -> str:
+    """A UTF-8 text file's contents, or a :class:`ReadError` naming the file and the problem.
+
+    A leading byte-order mark (Excel and Notepad write one) is dropped: JSON and CSV readers would
+    otherwise take it for part of the first key or column name.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ReadError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ReadError(f"{path}: {what} is a folder, expected a file") from None
+    except OSError as e:
+        raise ReadError(f"{path}: {what} cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ReadError(f"{path}: {what} is not UTF-8 text (undecodable byte 0x{data[e.start]:02x} on line "
+                        f"{line}); save it as UTF-8") from None
