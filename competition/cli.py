@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from competition.config import DEFAULT_COMPETITION, DEFAULT_EXPERIMENT, ConfigError
+from competition.errors import UserError
 
 
 def _comp(p: argparse.ArgumentParser) -> None:
@@ -59,6 +61,16 @@ def cmd_train(args) -> int:
             folds = [int(args.fold)]
         except ValueError:
             raise ConfigError(f"--fold expects a fold number or 'all', got {args.fold!r}") from None
+    if args.check:
+        import time
+
+        from competition.train.check import check_run
+        t0 = time.time()
+        for k in folds:
+            check_run(exp, k)
+        print(f"configuration ok: {exp.name} fold(s) {', '.join(map(str, folds))} "
+              f"({time.time() - t0:.1f}s; nothing was built or written)")
+        return 0
     try:
         for k in folds:
             fit(exp, k, restart=args.restart)
@@ -146,7 +158,7 @@ def cmd_predict(args) -> int:
 def cmd_lb(args) -> int:
     from competition import ledger
     if args.submission is None and (args.public is not None or args.private is not None or args.upload):
-        raise ValueError("--public, --private and --upload need the SUBMISSION they are about")
+        raise ConfigError("--public, --private and --upload need the SUBMISSION they are about")
     if args.upload:
         print(ledger.upload_recorded(args.submission, args.message))
     if args.public is not None or args.private is not None:
@@ -215,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment name (configs/experiments/<name>.yaml) or a YAML path")
     p.add_argument("--fold", default="0", help="fold number, or 'all' to train every fold in turn")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the fold over")
+    p.add_argument("--check", action="store_true",
+                   help="validate the whole configuration (names, augmentations, scheduler, folds vs data, output "
+                        "folder, lock) and exit: builds and writes nothing")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("tune", help="Optuna search over configs/search/<space>.yaml; resumable, many workers")
     p.add_argument("--exp", default=DEFAULT_EXPERIMENT, help="the base experiment (name or YAML path)")
@@ -308,13 +323,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space (old runs/, submissions/, wandb/) and run the command again",
+    errno.EDQUOT: "the disk quota is exceeded: free space and run the command again",
+    errno.EROFS: "the file system is read-only: run from a writable copy of the project",
+    errno.EACCES: "permission denied: check the folder's owner and mode (a teammate's files?)",
+    errno.EPERM: "operation not permitted: check the folder's owner and mode",
+    errno.ENOENT: "not found",
+}
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an expected failure: the message of a UserError; for an OSError the file, what
+    happened and what to do."""
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        where = e.filename or "a file"
+        hint = _OS_HINTS.get(e.errno, e.strerror or str(e))
+        return f"{where}: {e.strerror or type(e).__name__}" + (f"; {hint}" if hint != e.strerror else "")
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from competition.data.base import DataError
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ValueError, KeyError, FileNotFoundError) as e:
-        # Expected user errors: one clear message, no traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        # Expected failures (bad config or data, a diverged run, a full disk, a held lock): one clear
+        # line, exit 2. Anything else is a bug and keeps its traceback.
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2

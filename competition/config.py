@@ -7,11 +7,14 @@ allowed values; everything downstream receives these frozen models, never raw di
 """
 from __future__ import annotations
 
+from competition.errors import UserError
+
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 # The project folder is the current directory (as for make and git): configs/, data/, folds/, runs/,
 # ensembles/ and submissions/ are found there. Built-in configs ship beside the package as a fallback.
@@ -25,7 +28,7 @@ def config_dirs(kind: str) -> list[Path]:
     return list(dict.fromkeys(d.resolve() for d in dirs))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file is invalid; the message names the file and the key."""
 
 
@@ -132,7 +135,7 @@ class SyntheticSpec(Strict):
 
 
 class CompetitionConfig(Strict):
-    name: str
+    name: "SafeName"
     data_root: str
     format: Literal["polygon_json", "rle_csv", "mask_folders"]
     classes: list[str] = Field(min_length=1)
@@ -378,9 +381,20 @@ class TrackingConfig(Strict):
     group: str | None = None  # W&B group; default: the experiment name (tuning groups trials by study)
 
 
+def _safe_name(v: str) -> str:
+    """Names become folder and file names (runs/<exp>/, folds/<comp>.csv, ensembles/<name>.yaml)."""
+    from competition.paths import NAME, NAME_RULE
+    if not NAME.fullmatch(v) or ".." in v:
+        raise ValueError(f"{v!r} is not a safe name: use {NAME_RULE}")
+    return v
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
 class ExperimentConfig(Strict):
-    name: str
-    competition: str = DEFAULT_COMPETITION
+    name: SafeName
+    competition: SafeName = DEFAULT_COMPETITION
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -455,8 +469,8 @@ class PostProcess(Strict):
 
 
 class Recipe(Strict):
-    name: str
-    competition: str
+    name: SafeName
+    competition: SafeName
     task: Literal["multilabel", "multiclass"]
     classes: list[str]
     folds_sha256: str  # hash of folds/<competition>.csv the OOF scores were computed on
@@ -473,7 +487,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     """``ensembles/<name>.yaml`` in the project, or a path."""
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml"):
-        p = Path.cwd() / "ensembles" / f"{name_or_path}.yaml"
+        from competition import paths
+        p = paths.recipe(str(name_or_path))
     return validate(Recipe, read_yaml(p), p)
 
 

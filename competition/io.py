@@ -6,6 +6,8 @@ writing the same target never share a temp file.
 """
 from __future__ import annotations
 
+from competition.errors import UserError
+
 import hashlib
 import os
 import re
@@ -23,7 +25,7 @@ _TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
-class ReadError(ValueError):
+class ReadError(UserError, ValueError):
     """A file could not be read as text; the message names the file and what was wrong."""
 
 

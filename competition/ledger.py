@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from competition import paths
-from competition.config import CompetitionConfig, Recipe, atomic_write_text
+from competition.config import CompetitionConfig, ConfigError, Recipe, atomic_write_text
 
 COLUMNS = ["time", "file", "competition", "ensemble", "ensemble_sha256", "members", "cv_native_in_sample",
            "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "images", "seconds", "public_lb", "private_lb"]
@@ -29,7 +29,7 @@ PLOT = "cv_vs_lb.png"
 
 
 def ledger_path() -> Path:
-    return paths.submissions_dir() / "ledger.csv"
+    return paths.ledger()
 
 
 def read(path: Path | None = None) -> pd.DataFrame:
@@ -40,13 +40,13 @@ def read(path: Path | None = None) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+        raise ConfigError(f"{path}: not a readable CSV ({e})") from None
     for c in ADDED:
         if c not in df.columns:
             df[c] = ""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; a ledger has columns {COLUMNS}")
+        raise ConfigError(f"{path}: missing column(s) {missing}; a ledger has columns {COLUMNS}")
     return df
 
 
@@ -122,7 +122,7 @@ def find(df: pd.DataFrame, submission: str) -> int:
     hits = [i for i, f in enumerate(df["file"]) if f == submission or Path(f).name == name]
     if not hits:
         listed = ", ".join(Path(f).name for f in df["file"][-5:]) or "(the ledger is empty)"
-        raise ValueError(f"{submission}: not in {ledger_path()}; recent submissions: {listed}")
+        raise ConfigError(f"{submission}: not in {ledger_path()}; recent submissions: {listed}")
     return hits[-1]
 
 
@@ -130,7 +130,7 @@ def record(submission: str, public: float | None = None, private: float | None =
     """Fill in the leaderboard score(s) of a submission; returns its row."""
     for name, v in (("--public", public), ("--private", private)):
         if v is not None and not (math.isfinite(v) and 0 <= v <= 1):
-            raise ValueError(f"{name} {v}: a leaderboard Dice lies between 0 and 1")
+            raise ConfigError(f"{name} {v}: a leaderboard Dice lies between 0 and 1")
     with _locked():
         df = read()
         i = find(df, submission)
@@ -196,11 +196,10 @@ def scatter(df: pd.DataFrame, path: Path | None = None) -> Path | None:
     ax.set_title("Does CV track the leaderboard?")
     ax.legend(fontsize=8)
     path = path or paths.submissions_dir() / PLOT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    from competition.io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -222,7 +221,7 @@ def upload_recorded(submission: str, message: str | None = None) -> str:
     row = df.loc[find(df, submission)]
     path = paths.project() / row["file"]
     if not path.is_file():
-        raise ValueError(f"{path}: the submission file is gone; nothing to upload")
+        raise ConfigError(f"{path}: the submission file is gone; nothing to upload")
     return upload(path, load_competition(row["competition"]), message or path.name)
 
 
@@ -230,18 +229,18 @@ def upload(submission: Path, comp: CompetitionConfig, message: str) -> str:
     """Submit the file with the Kaggle CLI; raises ValueError saying clearly why not when it cannot."""
     slug = comp.submission.kaggle
     if not slug:
-        raise ValueError(f"not uploaded: competition {comp.name!r} has no submission.kaggle (the Kaggle "
+        raise ConfigError(f"not uploaded: competition {comp.name!r} has no submission.kaggle (the Kaggle "
                          f"competition slug) in its config")
     exe = shutil.which("kaggle")
     if exe is None:
-        raise ValueError("not uploaded: the Kaggle CLI is not installed (pip install kaggle); upload "
+        raise ConfigError("not uploaded: the Kaggle CLI is not installed (pip install kaggle); upload "
                          f"{submission} by hand")
     if not kaggle_configured():
-        raise ValueError("not uploaded: the Kaggle CLI is installed but not configured (no KAGGLE_USERNAME/"
+        raise ConfigError("not uploaded: the Kaggle CLI is installed but not configured (no KAGGLE_USERNAME/"
                          "KAGGLE_KEY and no kaggle.json in ~/.kaggle or KAGGLE_CONFIG_DIR); see "
                          "https://github.com/Kaggle/kaggle-api#api-credentials")
     r = subprocess.run([exe, "competitions", "submit", "-c", slug, "-f", str(submission), "-m", message],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise ValueError(f"not uploaded: kaggle exited with {r.returncode}: {(r.stderr or r.stdout).strip()}")
+        raise ConfigError(f"not uploaded: kaggle exited with {r.returncode}: {(r.stderr or r.stdout).strip()}")
     return r.stdout.strip()

@@ -20,10 +20,21 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from competition.paths import OOF_IDS, OOF_META, OOF_PROBS
+
 if TYPE_CHECKING:
     import torch
 
 QUANT = 255.0
+
+
+def _json(path: Path):
+    from competition.io import ReadError, read_text
+    try:
+        return json.loads(read_text(path, "OOF store file"))
+    except json.JSONDecodeError as e:
+        raise ReadError(f"{path}: not valid JSON ({e}); the OOF store is damaged: delete it and run "
+                        f"`competition oof` to predict it again") from None
 
 
 def store_size(exp) -> tuple[int, int]:
@@ -76,7 +87,7 @@ def write(out_dir: Path, ids: list[str], batches: Iterable[tuple[list[int], np.n
 
 
 def _fill(tmp: Path, ids, batches, classes, size, meta) -> None:
-    arr = np.lib.format.open_memmap(tmp / "probs.npy", mode="w+", dtype=np.uint8,
+    arr = np.lib.format.open_memmap(tmp / OOF_PROBS, mode="w+", dtype=np.uint8,
                                     shape=(len(ids), len(classes), *size))
     filled = np.zeros(len(ids), bool)
     for rows, probs in batches:
@@ -86,20 +97,20 @@ def _fill(tmp: Path, ids, batches, classes, size, meta) -> None:
     del arr
     if not filled.all():
         raise RuntimeError(f"OOF store incomplete: rows {np.flatnonzero(~filled)[:10].tolist()} never written")
-    (tmp / "ids.json").write_text(json.dumps(ids))
+    (tmp / OOF_IDS).write_text(json.dumps(ids))
     full_meta = {"size": list(size), "classes": classes, "quantization": "uint8, p = value / 255", **meta}
-    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+    (tmp / OOF_META).write_text(json.dumps(full_meta, indent=1))
 
 
 def read(oof_dir: Path) -> tuple[np.ndarray, list[str], dict]:
     """(memory-mapped uint8 probs, ids, meta) of one fold's store."""
     oof_dir = Path(oof_dir)
-    for name in ("probs.npy", "ids.json", "meta.json"):
+    for name in (OOF_PROBS, OOF_IDS, OOF_META):
         if not (oof_dir / name).is_file():
             raise FileNotFoundError(f"{oof_dir / name}: missing; the OOF store is incomplete")
-    probs = np.load(oof_dir / "probs.npy", mmap_mode="r")
-    ids = json.loads((oof_dir / "ids.json").read_text())
-    meta = json.loads((oof_dir / "meta.json").read_text())
+    probs = np.load(oof_dir / OOF_PROBS, mmap_mode="r")
+    ids = _json(oof_dir / OOF_IDS)
+    meta = _json(oof_dir / OOF_META)
     if probs.shape[0] != len(ids):
         raise ValueError(f"{oof_dir}: probs.npy has {probs.shape[0]} rows but ids.json lists {len(ids)} ids")
     return probs, ids, meta

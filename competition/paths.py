@@ -1,43 +1,211 @@
-"""Where every artifact lives, derived from names alone (relative to the project folder, the cwd).
+"""Where every artifact lives: the one owner of folder AND file names (relative to the project
+folder, the cwd). No other module spells a file name of a run folder, a recipe or a submission.
 
-    folds/<competition>.csv              committed: the shared split
-    runs/<exp>/fold<k>/                  gitignored: config.yaml, last.pt, best.pt, metrics.json,
-                                         history.csv, oof/ (probs.npy, ids.json, meta.json)
-    ensembles/<name>.yaml, .md           committed: ensemble recipes
-    submissions/<time>-<name>.csv        gitignored; submissions/ledger.csv committed
+    folds/<competition>.csv                      committed: the shared split
+    runs/<exp>/fold<k>/                          gitignored, one :class:`RunPaths`: config.yaml, last.pt,
+                                                 best.pt, metrics.json, history.csv, oof[-<variant>]/, .lock
+    runs/<exp>/oof_scores[-<variant>].csv        `competition oof`; runs/<exp>/suspects/
+    runs/_truth/<comp>-<h>x<w>-<key>.npy         the bit-packed truth cache
+    runs/studies/<study>.db, runs/studies/<study>/   Optuna storage and reports
+    ensembles/<name>.yaml, .md                   committed: ensemble recipes
+    submissions/<time>-<name>.csv                gitignored; submissions/ledger.csv committed
+
+Names (experiment, recipe, study, competition) are checked here, once, with one rule, and every path
+returned is proven to lie inside its root, so a name from YAML can never write elsewhere.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]*")
+NAME_RULE = "letters, digits, '_', '-', '.', '+', '@' (not starting with '.' or '-'; it names a folder or file)"
+
+# The files of one OOF store (runs/<exp>/fold<k>/oof[-<variant>]/).
+OOF_PROBS, OOF_IDS, OOF_META = "probs.npy", "ids.json", "meta.json"
 
 
 def project() -> Path:
     return Path.cwd()
 
 
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a safe single path component, else a ConfigError naming ``kind``."""
+    from competition.config import ConfigError
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", "..") or ".." in name:
+        raise ConfigError(f"{kind} name {name!r}: use {NAME_RULE}")
+    return name
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path``, proven to lie inside ``root`` (resolving symlinks and ``..``)."""
+    from competition.config import ConfigError
+    r, p = Path(root).resolve(), Path(path).resolve()
+    if p != r and r not in p.parents:
+        raise ConfigError(f"{path} lies outside {root}; refusing to write there")
+    return Path(path)
+
+
+def runs_root() -> Path:
+    return project() / "runs"
+
+
 def folds_file(competition: str) -> Path:
-    return project() / "folds" / f"{competition}.csv"
+    return inside(project() / "folds", project() / "folds" / f"{check_name('competition', competition)}.csv")
 
 
+def experiment_dir(experiment: str) -> Path:
+    return inside(runs_root(), runs_root() / check_name("experiment", experiment))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of one training run folder ``runs/<exp>/fold<k>/``."""
+
+    experiment: str
+    fold: int
+
+    @property
+    def root(self) -> Path:
+        return experiment_dir(self.experiment) / f"fold{int(self.fold)}"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def oof(self, variant: str = "") -> Path:
+        """The plain OOF (``oof/``) or a TTA variant's (``oof-<variant>/``, see predict.tta.variant_name)."""
+        if variant:
+            check_name("OOF variant", variant)
+        return self.root / (f"oof-{variant}" if variant else "oof")
+
+    def oof_variants(self) -> list[str]:
+        """The variants whose OOF store exists ("" = plain), plain first."""
+        if not self.root.is_dir():
+            return []
+        found = [p.name[4:] for p in self.root.glob("oof-*") if (p / OOF_PROBS).is_file()]
+        return ([""] if (self.oof() / OOF_PROBS).is_file() else []) + sorted(found)
+
+    @classmethod
+    def of(cls, folder: Path) -> "RunPaths | None":
+        """The reverse lookup: a ``runs/<exp>/fold<k>`` folder -> its RunPaths (None if not one)."""
+        folder = Path(folder)
+        name = folder.name
+        if not (name.startswith("fold") and name[4:].isdigit() and NAME.fullmatch(folder.parent.name)):
+            return None
+        return cls(folder.parent.name, int(name[4:]))
+
+
+def run(experiment: str, fold: int) -> RunPaths:
+    check_name("experiment", experiment)
+    return RunPaths(experiment, int(fold))
+
+
+def trained_folds(experiment: str) -> dict[int, RunPaths]:
+    """fold -> RunPaths for every fold of the experiment with a ``best.pt``."""
+    root = experiment_dir(experiment)
+    out = {}
+    for d in sorted(root.glob("fold*")) if root.is_dir() else []:
+        rp = RunPaths.of(d)
+        if rp is not None and rp.best.is_file():
+            out[rp.fold] = rp
+    return out
+
+
+def finished_runs(pattern: str = "*") -> list[RunPaths]:
+    """Every run folder under runs/ with a ``metrics.json``, experiments matching the glob."""
+    out = []
+    for d in sorted(runs_root().glob(f"{pattern}/fold*")):
+        rp = RunPaths.of(d)
+        if rp is not None and rp.metrics.is_file():
+            out.append(rp)
+    return out
+
+
+# -- kept for the callers that only need a folder ------------------------------------------------
 def run_dir(experiment: str, fold: int) -> Path:
-    return project() / "runs" / experiment / f"fold{fold}"
+    return run(experiment, fold).root
 
 
 def oof_dir(experiment: str, fold: int, variant: str = "") -> Path:
-    """The plain OOF (``oof/``) or a TTA variant's (``oof-<variant>/``, see predict.tta.variant_name)."""
-    return run_dir(experiment, fold) / (f"oof-{variant}" if variant else "oof")
+    return run(experiment, fold).oof(variant)
 
 
 def oof_variants(experiment: str, fold: int) -> list[str]:
-    """The variants whose OOF store exists for one fold ("" = plain), plain first."""
-    run = run_dir(experiment, fold)
-    found = [p.name[4:] for p in run.glob("oof-*") if (p / "probs.npy").is_file()] if run.is_dir() else []
-    return ([""] if (run / "oof" / "probs.npy").is_file() else []) + sorted(found)
+    return run(experiment, fold).oof_variants()
+
+
+def oof_scores(experiment: str, variant: str = "") -> Path:
+    return experiment_dir(experiment) / f"oof_scores{f'-{variant}' if variant else ''}.csv"
+
+
+def suspects_dir(experiment: str) -> Path:
+    return experiment_dir(experiment) / "suspects"
+
+
+def truth_dir() -> Path:
+    return runs_root() / "_truth"
+
+
+def truth_cache(competition: str, size: tuple[int, int], key: str) -> Path:
+    h, w = size
+    return truth_dir() / f"{check_name('competition', competition)}-{h}x{w}-{key}.npy"
+
+
+def studies_dir() -> Path:
+    return runs_root() / "studies"
+
+
+def study_db(study: str) -> Path:
+    return studies_dir() / f"{check_name('study', study)}.db"
+
+
+def study_dir(study: str) -> Path:
+    return studies_dir() / check_name("study", study)
 
 
 def ensembles_dir() -> Path:
     return project() / "ensembles"
 
 
+def recipe(name: str) -> Path:
+    return inside(ensembles_dir(), ensembles_dir() / f"{check_name('ensemble', name)}.yaml")
+
+
+def recipe_report(name: str) -> Path:
+    return inside(ensembles_dir(), ensembles_dir() / f"{check_name('ensemble', name)}.md")
+
+
 def submissions_dir() -> Path:
     return project() / "submissions"
+
+
+def submission(name: str, stamp: str, n: int = 1) -> Path:
+    """``submissions/<stamp>-<name>[-n].csv``."""
+    check_name("ensemble", name)
+    return inside(submissions_dir(), submissions_dir() / f"{stamp}-{name}{'' if n == 1 else f'-{n}'}.csv")
+
+
+def ledger() -> Path:
+    return submissions_dir() / "ledger.csv"

@@ -10,6 +10,8 @@ then tested per uint64 word, and only the few words that contain a transition ar
 """
 from __future__ import annotations
 
+from competition.errors import UserError
+
 import math
 import re
 
@@ -27,7 +29,7 @@ _U1, _U63 = np.uint64(1), np.uint64(63)
 _TOP_BIT, _ALL_ONES = np.uint64(1 << 63), np.uint64(2**64 - 1)
 
 
-class RLEError(ValueError):
+class RLEError(UserError, ValueError):
     """An RLE string is malformed or does not fit the image; the message says which run and why."""
 
 

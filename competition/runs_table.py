@@ -7,12 +7,12 @@ per-class validation Dice of each experiment (mean over its folds) as grouped ba
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
+
+from competition.config import ConfigError
 
 # Keys (and key prefixes) that differ between runs without changing what was learned.
 IGNORED = ("name", "train.progress", "data.workers")
@@ -39,20 +39,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def collect(root: Path | None = None, pattern: str = "*") -> tuple[pd.DataFrame, dict[str, dict]]:
+def collect(pattern: str = "*") -> tuple[pd.DataFrame, dict[str, dict]]:
     """One row per finished fold (metrics.json present); also each run's per-class validation Dice."""
-    root = root or Path.cwd() / "runs"
+    from competition import paths
+    from competition.config import read_yaml
+    from competition.io import ReadError, read_text
     rows, per_class = [], {}
-    for mfile in sorted(root.glob("*/fold*/metrics.json")):
-        exp, fold = mfile.parent.parent.name, mfile.parent.name
-        if not fnmatch.fnmatch(exp, pattern):
-            continue
+    for rp in paths.finished_runs(pattern):
+        mfile, exp, fold = rp.metrics, rp.experiment, rp.root.name
         try:
-            m = json.loads(mfile.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{mfile}: unreadable metrics file ({e}); delete the fold folder or re-train it") from None
-        cfg_file = mfile.parent / "config.yaml"
-        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+            m = json.loads(read_text(mfile, "metrics file"))
+        except (ReadError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{mfile}: unreadable metrics file ({e}); delete the fold folder or re-train it") from None
+        cfg = read_yaml(rp.config) if rp.config.is_file() else {}
         params = flatten((cfg or {}).get("experiment", {}))
         pc = m.get("val_dice_per_class") or {}
         worst = sorted(pc.items(), key=lambda kv: kv[1])[:3]
@@ -80,7 +79,7 @@ def table(df: pd.DataFrame, sort: str = "val_dice", ascending: bool = False) -> 
         return df
     cols = ["experiment", "fold", *differing(df, ["experiment", "fold", *SUMMARY]), *SUMMARY]
     if sort not in df.columns:
-        raise ValueError(f"--sort {sort!r}: not a column; choose from {', '.join(cols)}")
+        raise ConfigError(f"--sort {sort!r}: not a column; choose from {', '.join(cols)}")
     out = df.sort_values([sort, "experiment", "fold"], ascending=[ascending, True, True],
                          na_position="last")[cols].reset_index(drop=True)
     params = cols[2:-len(SUMMARY)]
@@ -114,9 +113,8 @@ def plot(df: pd.DataFrame, per_class: dict[str, dict], path: Path) -> Path:
     ax.legend(fontsize=8, ncol=max(1, n // 12 + 1), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # written whole, then renamed
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    from competition.io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -11,6 +11,8 @@ extra rows are ignored, and what was forgiven is listed in ``ScoreResult.problem
 """
 from __future__ import annotations
 
+from competition.errors import UserError
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ MAX_LISTED = 10
 ROWS_NOTE = "rows are numbered from 1 after the header, so row N is line N+1 of the file"
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError, ValueError):
     """The submission or the truth cannot be scored; the message names the rows and what is wrong."""
 
 

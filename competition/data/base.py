@@ -7,6 +7,8 @@ interface only, so a new competition format is one new file.
 """
 from __future__ import annotations
 
+from competition.errors import UserError
+
 import csv
 import os
 import warnings
@@ -24,7 +26,7 @@ from competition.config import CompetitionConfig
 from competition.io import ReadError, read_text
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file (and row) and what was expected."""
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import paths
+from competition import locks, paths
 from competition.config import ConfigError, load_competition, load_experiment
 from competition.data.adapters import make_adapter
 from competition.ensemble import compact, native, nested, postprocess, recipe, store
@@ -113,7 +113,30 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
     paths.ensembles_dir().mkdir(parents=True, exist_ok=True)
     _check_writable(paths.ensembles_dir(), csv, truth_csv)
+    with locks.hold_runs(_member_runs(experiments)):
+        return _run(name, experiments, method=method, per_class=per_class, steps=steps, trials=trials,
+                    postprocess_=postprocess_, nested_cv=nested_cv, threshold=threshold, budget_mb=budget_mb,
+                    force_blend=force_blend, csv=csv, truth_csv=truth_csv, log=log)
+
+
+def _member_runs(specs: list[str]) -> list:
+    """The run folders an ensemble reads (shared locks: a fold being trained is refused)."""
+    names = sorted({parse_member(s)[0] for s in specs})
+    out = []
+    for n in names:
+        exp = load_experiment(n)
+        root = paths.experiment_dir(exp.name)
+        out += [r for r in (paths.RunPaths.of(d) for d in sorted(root.glob("fold*"))) if r is not None] \
+            if root.is_dir() else []
+    return out
+
+
+def _run(name, experiments, *, method, per_class, steps, trials, postprocess_, nested_cv, threshold, budget_mb,
+         force_blend, csv, truth_csv, log):
     comp, adapter, folds, folds_sha, exps, views, truth = open_members(experiments, log)
+    if per_class and comp.task == "multiclass":
+        raise ConfigError("--per-class: per-class weights are for multilabel tasks (the argmax of a multiclass "
+                          "task couples the classes, so members take one weight each)")
     checkpoints = recipe.checkpoints(sorted({e.name for e in exps}), sorted(set(folds["fold"])))
     budget = budget_mb << 20
     N, C = len(truth), len(comp.classes)

@@ -80,9 +80,23 @@ def _chunks(n_classes: int, hw: int, task: str) -> list[tuple[int, int]]:
     return [(c, min(n_classes, c + step)) for c in range(0, n_classes, step)]
 
 
-def probs_chunk(rows: list[torch.Tensor], w: torch.Tensor, c0: int, c1: int, size) -> torch.Tensor:
-    """Classes [c0, c1) of the blended probabilities at the native size (the submission's arithmetic)."""
-    return to_size(blend([r[c0:c1] for r in rows], w[:, c0:c1]), size)
+def probs_chunk(blended: torch.Tensor, c0: int, c1: int, size) -> torch.Tensor:
+    """Classes [c0, c1) of the blended probabilities (at the OOF size) resized to the native size:
+    the submission's arithmetic (resizing is per channel, so chunks give the same values)."""
+    return to_size(blended[c0:c1], size)
+
+
+def levels_of(p: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 level of every float32 probability: the number of thresholds ``t`` with ``p >= t``
+    (exactly the submission's compare). ``floor(255 p + 0.5)`` is that count except within float
+    error of a threshold, where the exact search decides."""
+    x = p * np.float32(255.0) + np.float32(0.5)
+    lev = np.floor(x)
+    frac = x - lev
+    near = (frac < 1e-3) | (frac > 1 - 1e-3)
+    if near.any():
+        lev[near] = np.searchsorted(table, p[near], side="right")
+    return np.clip(lev, 0, LEVELS - 1).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -93,8 +107,9 @@ def native_masks(rows: list[torch.Tensor], w: torch.Tensor, thresholds: torch.Te
     """(C, H, W) uint8 masks of one image: blend, resize, binarise, post-process (the writer's rule)."""
     C = rows[0].shape[0]
     out = np.empty((C, *size), np.uint8)
+    blended = blend(rows, w)
     for c0, c1 in _chunks(C, size[0] * size[1], task):
-        p = probs_chunk(rows, w, c0, c1, size)
+        p = probs_chunk(blended, c0, c1, size)
         out[c0:c1] = binarize(p, task, thresholds[c0:c1]).numpy()
     for c in range(C):
         out[c] = apply_rule(out[c], rules[c])
@@ -112,10 +127,10 @@ def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rul
     for i, rows, truth in images:
         if rows_subset is not None and not rows_subset[i]:
             continue
-        m = native_masks(rows, w, t, rl, task, truth.shape[1:]).astype(bool)
+        m = native_masks(rows, w, t, rl, task, truth.shape[1:]).view(bool)
         flat_m, flat_t = m.reshape(C, -1), truth.reshape(C, -1)
-        out[i] = dice_from_counts(np.count_nonzero(flat_m & flat_t, 1), np.count_nonzero(flat_m, 1),
-                                  np.count_nonzero(flat_t, 1), empty)
+        inter = np.array([np.count_nonzero(np.logical_and(flat_m[c], flat_t[c])) for c in range(C)])
+        out[i] = dice_from_counts(inter, np.count_nonzero(flat_m, 1), np.count_nonzero(flat_t, 1), empty)
     return out
 
 
@@ -125,7 +140,7 @@ def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rul
 def curves(images: Images, blends: list[np.ndarray], task: str, empty: float, log=print):
     """(per blend: (N, C, 256) Dice at every level, or (N, C, 1) for multiclass; truth sums (N, C))."""
     N = len(images)
-    table = torch.from_numpy(threshold_table())
+    table = threshold_table()
     ws = [member_weights(b) for b in blends]
     out, tsum = None, None
     t0 = time.time()
@@ -135,24 +150,24 @@ def curves(images: Images, blends: list[np.ndarray], task: str, empty: float, lo
         if out is None:
             out = [np.empty((N, C, LEVELS if task == "multilabel" else 1)) for _ in blends]
             tsum = np.zeros((N, C), np.int64)
-        T = torch.from_numpy(truth)
-        tsum[i] = T.reshape(C, -1).sum(1).numpy()
+        flat_t = truth.reshape(C, -1)
+        tsum[i] = np.count_nonzero(flat_t, axis=1)
         for j, w in enumerate(ws):
+            blended = blend(rows, w)
             for c0, c1 in _chunks(C, size[0] * size[1], task):
-                p = probs_chunk(rows, w, c0, c1, size)
+                p = probs_chunk(blended, c0, c1, size).numpy()
                 if task == "multilabel":
-                    lev = torch.bucketize(p, table, right=True)  # number of thresholds <= p
-                    cc = c1 - c0
-                    key = (torch.arange(cc).view(-1, 1, 1) * LEVELS + lev) * 2 + T[c0:c1]
-                    h = torch.bincount(key.reshape(-1), minlength=cc * LEVELS * 2).reshape(cc, LEVELS, 2).numpy()
-                    inter = np.cumsum(h[:, ::-1, 1], axis=-1)[:, ::-1]
-                    pred = np.cumsum(h[:, ::-1, :].sum(-1), axis=-1)[:, ::-1]
-                    out[j][i, c0:c1] = dice_from_counts(inter, pred, tsum[i, c0:c1, None], empty)
+                    for c in range(c0, c1):  # a 512-bin histogram per class: level x truth
+                        key = levels_of(p[c - c0], table).astype(np.uint16) * 2 + truth[c]
+                        h = np.bincount(key.reshape(-1), minlength=LEVELS * 2).reshape(LEVELS, 2)
+                        inter = np.cumsum(h[::-1, 1])[::-1]
+                        pred = np.cumsum(h[::-1].sum(-1))[::-1]
+                        out[j][i, c] = dice_from_counts(inter, pred, tsum[i, c], empty)
                 else:
-                    m = binarize(p, task, torch.zeros(c1 - c0)).bool()
-                    inter = (m & T[c0:c1]).reshape(c1 - c0, -1).sum(1).numpy()
-                    out[j][i, c0:c1, 0] = dice_from_counts(inter, m.reshape(c1 - c0, -1).sum(1).numpy(),
-                                                           tsum[i, c0:c1], empty)
+                    m = binarize(torch.from_numpy(p), task, torch.zeros(c1 - c0)).numpy().view(bool)
+                    fm = m.reshape(c1 - c0, -1)
+                    inter = np.array([np.count_nonzero(fm[k] & flat_t[c0 + k]) for k in range(c1 - c0)])
+                    out[j][i, c0:c1, 0] = dice_from_counts(inter, np.count_nonzero(fm, 1), tsum[i, c0:c1], empty)
         if i == 0 or (i + 1) % 50 == 0:
             log(f"  native thresholds: image {i + 1}/{N} ({time.time() - t0:.1f}s)")
     return out, tsum
@@ -205,8 +220,9 @@ class NativeOutcome:
     seconds: float = 0.0
 
 
-def _key(*arrays) -> bytes:
-    return b"|".join(np.ascontiguousarray(a).tobytes() + str(a.dtype).encode() for a in arrays)
+def _key(w: np.ndarray, *more) -> bytes:
+    """Identity of a blend (counts [2, 2] and [1, 1] are the same blend) and optional levels."""
+    return b"|".join([member_weights(w).numpy().tobytes(), *(np.ascontiguousarray(a).tobytes() for a in more)])
 
 
 def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, empty: float, *,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from competition import paths
+from competition import locks, paths
 from competition.config import ConfigError, atomic_write_text
 from competition.ensemble.blend import blend_labels, threshold_level, threshold_value, truth_labels
 from competition.ensemble.compact import chunk_images
@@ -27,13 +27,15 @@ def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identi
     variant = variant_name(views, scales)
     made = []
     for k in sorted(set(folds["fold"])):
-        d = paths.oof_dir(exp_name, k, variant)
-        if (d / "probs.npy").is_file() or not (paths.run_dir(exp_name, k) / "best.pt").is_file():
+        rp = paths.run(exp_name, k)
+        d = rp.oof(variant)
+        if (d / paths.OOF_PROBS).is_file() or not rp.best.is_file():
             continue
         ids = folds.loc[folds["fold"] == k, "id"].astype(str).tolist()
-        log(f"{exp_name} fold {k}: predicting its {len(ids)} held-out images with best.pt "
+        log(f"{exp_name} fold {k}: predicting its {len(ids)} held-out images with {rp.best.name} "
             f"(TTA {'+'.join(views)} @ {', '.join(f'{s:g}' for s in scales)}) -> {d.name}/ ...")
-        predict_fold(exp_name, int(k), comp, adapter, ids, views, scales, log=log)
+        with locks.hold(rp.lock, True, f"run folder {rp.root}"):
+            predict_fold(exp_name, int(k), comp, adapter, ids, views, scales, log=log)
         made.append(int(k))
     return made
 
@@ -129,7 +131,7 @@ def run(exp_name_or_path: str, suspects: bool = False, top: int = 20, tta: list[
         from competition.ensemble.native import write_truth_csv
         write_truth_csv(truth_csv, adapter, view.ids, comp)
     text, table = report(exp.name, view, scores, level, comp.task, nat, variant)
-    out = paths.project() / "runs" / exp.name / f"oof_scores{f'-{variant}' if variant else ''}.csv"
+    out = paths.oof_scores(exp.name, variant)
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6f"))
     log(text)
     log(f"\nper-image table: {out.relative_to(paths.project())}")

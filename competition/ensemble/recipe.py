@@ -18,7 +18,7 @@ def checkpoints(experiments: list[str], folds: list[int]) -> dict[str, list[Reci
     for e in experiments:
         out[e] = []
         for k in folds:
-            p = paths.run_dir(e, k) / "best.pt"
+            p = paths.run(e, k).best
             if not p.is_file():
                 missing.append(str(p.relative_to(paths.project())))
                 continue
@@ -165,8 +165,7 @@ def markdown(rec: Recipe) -> str:
 
 
 def write(rec: Recipe) -> tuple[Path, Path]:
-    folder = paths.ensembles_dir()
-    y, m = folder / f"{rec.name}.yaml", folder / f"{rec.name}.md"
+    y, m = paths.recipe(rec.name), paths.recipe_report(rec.name)
     dump_yaml(rec, y)
     atomic_write_text(m, markdown(rec))
     return y, m

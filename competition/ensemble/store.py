@@ -14,6 +14,8 @@ modification times), so fixing a label or changing the split rebuilds it.
 """
 from __future__ import annotations
 
+from competition.errors import UserError
+
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ import pandas as pd
 from competition import oof, paths
 
 
-class OOFIncomplete(ValueError):
+class OOFIncomplete(UserError, ValueError):
     """An experiment's OOF does not cover the folds file exactly; the message names the fold or ids."""
 
 
@@ -122,7 +124,7 @@ def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], ta
     exactly once, and open it."""
     ids, fold_of = canonical_order(folds)
     fold_list = sorted(set(fold_of.tolist()))
-    missing = [k for k in fold_list if not (paths.oof_dir(experiment, k, variant) / "probs.npy").is_file()]
+    missing = [k for k in fold_list if not (paths.oof_dir(experiment, k, variant) / paths.OOF_PROBS).is_file()]
     if missing:
         flag = f" --tta {variant.split('@')[0].replace('+', ' ')}" if variant else ""
         raise OOFIncomplete(
@@ -146,10 +148,10 @@ def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], ta
         elif tuple(probs.shape[-2:]) != size:
             raise OOFIncomplete(f"{d}: OOF is {probs.shape[-2]}x{probs.shape[-1]} but fold {fold_list[0]}'s is "
                                 f"{size[0]}x{size[1]}; every fold of an experiment must share oof.size")
-        offset, _, _ = _npy_offset(d / "probs.npy")
+        offset, _, _ = _npy_offset(d / paths.OOF_PROBS)
         pos = {s: r for r, s in enumerate(sids)}
         rows = np.array([pos[i] for i in want], np.int64)
-        parts.append(_Part(d / "probs.npy", offset, start, start + len(want),
+        parts.append(_Part(d / paths.OOF_PROBS, offset, start, start + len(want),
                            None if np.array_equal(rows, np.arange(len(rows))) else rows))
         start += len(want)
         originals.update({i: tuple(v) for i, v in meta.get("original_sizes", {}).items()})
@@ -221,12 +223,11 @@ class MemoryTruth:
 
 def write_truth(path: Path, masks, n: int, n_classes: int, size: tuple[int, int]) -> Path:
     """Stream ``masks`` ((C, h, w) arrays, nonzero = 1, one per row) into a packed .npy, atomically."""
+    from competition.io import atomic_path
     h, w = size
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, n_classes, h, (w + 7) // 8))
-    try:
+    with atomic_path(path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, n_classes, h, (w + 7) // 8))
         count = 0
         for i, m in enumerate(masks):
             arr[i] = np.packbits(np.asarray(m) != 0, axis=-1)
@@ -235,10 +236,6 @@ def write_truth(path: Path, masks, n: int, n_classes: int, size: tuple[int, int]
             raise ValueError(f"write_truth: got {count} masks for {n} rows")
         arr.flush()
         del arr
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -258,8 +255,8 @@ def truth_cache(comp, adapter, ids: list[str], size: tuple[int, int], folds_sha:
     """The truth of ``ids`` at ``size``, built once into ``runs/_truth/`` and reused while nothing changed."""
     h, w = size
     key = f"{folds_sha[:12]}-{data_fingerprint(comp.root())}"
-    folder = paths.project() / "runs" / "_truth"
-    path = folder / f"{comp.name}-{h}x{w}-{key}.npy"
+    folder = paths.truth_dir()
+    path = paths.truth_cache(comp.name, (h, w), key)
     if not path.is_file():
         log(f"building the truth cache {path.relative_to(paths.project())} ({len(ids)} images at {h}x{w}) ...")
         write_truth(path, (adapter.load_mask(i, (h, w)) for i in ids), len(ids), len(comp.classes), size)

@@ -73,7 +73,7 @@ def _safe(name: str) -> str:
 def run(exp_name: str, view, truth, adapter, task: str, level: int, top: int, log=print) -> pd.DataFrame:
     df = scores(view, truth, task, level)
     top_df = df[df["suspicion"] > 0].head(top)
-    folder = paths.project() / "runs" / exp_name / "suspects"
+    folder = paths.suspects_dir(exp_name)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     row_of = {i: r for r, i in enumerate(view.ids)}

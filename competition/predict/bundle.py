@@ -12,14 +12,16 @@ the same code as ``competition submit`` (so it is byte-identical on the same dev
 """
 from __future__ import annotations
 
+from competition.errors import UserError
+
 import argparse
 import shutil
+import tempfile
 import sys
 from pathlib import Path
 
 from competition.config import (CompetitionConfig, ConfigError, RecipeCheckpoint, dump_yaml, load_competition,
                                 load_recipe, read_yaml, to_plain, validate)
-from competition.data.base import DataError
 from competition.predict.members import check_recipe, checkpoint_paths, read_checkpoint
 from competition.train import checkpoint as ckpt
 
@@ -65,9 +67,9 @@ def make_bundle(ensemble: str | None, out: Path, log=print) -> Path:
     sources = iter(checkpoint_paths(recipe, Path.cwd(), str(source)))  # hashes checked here
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "recipe.yaml").is_file():
-        raise ValueError(f"{out}: exists and is not a bundle; choose another --out")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"{out}: exists and is not a bundle; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # unique per process
     (tmp / "checkpoints").mkdir(parents=True)
     members, used = [], set()
     try:
@@ -130,8 +132,9 @@ def main(folder: Path, argv: list[str]) -> int:
     try:
         r = run_bundle(folder, args.data_root, Path(args.out), args.device, args.batch_size, args.workers,
                        progress=not args.no_progress)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        from competition.cli import describe_error
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
     print(f"wrote {r.path}: {r.rows} rows, {r.images} images in {r.seconds:.1f}s ({r.images_per_s:.2f} img/s)")
     return 0

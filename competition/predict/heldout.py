@@ -25,7 +25,8 @@ def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], vi
     """Predict fold ``fold``'s held-out images with its ``best.pt`` and one TTA variant into its OOF store."""
     from competition.predict.run import pick_device
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    ckpt_path = paths.run_dir(exp_name, fold) / "best.pt"
+    rp = paths.run(exp_name, fold)
+    ckpt_path = rp.best
     if not ckpt_path.is_file():
         raise CheckpointError(f"{ckpt_path}: not found; train the fold first (make train EXP={exp_name} FOLD={fold})")
     in_ch = 1 if comp.image.channels == "grayscale" else 3
@@ -38,7 +39,7 @@ def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], vi
     loader = DataLoader(ds, batch_size=batch_size_for([exp]), shuffle=False, num_workers=exp.data.workers,
                         pin_memory=dev.type == "cuda")
     batches = ((b["index"].tolist(), member(b["inputs"]["in0"]).cpu().numpy()) for b in loader)
-    return oof.write(paths.oof_dir(exp_name, fold, variant), val_ids, batches, comp.classes, size, {
-        "experiment": exp_name, "fold": fold, "task": comp.task, "checkpoint": "best.pt",
+    return oof.write(rp.oof(variant), val_ids, batches, comp.classes, size, {
+        "experiment": exp_name, "fold": fold, "task": comp.task, "checkpoint": ckpt_path.name,
         "checkpoint_sha256": file_hash(ckpt_path), "tta": list(views), "tta_scales": [float(s) for s in scales],
         "variant": variant, "original_sizes": {i: list(adapter.image_size(i)) for i in val_ids}})

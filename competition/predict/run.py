@@ -9,7 +9,6 @@ or a failed validation leaves no file named as a submission.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from competition import paths
+from competition import locks, paths
 from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint,
                                 RecipeMember, load_competition, load_recipe, validate)
 from competition.data.adapters import make_adapter
@@ -29,6 +28,7 @@ from competition.predict.infer import (EnsemblePredictor, MemberPredictor, TestI
 from competition.predict.members import check_recipe, load_models, member_weights
 from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
 from competition.train import checkpoint as ckpt
+from competition.io import read_text
 from competition.train.checkpoint import CheckpointError
 
 
@@ -66,20 +66,19 @@ def resolve_recipe(name: str | None) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml"):
         return p
-    if not (folder / f"{name}.yaml").is_file():
-        raise ConfigError(f"unknown ensemble {name!r}: no {folder / (name + '.yaml')}; known: "
+    path = paths.recipe(name)
+    if not path.is_file():
+        raise ConfigError(f"unknown ensemble {name!r}: no {path}; known: "
                           f"{', '.join(q.stem for q in known) or '(none)'}")
-    return folder / f"{name}.yaml"
+    return path
 
 
 def submission_path(name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = paths.submissions_dir() / f"{stamp}-{name}.csv"
-    n = 2
-    while path.exists():  # two submissions in one second keep both files
-        path = paths.submissions_dir() / f"{stamp}-{name}-{n}.csv"
+    n = 1
+    while paths.submission(name, stamp, n).exists():  # two submissions in one second keep both files
         n += 1
-    return path
+    return paths.submission(name, stamp, n)
 
 
 def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source: str,
@@ -116,11 +115,10 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
     nw = workers if workers is not None else min(e.data.workers for e in exps)
     loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
                         num_workers=nw, pin_memory=dev.type == "cuda")
+    from competition.io import atomic_path
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     t0 = time.time()
-    try:
+    with atomic_path(out) as tmp:
         with SubmissionWriter(tmp, comp, recipe.postprocess, rle_workers) as writer, \
                 tqdm(total=len(ids), unit="img", desc=f"predict {recipe.name}", disable=not progress,
                      dynamic_ncols=True) as bar:
@@ -134,9 +132,6 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                     writer.add(sub_ids[i], *masks_for_writer(predictor, p))
                 bar.update(len(sizes))
         rows = validate_submission(tmp, comp, expected)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return SubmitResult(out, len(ids), rows, time.time() - t0, comp.name)
 
 
@@ -150,10 +145,24 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
         log(f"no --ensemble given: using the newest recipe, {source}")
     recipe = load_recipe(source)
     comp = load_competition(recipe.competition)
-    result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name), str(source),
-                        device, batch_size, workers, progress=progress)
+    from competition.io import clean_stale_temps
+    clean_stale_temps(paths.submissions_dir(), 3600)  # CSVs of submits killed more than an hour ago
+    with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
+        result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
+                            str(source), device, batch_size, workers, progress=progress)
     _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name))
     return result
+
+
+def recipe_runs(recipe: Recipe) -> list:
+    """The run folders holding a recipe's checkpoints (those inside runs/)."""
+    out = []
+    for m in recipe.members:
+        for c in m.checkpoints:
+            rp = paths.RunPaths.of((Path.cwd() / c.path).parent)
+            if rp is not None and rp not in out:
+                out.append(rp)
+    return out
 
 
 def predict_experiment(experiment: str, out: Path | None = None, device: str = "auto",
@@ -177,11 +186,12 @@ def _record(row: dict) -> None:
 def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:
     """A one-member recipe over every fold of ``runs/<experiment>/`` (every fold of the folds file
     must have its best.pt), thresholds from the run's own ``train.threshold``, the competition's TTA."""
-    run_root = paths.project() / "runs" / experiment
-    found = {int(p.parent.name[4:]): p for p in run_root.glob("fold*/best.pt") if p.parent.name[4:].isdigit()}
+    run_root = paths.experiment_dir(experiment)
+    runs = paths.trained_folds(experiment)
+    found = {k: rp.best for k, rp in runs.items()}
     if not found:
-        raise CheckpointError(f"{run_root}/fold*/best.pt: no trained fold of experiment {experiment!r}; "
-                              f"train it first (make train-all EXP={experiment})")
+        raise CheckpointError(f"{run_root}: no trained fold (no {paths.run(experiment, 0).best.name}) of experiment "
+                              f"{experiment!r}; train it first (make train-all EXP={experiment})")
     first = found[min(found)]
     cfg = ckpt.load(first).get("config") or {}
     comp_name = (cfg.get("competition") or {}).get("name")
@@ -194,10 +204,10 @@ def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:
     missing = [k for k in wanted if k not in found]
     if missing:
         raise CheckpointError(f"experiment {experiment!r}: no best.pt for fold(s) {missing} "
-                              f"({', '.join(str(run_root / f'fold{k}' / 'best.pt') for k in missing)}); "
+                              f"({', '.join(str(paths.run(experiment, k).best) for k in missing)}); "
                               f"train them first (make train EXP={experiment} FOLD=k)")
     rel = {k: found[k].relative_to(paths.project()).as_posix() for k in wanted}
-    metrics = [json.loads(p.read_text()) for p in (run_root / f"fold{k}" / "metrics.json" for k in wanted) if p.is_file()]
+    metrics = [json.loads(read_text(runs[k].metrics, "metrics file")) for k in wanted if runs[k].metrics.is_file()]
 
     def mean_of(key: str) -> float | None:
         vals = [m.get(key) for m in metrics]

@@ -1,32 +1,33 @@
 """Atomic checkpoints that load with ``torch.load(weights_only=True)``: tensors and plain data only."""
 from __future__ import annotations
 
-import hashlib
+from competition.errors import UserError
+
+import errno
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 
 def save(obj: dict, path: Path) -> None:
     """Write to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    from competition.io import atomic_path
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            # torch reports a failed write (a full disk) as "enforce fail at inline_container.cc ...".
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            code = errno.ENOSPC if "write" in str(e).lower() else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} while writing a checkpoint ({first[:160]})", str(path)) from None
 
 
 def load(path: Path, map_location="cpu") -> dict:
@@ -41,11 +42,8 @@ def load(path: Path, map_location="cpu") -> dict:
 
 
 def file_hash(path: Path, n: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
+    from competition.io import file_hash as digest
+    return digest(path, n)
 
 
 def rng_state() -> dict:

@@ -2,6 +2,8 @@
 and clipping, weight EMA, DDP. The loop in ``loop.py`` decides *when*; this decides *how*."""
 from __future__ import annotations
 
+from competition.errors import UserError
+
 import contextlib
 import math
 import random
@@ -17,7 +19,7 @@ from competition.train import checkpoint as ckpt
 from competition.train import distributed as dd
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or inf; nothing was written for the epoch in progress."""
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,10 +20,9 @@ from tqdm import tqdm
 
 from competition import paths, tracking, viz
 from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text,
-                                dump_yaml, load_competition, to_plain)
-from competition.data.adapters import make_adapter
+                                dump_yaml, to_plain)
 from competition.data.dataset import EpochSampler, SegDataset, rare_class_weights
-from competition.folds import load_folds, presence_matrix
+from competition.folds import presence_matrix
 from competition.losses import build_loss, inverse_frequency_weights
 from competition.models import build_model
 from competition.optim import build_optimizer, build_scheduler
@@ -69,24 +67,38 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
 
     ``on_epoch(epoch, val_dice)`` is called after every epoch's checkpoint is written (tuning reports
     to Optuna there and may raise ``optuna.TrialPruned``, which stops the fold cleanly).
+
+    The run folder is locked for the whole run: a second ``train`` of the same experiment and fold
+    is refused at once, naming this process.
     """
+    import contextlib
+
+    from competition import locks
+    from competition.train.check import check_run
     d = dd.setup()
-    comp = load_competition(exp.competition)
-    # The model first: a bad architecture or unavailable weights fail before any data is touched.
+    # Everything that can be checked without a model or a loader, first: a typo costs seconds.
+    comp, adapter, folds = check_run(exp, fold, lock=d.main)
+    rp = paths.run(exp.name, fold)
+    with locks.hold(rp.lock, True, f"run folder {rp.root}") if d.main else contextlib.nullcontext():
+        return _fit(exp, fold, restart, log, on_epoch, d, comp, adapter, folds)
+
+
+def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp, adapter, folds) -> dict:
+    # The model next: unavailable weights fail before any data is loaded.
     seed_everything(exp.train.seed, exp.train.deterministic)
     out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
     in_ch = 1 if comp.image.channels == "grayscale" else 3
     model = build_model(exp.model, out_ch, in_ch)
-    adapter = make_adapter(comp)
-    folds = load_folds(comp, adapter)
-    if fold not in set(folds["fold"]):
-        raise ConfigError(f"fold {fold} does not exist; folds/{comp.name}.csv has folds "
-                          f"{sorted(set(folds['fold']))}")
-    run_dir = paths.run_dir(exp.name, fold)
+    rp = paths.run(exp.name, fold)
+    run_dir = rp.root
     run_cfg = _run_config(exp, comp, fold)
     if d.main:
-        _check_run_dir(run_dir, run_cfg, restart)
-        dump_yaml(run_cfg, run_dir / "config.yaml")
+        from competition.io import clean_stale_temps
+        # We hold the folder's lock, so any temp file in it was left by a killed run of ours.
+        for t in clean_stale_temps(rp.root, 0):
+            log(f"removed {t.name}, left by an interrupted run")
+        _check_run_dir(rp, run_cfg, restart)
+        dump_yaml(run_cfg, rp.config)
     dd.barrier(d)
 
     device = dd.device_for(d)
@@ -110,7 +122,7 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
     engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, steps)
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    last = run_dir / "last.pt"
+    last = rp.last
     if last.is_file() and not restart:
         state = engine.load_state(ckpt.load(last))
         if d.main:
@@ -142,9 +154,9 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
         state["epoch"] = epoch
         if d.main:
             if improved:
-                ckpt.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), run_dir / "best.pt")
+                ckpt.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), rp.best)
             ckpt.save(engine.full_state(run_cfg, state), last)
-            atomic_write_text(run_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
+            atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
             tracker.log(row, step=epoch)
             log(f"epoch {epoch:3d}/{exp.train.epochs}  loss {train_loss:.4f}  val dice {row['val_dice']:.4f}"
                 f"{' *' if improved else '  '}  best {state['best_score']:.4f} (epoch {state['best_epoch']})"
@@ -182,13 +194,15 @@ def _stopped_early(exp: ExperimentConfig, state: dict) -> bool:
     return p is not None and state["bad_epochs"] >= p
 
 
-def _check_run_dir(run_dir: Path, run_cfg: dict, restart: bool) -> None:
+def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> None:
     """A run folder belongs to one configuration: resuming under a changed config would mix two runs."""
     import yaml
-    cfg_file = run_dir / "config.yaml"
-    if restart or not (run_dir / "last.pt").is_file() or not cfg_file.is_file():
+
+    from competition.config import read_yaml
+    run_dir = rp.root
+    if restart or not rp.last.is_file() or not rp.config.is_file():
         return
-    old = yaml.safe_load(cfg_file.read_text())
+    old = read_yaml(rp.config)
     if old != yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)):
         changed = sorted(k for k in set(old["experiment"]) | set(run_cfg["experiment"])
                          if old["experiment"].get(k) != run_cfg["experiment"].get(k))
@@ -219,7 +233,8 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
     from competition.predict.heldout import predict_fold
     from competition.predict.tta import variant_name
 
-    best = ckpt.load(run_dir / "best.pt")
+    rp = paths.run(exp.name, fold)
+    best = ckpt.load(rp.best)
     t = time.time()
     for views, scales in oof_variants(exp, comp):
         store_dir = predict_fold(exp.name, fold, comp, adapter, val_ids, views, scales, device=engine.device)
@@ -244,7 +259,7 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
                "train_seconds": round(train_seconds, 2),
                "predict_images_per_s": round(len(val_ids) * len(oof_variants(exp, comp)) / max(pred_seconds, 1e-9), 2),
                "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
-    atomic_write_text(run_dir / "metrics.json", pd.Series(metrics).to_json(indent=1))
+    atomic_write_text(rp.metrics, pd.Series(metrics).to_json(indent=1))
     tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice", "oof_dice_native"],
                   [[c, metrics["val_dice_per_class"][c], summ["per_class"][c], nsumm["per_class"][c]]
                    for c in comp.classes])

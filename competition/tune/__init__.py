@@ -14,6 +14,8 @@ from datetime import datetime
 
 import optuna
 
+from competition import paths
+from competition.config import ConfigError
 from competition.tune import space as sp
 from competition.tune.report import report
 from competition.tune.study import Job, count_finished, open_storage, prepare, run, studies_dir
@@ -49,12 +51,12 @@ def show_report(exp: str, space: str, storage: str | None = None, study: str | N
     """``competition tune --report``: the table, importances and plots of an existing study."""
     from competition.tune.study import default_study_name, storage_url
     name = study or default_study_name(exp, space)
-    if storage is None and not (studies_dir() / f"{name}.db").is_file():
-        raise ValueError(f"no study {name!r}: {studies_dir() / f'{name}.db'} does not exist; "
+    if storage is None and not paths.study_db(name).is_file():
+        raise ConfigError(f"no study {name!r}: {paths.study_db(name)} does not exist; "
                          f"run `make tune EXP={exp}` first (or pass --storage / --study)")
     url = storage_url(name, storage)
     try:
         st = optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
-        raise ValueError(f"no study {name!r} in {url}; run `make tune EXP={exp}` first") from None
-    return report(st, studies_dir() / name, log)
+        raise ConfigError(f"no study {name!r} in {url}; run `make tune EXP={exp}` first") from None
+    return report(st, paths.study_dir(name), log)

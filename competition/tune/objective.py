@@ -69,10 +69,10 @@ def _tidy(name: str, folds, keep_best: bool) -> None:
     """Trials never resume (a new trial is a new run), so last.pt is dead weight (~3x the model);
     a pruned trial's best.pt too. Histories, metrics and OOF stay for `competition runs`."""
     for fold in folds:
-        d = paths.run_dir(name, fold)
-        (d / "last.pt").unlink(missing_ok=True)
+        rp = paths.run(name, fold)
+        rp.last.unlink(missing_ok=True)
         if not keep_best:
-            (d / "best.pt").unlink(missing_ok=True)
+            rp.best.unlink(missing_ok=True)
 
 
 def _short(v) -> str:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from competition import paths
 from competition.config import ConfigError, SearchSpace, load_experiment, load_search, to_plain
 from competition.tune import space as sp
 
@@ -40,7 +40,7 @@ class Job:
 
 
 def studies_dir() -> Path:
-    return Path.cwd() / "runs" / "studies"
+    return paths.studies_dir()
 
 
 def default_study_name(exp: str, space: str) -> str:
@@ -51,7 +51,7 @@ def storage_url(study: str, storage: str | None) -> str:
     if storage:
         return storage
     studies_dir().mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(studies_dir() / f'{study}.db').resolve()}"
+    return f"sqlite:///{paths.study_db(study).resolve()}"
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -105,8 +105,7 @@ def prepare(exp: str, space_name: str, trials: int | None, folds: list[int] | No
     base = to_plain(load_experiment(exp))
     sp.check(space, base, f"search space {space_name!r}")
     name = study_name or default_study_name(exp, space_name)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ConfigError(f"study name {name!r}: use letters, digits, '.', '_' and '-' (it names run folders)")
+    paths.check_name("study", name)
     url = storage_url(name, storage)
     cores = os.cpu_count() or 1
     job = Job(exp=exp, space=space_name, study=name, storage=url, trials=trials or space.trials,
