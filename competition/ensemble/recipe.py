@@ -119,11 +119,19 @@ def _members_text(rec: Recipe) -> str:
                      + ("" if per_class_w else f" ({m.weights[0]:.3f})") for m in rec.members)
 
 
+def _candidate_rows(s: dict):
+    """(candidate, label, [native in-sample, native nested, OOF-size in-sample, OOF-size nested])."""
+    cand = s["candidates"]
+    for p in ("search", "single", "equal"):
+        label = CANDIDATE_NAMES[p] + (f" ({cand[p]['experiment']})" if p == "single" else "")
+        yield p, label, [cand[p]["native"]["in_sample"], cand[p]["native"]["nested"],
+                         cand[p]["oof_size"]["in_sample"], cand[p]["oof_size"]["nested"]]
+
+
 def markdown(rec: Recipe) -> str:
     s = rec.scores
     per_class_w = any(len(m.weights) > 1 for m in rec.members)
     srch = s["search"]
-    cand = s["candidates"]
 
     def f(x):
         return "—" if x is None else f"{x:.4f}"
@@ -135,11 +143,8 @@ def markdown(rec: Recipe) -> str:
              f"**Chosen: {CANDIDATE_NAMES[s['chosen']]}** — {s['chosen_because']}.", "",
              "| candidate | native in-sample | native nested CV | OOF-size in-sample | OOF-size nested |",
              "|---|---|---|---|---|"]
-    for p in ("search", "single", "equal"):
-        label = CANDIDATE_NAMES[p] + (f" ({cand[p]['experiment']})" if p == "single" else "")
-        lines.append(f"| {label}{' ✔' if p == s['chosen'] else ''} | {f(cand[p]['native']['in_sample'])} | "
-                     f"{f(cand[p]['native']['nested'])} | {f(cand[p]['oof_size']['in_sample'])} | "
-                     f"{f(cand[p]['oof_size']['nested'])} |")
+    for p, label, nums in _candidate_rows(s):
+        lines.append(f"| {label}{' ✔' if p == s['chosen'] else ''} | " + " | ".join(map(f, nums)) + " |")
     lines += ["", "Native: every training image scored at its original size through the submission's resize, "
               "thresholds and post-processing (thresholds and post-processing re-chosen there). In-sample: "
               "chosen and scored on the same OOF (optimistic). Nested CV: chosen on the other folds' OOF, "
@@ -173,7 +178,6 @@ def write(rec: Recipe) -> tuple[Path, Path]:
 
 def summary(rec: Recipe) -> list[str]:
     s = rec.scores
-    cand = s["candidates"]
 
     def f(x):
         return "   —  " if x is None else f"{x:.4f}"
@@ -186,11 +190,9 @@ def summary(rec: Recipe) -> list[str]:
                      f"{s['search']['threshold']} -> {'kept, weight ' + format(v['weight'], '.3f') if v['weight'] else 'not kept'}")
     lines += [f"members: {_members_text(rec)}",
               "                              native in-sample  native nested   OOF-size in-sample  OOF-size nested"]
-    for p in ("search", "single", "equal"):
-        label = CANDIDATE_NAMES[p] + (f" ({cand[p]['experiment']})" if p == "single" else "")
-        lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<27.27}{f(cand[p]['native']['in_sample']):>10}"
-                     f"{f(cand[p]['native']['nested']):>16}{f(cand[p]['oof_size']['in_sample']):>20}"
-                     f"{f(cand[p]['oof_size']['nested']):>17}")
+    for p, label, nums in _candidate_rows(s):
+        lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<27.27}" +
+                     "".join(f"{f(x):>{w}}" for x, w in zip(nums, (10, 16, 20, 17))))
     lines += [f"chosen: {CANDIDATE_NAMES[s['chosen']]} ({s['chosen_because']})",
               f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}   "
               f"(at the OOF size {s['oof_size'][0]}x{s['oof_size'][1]}: in-sample {f(s['at_oof_size']['in_sample'])}"
