@@ -54,21 +54,43 @@ def cmd_train(args) -> int:
     from competition.train import distributed as dd
     from competition.train.loop import fit
     exp = load_experiment(args.exp)
+    overrides = {"--batch-size": args.batch_size, "--input-size": args.input_size, "--workers": args.workers}
+    if not args.dry_run:
+        given = [flag for flag, value in overrides.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to --dry-run only; to train with other values, write a "
+                              f"variant experiment (`extends: {exp.name}` plus the changed `data:` keys)")
+        if args.comp is not None and not args.check:
+            raise ConfigError(f"--comp applies to --check and --dry-run only; to train {exp.name} on {args.comp}, "
+                              f"write an experiment that names it (`extends: {exp.name}` and "
+                              f"`competition: {args.comp}`)")
+    elif args.restart:
+        raise ConfigError("--restart does nothing with --dry-run (a dry run never reads or writes a run folder)")
+    comp = None
+    if args.comp is not None:
+        from competition.train.dryrun import resolve_competition
+        comp = resolve_competition(exp, args.comp)  # refused unless it has the experiment's classes
     if args.fold == "all":
-        folds = sorted(set(load_folds(load_competition(exp.competition))["fold"]))
+        folds = sorted(set(load_folds(comp or load_competition(exp.competition))["fold"]))
     else:
         try:
             folds = [int(args.fold)]
         except ValueError:
             raise ConfigError(f"--fold expects a fold number or 'all', got {args.fold!r}") from None
+    if args.dry_run:
+        from competition.train.dryrun import dry_run
+        for k in folds:
+            dry_run(exp, k, comp, batch_size=args.batch_size, input_size=args.input_size, workers=args.workers)
+        return 0
     if args.check:
         import time
 
         from competition.train.check import check_run
         t0 = time.time()
         for k in folds:
-            check_run(exp, k)
-        print(f"configuration ok: {exp.name} fold(s) {', '.join(map(str, folds))} "
+            check_run(exp, k, comp)
+        print(f"configuration ok: {exp.name} fold(s) {', '.join(map(str, folds))}"
+              f"{f' on {comp.name}' if comp is not None else ''} "
               f"({time.time() - t0:.1f}s; nothing was built or written)")
         return 0
     try:
@@ -230,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="validate the whole configuration (names, augmentations, scheduler, folds vs data, output "
                         "folder, lock) and exit: builds and writes nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, build the model (random init) and the training loader, run ONE real "
+                        "batch forward + backward + optimizer step at the configured sizes on this machine's device, "
+                        "print parameters, shapes, seconds and peak memory; writes nothing")
+    p.add_argument("--comp", default=None,
+                   help="with --dry-run or --check: run against this competition instead of the experiment's own; "
+                        "it must have the same classes (e.g. handbone-* recipes on synthetic-hands-2048)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: override data.batch_size (e.g. 1 on a CPU)")
+    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+                   help="with --dry-run: override data.input_size (the network input; crops keep data.crop_from)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --dry-run: override data.workers (0 loads the batch in this process)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("tune", help="Optuna search over configs/search/<space>.yaml; resumable, many workers")
     p.add_argument("--exp", default=DEFAULT_EXPERIMENT, help="the base experiment (name or YAML path)")
@@ -337,9 +372,9 @@ def describe_error(e: BaseException) -> str:
     """One line for an expected failure: the message of a UserError; for an OSError the file, what
     happened and what to do."""
     if isinstance(e, OSError) and not isinstance(e, UserError):
-        where = e.filename or "a file"
-        hint = _OS_HINTS.get(e.errno, e.strerror or str(e))
-        return f"{where}: {e.strerror or type(e).__name__}" + (f"; {hint}" if hint != e.strerror else "")
+        what = e.strerror or str(e) or type(e).__name__
+        hint = _OS_HINTS.get(e.errno)
+        return (f"{e.filename}: " if e.filename else "") + what + (f"; {hint}" if hint and hint != what else "")
     return str(e)
 
 
@@ -347,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `competition ... | head`: stop quietly, as other command-line tools do
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (UserError, OSError) as e:
         # Expected failures (bad config or data, a diverged run, a full disk, a held lock): one clear
         # line, exit 2. Anything else is a bug and keeps its traceback.
