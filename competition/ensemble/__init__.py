@@ -193,11 +193,15 @@ def choose(nat: native.NativeOutcome, force_blend: bool) -> tuple[str, str]:
 
 
 def _check_writable(folder: Path, *files) -> None:
-    """Fail before any search when an output cannot be written (read-only folder, missing parent)."""
-    import os
+    """Fail before any search when an output cannot be written (read-only file system, permissions,
+    missing folder): a real probe file, since permission bits alone say nothing on a read-only mount."""
+    import tempfile
     targets = [folder] + [Path(f).resolve().parent for f in files if f]
     for t in targets:
         if not t.is_dir():
             raise ConfigError(f"{t}: output folder does not exist")
-        if not os.access(t, os.W_OK):
-            raise ConfigError(f"{t}: output folder is not writable")
+        try:
+            with tempfile.TemporaryFile(dir=t):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{t}: cannot write the outputs there ({e.strerror}); nothing was searched") from None

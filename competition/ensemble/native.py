@@ -174,28 +174,72 @@ def curves(images: Images, blends: list[np.ndarray], task: str, empty: float, lo
 
 
 def components(images: Images, configs: list[tuple[np.ndarray, np.ndarray]], task: str) -> list[list[pp.Components]]:
-    """Per (weights, levels) configuration, per class: the native-size components of its masks."""
+    """Per (weights, levels) configuration, per class: the native-size components of its masks.
+
+    A multilabel class's mask depends only on its own weights and level, so configurations that
+    agree on a class share that class's work: each distinct blend is blended once per image and each
+    class resized once, then labelled once per distinct level (multiclass couples the classes, so
+    each configuration is labelled whole).
+    """
+    if task != "multilabel":
+        return _components_whole(images, configs, task)
+    ws = [member_weights(w) for w, _ in configs]
+    blend_of, blends = [], {}  # config -> index of its distinct blend
+    for w in ws:
+        blend_of.append(blends.setdefault(w.numpy().tobytes(), len(blends)))
+    blend_w = {j: ws[blend_of.index(j)] for j in range(len(blends))}
+    shared = None
+    for i, rows, truth in images:
+        C = truth.shape[0]
+        size = truth.shape[1:]
+        if shared is None:
+            # (blend, class, level) -> stats lists; a config reads its (blend, c, level[c]) entry.
+            shared = {(blend_of[j], c, int(configs[j][1][c])): ([], [], []) for j in range(len(configs)) for c in range(C)}
+        for b, w in blend_w.items():
+            wanted = sorted({(c, lv) for (bb, c, lv) in shared if bb == b})
+            if not wanted:
+                continue
+            blended = blend(rows, w)
+            for c0, c1 in _chunks(C, size[0] * size[1], task):
+                p = probs_chunk(blended, c0, c1, size).numpy()
+                for c, lv in wanted:
+                    if not c0 <= c < c1:
+                        continue
+                    m = (p[c - c0] >= np.float32(threshold_value(lv))).view(np.uint8)
+                    _add_components(shared[(b, c, lv)], m, truth[c], i)
+    C = len(configs[0][1]) if configs else 0
+    return [[_joined(shared[(blend_of[j], c, int(configs[j][1][c]))]) if shared else _joined(([], [], []))
+             for c in range(C)] for j in range(len(configs))]
+
+
+def _add_components(acc, mask: np.ndarray, truth: np.ndarray, i: int) -> None:
+    if not mask.any():
+        return
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    img, area, inter = acc
+    img.append(np.full(n - 1, i, np.int64))
+    area.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
+    inter.append(np.bincount(labels[truth], minlength=n)[1:].astype(np.int64))
+
+
+def _joined(acc) -> pp.Components:
+    return pp.Components(*(np.concatenate(x) if x else np.zeros(0, np.int64) for x in acc))
+
+
+def _components_whole(images: Images, configs, task: str) -> list[list[pp.Components]]:
     acc = None
     ws = [member_weights(w) for w, _ in configs]
-    ts = [torch.as_tensor(thresholds_of(lv) if task == "multilabel" else [0.5] * len(lv), dtype=torch.float32)
-          for _, lv in configs]
+    t = torch.full((len(configs[0][1]),), 0.5) if configs else None
     for i, rows, truth in images:
         C = truth.shape[0]
         if acc is None:
             acc = [[([], [], []) for _ in range(C)] for _ in configs]
-        for j, (w, t) in enumerate(zip(ws, ts)):
+        for j, w in enumerate(ws):
             masks = native_masks(rows, w, t, [None] * C, task, truth.shape[1:])
             for c in range(C):
-                if not masks[c].any():
-                    continue
-                n, labels, stats, _ = cv2.connectedComponentsWithStats(masks[c], connectivity=8)
-                img, area, inter = acc[j][c]
-                img.append(np.full(n - 1, i, np.int64))
-                area.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
-                inter.append(np.bincount(labels[truth[c]], minlength=n)[1:].astype(np.int64))
+                _add_components(acc[j][c], masks[c], truth[c], i)
     C = len(acc[0]) if acc else 0
-    return [[pp.Components(*(np.concatenate(x) if x else np.zeros(0, np.int64) for x in acc[j][c]))
-             for c in range(C)] for j in range(len(configs))]
+    return [[_joined(acc[j][c]) for c in range(C)] for j in range(len(configs))]
 
 
 @dataclass
