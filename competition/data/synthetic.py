@@ -7,6 +7,14 @@ mirrored right hands with a different pose and exposure); the subject folder is 
 overlap: carpal bones and radius/ulna are drawn over each other, as in real hand radiographs, and
 ``sesamoid`` is present in only some subjects so that rare-class handling has something to do.
 
+Two class sets are drawn, chosen by the competition's ``classes`` (any subset, in any order):
+``CLASSES``, the 12-class default (whole fingers, metacarpals as one class, a rare sesamoid), or
+``HANDBONE_CLASSES``, the 29 classes of the real hand-bone competition (``finger-1`` ... ``finger-19``:
+each phalanx and metacarpal its own thin capsule along the 5 fingers, tip to metacarpal, thumb first;
+8 carpals as small overlapping ellipses; radius and ulna), for the full-size twin
+``synthetic-hands-2048``. Both share the pose, the image model and the file layout; the 12-class
+output is unchanged by the second set (the hand-bone set renders bone by bone, fast at 2048 px).
+
 The data root is written only when it is absent, empty or carries this module's marker
 (``.generated``, listing the files it wrote): a copied competition YAML that points a ``synthetic:``
 section at real data is refused, and regenerating replaces only files the marker lists.
@@ -37,6 +45,13 @@ except ImportError:  # Windows: no advisory locks; concurrent generation is then
 
 CLASSES = ["thumb", "index", "middle", "ring", "little", "metacarpals",
            "scaphoid", "lunate", "trapezium", "radius", "ulna", "sesamoid"]
+# The real hand-bone competition's 29 classes, in its order. The generator draws finger-1..3 as the
+# thumb (distal phalanx, proximal phalanx, metacarpal), then 4 per finger (distal, middle, proximal
+# phalanx, metacarpal) from the index to the little finger: a plausible reading of the numbers (a model
+# only needs the names to be stable), not a claim about the real annotation protocol.
+HANDBONE_CLASSES = ([f"finger-{i}" for i in range(1, 20)] +
+                    ["Trapezium", "Trapezoid", "Capitate", "Hamate", "Scaphoid", "Lunate", "Triquetrum",
+                     "Pisiform", "Radius", "Ulna"])
 _DONE = ".generated"  # the marker: JSON with the spec, the files we wrote and whether all are in place
 _LOCK = ".generated.lock"
 _STAGING_PREFIX = ".generating."
@@ -92,6 +107,53 @@ def _hand(rng: np.random.Generator, has_sesamoid: bool) -> list[tuple[str, np.nd
     return polys
 
 
+# Carpals of a left hand (thumb side at small x): centre, half-axes (x scaled by the hand's width),
+# angle. The distal row sits on the metacarpal bases, the proximal row on the radius and ulna; the
+# pisiform lies over the triquetrum, as on a PA radiograph, so neighbours overlap.
+_CARPALS = [("Trapezium", (0.385, 0.717), (0.030, 0.024), -0.8), ("Trapezoid", (0.445, 0.707), (0.024, 0.020), -0.3),
+            ("Capitate", (0.505, 0.720), (0.026, 0.036), 0.0), ("Hamate", (0.573, 0.717), (0.028, 0.032), 0.3),
+            ("Scaphoid", (0.432, 0.767), (0.042, 0.024), -0.5), ("Lunate", (0.500, 0.778), (0.030, 0.026), 0.2),
+            ("Triquetrum", (0.563, 0.770), (0.026, 0.022), 0.4), ("Pisiform", (0.582, 0.757), (0.016, 0.014), 0.0)]
+
+
+def _hand_29(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """Polygons of one left hand with the 29 hand-bone classes (``HANDBONE_CLASSES``), unit coordinates.
+
+    The finger skeleton follows ``_hand`` (same bases, angles, segment lengths) with thinner bones,
+    each phalanx and metacarpal labelled on its own; joints overlap a little, as annotations do.
+    """
+    polys: list[tuple[str, np.ndarray]] = []
+    width = rng.uniform(0.85, 1.15)
+    length = rng.uniform(0.9, 1.1)
+    bases = [(0.30, 0.62), (0.40, 0.47), (0.50, 0.45), (0.60, 0.47), (0.69, 0.52)]
+    angles = [-0.75, -0.15, 0.0, 0.13, 0.28]
+    lengths = [0.09, 0.11, 0.12, 0.11, 0.09]
+    first = 1  # the finger-<n> number of this finger's distal phalanx
+    for f, ((bx, by), ang, ln) in enumerate(zip(bases, angles, lengths)):
+        ang += rng.normal(0, 0.06)
+        u = np.array([np.sin(ang), -np.cos(ang)])
+        r = 0.012 * width * (1.2 if f == 0 else 1.0)
+        n_phalanges = 2 if f == 0 else 3
+        # Tip first: finger-<first> is the distal phalanx, finger-<first + n_phalanges> the metacarpal.
+        names = [f"finger-{first + j}" for j in range(n_phalanges + 1)]
+        first += n_phalanges + 1
+        base = np.array([0.5 + (bx - 0.5) * width * 0.8, 0.70 + (by - 0.5) * 0.2])
+        top = np.array([bx + (bx - 0.5) * 0.1 * width, by])
+        polys.append((names[-1], _capsule(base, top, r * 1.1)))
+        p = top + u * 0.012
+        for k in range(n_phalanges):  # proximal phalanx first
+            seg = ln * length * (0.75 ** k) * rng.uniform(0.92, 1.08)
+            q = p + u * seg
+            polys.append((names[n_phalanges - 1 - k], _capsule(p, q, r * (0.9 ** k))))
+            p = q + u * 0.014
+    for name, (cx, cy), (ax, ay), ang in _CARPALS:
+        c = np.array([0.5 + (cx - 0.5) * width, cy]) + rng.normal(0, 0.003, 2)
+        polys.append((name, _ellipse(c, (1.2 * ax * width, 1.2 * ay), ang + rng.normal(0, 0.1))))
+    polys.append(("Radius", _capsule(np.array([0.45, 0.83]), np.array([0.44, 1.05]), 0.045 * width)))
+    polys.append(("Ulna", _capsule(np.array([0.565, 0.845]), np.array([0.58, 1.05]), 0.03 * width)))
+    return polys
+
+
 def _pose(polys, rng, size: int, mirror: bool):
     ang = rng.normal(0, 0.12)
     scale = rng.uniform(0.85, 1.0) * size
@@ -123,7 +185,39 @@ def _render(polys, rng, size: int) -> np.ndarray:
         rim = b - cv2.erode(b, cortex_k)
         img += rng.uniform(0.25, 0.35) * b + 0.2 * rim
     img = cv2.GaussianBlur(img, (0, 0), 0.6 + size / 512)
-    # Exposure, contrast and gamma vary per image; quantum noise and a smooth low-frequency field too.
+    return _expose(img, rng, size)
+
+
+def _render_local(polys, rng, size: int) -> np.ndarray:
+    """``_render``'s image model at a fraction of its cost at 2048 px (used for the hand-bone set):
+    each bone is filled and eroded inside its own bounding box, and the smooth soft-tissue layer is
+    built at <= 256 px and upsampled. Draws the same random numbers in the same order."""
+    s = 4  # supersampling bits for fillPoly
+    img = np.zeros((size, size), np.float32)
+    f = max(1, size // 256)
+    small = -(-size // f)
+    tissue = np.zeros((small, small), np.float32)
+    for _, p in polys:
+        cv2.fillPoly(tissue, [np.round(p / f * 16).astype(np.int32)], 1.0, cv2.LINE_AA, shift=s)
+    tissue = cv2.dilate(tissue, np.ones((max(3, small // 24),) * 2, np.uint8))
+    tissue = cv2.GaussianBlur(tissue, (0, 0), small / 60)
+    img += 0.22 * cv2.resize(tissue, (size, size), interpolation=cv2.INTER_LINEAR)
+    k = max(2, size // 100)
+    cortex_k = np.ones((k, k), np.uint8)
+    for _, p in polys:
+        (x0, y0), (x1, y1) = np.floor(p.min(0)).astype(int) - k - 2, np.ceil(p.max(0)).astype(int) + k + 3
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, size), min(y1, size)
+        b = np.zeros((y1 - y0, x1 - x0), np.float32)
+        cv2.fillPoly(b, [np.round((p - (x0, y0)) * 16).astype(np.int32)], 1.0, cv2.LINE_AA, shift=s)
+        rim = b - cv2.erode(b, cortex_k)
+        img[y0:y1, x0:x1] += rng.uniform(0.25, 0.35) * b + 0.2 * rim
+    img = cv2.GaussianBlur(img, (0, 0), 0.6 + size / 512)
+    return _expose(img, rng, size)
+
+
+def _expose(img: np.ndarray, rng, size: int) -> np.ndarray:
+    """The film: exposure, contrast and gamma vary per image; quantum noise and a smooth
+    low-frequency field too. float32 attenuation -> uint8."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     field = 0.08 * np.sin(2 * np.pi * (rng.uniform(0.3, 1) * xx + rng.uniform(0, 1))) * yy
     img = img * rng.uniform(0.75, 1.25) + rng.uniform(0.02, 0.12) + field
@@ -167,17 +261,28 @@ def _write_image(root: Path, split: str, subject: str, stem: str, img, polys) ->
     return rel
 
 
+def class_set(cfg: CompetitionConfig) -> str:
+    """``"default"`` (the 12 ``CLASSES``) or ``"handbone"`` (the 29 ``HANDBONE_CLASSES``): the set that
+    holds every class of ``cfg``; a ValueError naming both sets otherwise."""
+    if set(cfg.classes) <= set(CLASSES):
+        return "default"
+    if set(cfg.classes) <= set(HANDBONE_CLASSES):
+        return "handbone"
+    raise ValueError(f"classes: the synthetic generator draws either the default set {CLASSES} or the hand-bone "
+                     f"set {HANDBONE_CLASSES} (any subset of one of them); not in the default set: "
+                     f"{sorted(set(cfg.classes) - set(CLASSES))}, not in the hand-bone set: "
+                     f"{sorted(set(cfg.classes) - set(HANDBONE_CLASSES))}")
+
+
 def _check_classes(cfg: CompetitionConfig) -> None:
-    unknown = sorted(set(cfg.classes) - set(CLASSES))
-    if unknown:
-        raise ValueError(f"classes: the synthetic generator draws only {CLASSES}; unknown {unknown}")
+    class_set(cfg)
 
 
 def generate(cfg: CompetitionConfig, root: Path) -> list[str]:
     """Write the whole dataset into ``root`` (deterministic in ``cfg.synthetic.seed``); returns the
     files written, relative to ``root``."""
     spec = cfg.synthetic
-    _check_classes(cfg)
+    handbone = class_set(cfg) == "handbone"
     rng = np.random.default_rng(spec.seed)
     truth_rows, sample_rows, written = [], [], []
     for s, split, subject, k, stem in _layout(spec.subjects, spec.test_subjects, spec.images_per_subject):
@@ -185,9 +290,10 @@ def generate(cfg: CompetitionConfig, root: Path) -> list[str]:
             anatomy_seed = rng.integers(1 << 31)
             has_sesamoid = rng.random() < 0.3
         img_rng = np.random.default_rng([spec.seed, s, k])
-        polys = _hand(np.random.default_rng(anatomy_seed), has_sesamoid)
+        anatomy = np.random.default_rng(anatomy_seed)
+        polys = _hand_29(anatomy) if handbone else _hand(anatomy, has_sesamoid)
         polys = [(n, p) for n, p in _pose(polys, img_rng, spec.size, mirror=k % 2 == 1) if n in cfg.classes]
-        img = _render(polys, img_rng, spec.size)
+        img = (_render_local if handbone else _render)(polys, img_rng, spec.size)
         written += _write_image(root, split, subject, stem, img, polys)
         if split == "test":
             hw = (spec.size, spec.size)

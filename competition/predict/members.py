@@ -107,11 +107,16 @@ def build_from_checkpoint(data: dict, exp: ExperimentConfig, path: Path, num_cla
     # (the offline bundle has neither internet nor the original weights file).
     model_cfg = exp.model.model_copy(update={"encoder_weights": None})
     out_ch = num_classes + (1 if task == "multiclass" else 0)
-    model = build_model(model_cfg, out_ch, in_channels)
+    # Built on the meta device: no time spent initialising weights the checkpoint replaces at once.
+    with torch.device("meta"):
+        model = build_model(model_cfg, out_ch, in_channels)
     try:
-        model.load_state_dict(data["model"])
+        model.load_state_dict(data["model"], assign=True)
     except (RuntimeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes ({e})") from None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build_model(model_cfg, out_ch, in_channels)  # a buffer the state dict does not hold
+        model.load_state_dict(data["model"])
     return model.eval()
 
 
