@@ -14,6 +14,11 @@ FORCE_FLAG := $(if $(FORCE),--force,)
 
 RESTART ?=
 RESTART_FLAG := $(if $(RESTART),--restart,)
+# CHECK=1 -> --check, DRY_RUN=1 -> --dry-run; COMP given on the command line -> --comp for train too.
+CHECK ?=
+DRY_RUN ?=
+TRAIN_FLAGS = $(RESTART_FLAG) $(if $(CHECK),--check,) $(if $(DRY_RUN),--dry-run,) \
+	$(if $(filter command line environment,$(origin COMP)),--comp $(COMP),)
 # GPUS > 1 launches torchrun DDP on this machine (one process per GPU).
 LAUNCH := $(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m competition,$(PY) -m competition)
 
@@ -24,7 +29,8 @@ LAUNCH := $(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --npr
 
 help:
 	@echo "make folds [COMP=..] [FORCE=1]       write folds/<comp>.csv"
-	@echo "make train FOLD=k [EXP=..] [GPUS=N]  train one fold of an experiment"
+	@echo "make train FOLD=k [EXP=..] [GPUS=N] [CHECK=1] [DRY_RUN=1] [COMP=..]  train one fold of an experiment"
+	@echo "                                     (CHECK=1: validate only; DRY_RUN=1: one real batch, writes nothing)"
 	@echo "make train-all [EXP=..]              train every fold in turn"
 	@echo "make submit [ENSEMBLE=..]            TTA inference -> validated submissions/<time>-<name>.csv + ledger row"
 	@echo "make predict [EXP=..]                the same for all folds of one experiment, without a recipe"
@@ -53,10 +59,10 @@ folds: venv
 	$(PY) -m competition folds --comp $(COMP) $(FORCE_FLAG)
 
 train: venv
-	$(LAUNCH) train --exp $(EXP) --fold $(FOLD) $(RESTART_FLAG)
+	$(LAUNCH) train --exp $(EXP) --fold $(FOLD) $(TRAIN_FLAGS)
 
 train-all: venv
-	$(LAUNCH) train --exp $(EXP) --fold all $(RESTART_FLAG)
+	$(LAUNCH) train --exp $(EXP) --fold all $(TRAIN_FLAGS)
 
 submit: venv
 	$(PY) -m competition submit $(ENSEMBLE_FLAG)
