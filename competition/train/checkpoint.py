@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from competition.errors import UserError
 
+import copy
 import errno
 import os
 import random
@@ -28,6 +29,43 @@ def save(obj: dict, path: Path) -> None:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             code = errno.ENOSPC if "write" in str(e).lower() else errno.EIO
             raise OSError(code, f"{os.strerror(code)} while writing a checkpoint ({first[:160]})", str(path)) from None
+
+
+def snapshot(obj):
+    """A copy of ``obj`` that later training steps cannot change: tensors copied to the CPU, containers
+    rebuilt (optimizer state and the history are mutated in place by the next step)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class AsyncSaver:
+    """Checkpoints written by one background thread from a snapshot taken at once, so the next epoch
+    trains while the file is written. ``wait`` before queueing the next epoch's saves keeps at most one
+    epoch in flight: after a SIGKILL, ``last.pt`` is complete and at most one epoch behind."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending = []
+
+    def save(self, obj: dict, path: Path) -> None:
+        self._pending.append(self._pool.submit(save, snapshot(obj), Path(path)))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()  # a failed write (a full disk) surfaces here, naming the file
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -132,6 +132,32 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     t0 = time.time()
     bar = tqdm(total=exp.train.epochs, initial=state["epoch"], desc=f"{exp.name} fold {fold}", unit="epoch",
                position=0, dynamic_ncols=True, disable=not (d.main and exp.train.progress))
+    saver = ckpt.AsyncSaver()
+    try:
+        _epochs(exp, comp, fold, d, engine, state, rp, run_cfg, sampler, train_ds, train_loader, val_loader,
+                val_ds, tracker, bar, saver, log, on_epoch)
+    finally:
+        saver.close()  # every queued checkpoint is on disk before anything reads it (or we stop)
+    bar.close()
+    train_seconds = time.time() - t0
+    if d.enabled:
+        same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in engine.raw.parameters()]), d)
+        if not same:
+            raise RuntimeError("DDP ranks hold different weights after training; refusing to write results")
+        if d.main:
+            log(f"weights identical on all {d.world} ranks")
+
+    result = {}
+    if d.main:
+        result = _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker)
+    tracker.finish()
+    dd.barrier(d)
+    return result
+
+
+def _epochs(exp, comp, fold, d, engine, state, rp, run_cfg, sampler, train_ds, train_loader, val_loader, val_ds,
+            tracker, bar, saver, log, on_epoch) -> None:
+    """The epochs still to run; checkpoints go to ``saver`` (written in the background)."""
     while state["epoch"] < exp.train.epochs and not _stopped_early(exp, state):
         epoch = state["epoch"] + 1
         # Reseed per epoch so a resumed epoch draws exactly what the uninterrupted run drew.
@@ -153,9 +179,10 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         if d.main:
+            saver.wait()  # the previous epoch's checkpoints are on disk before this epoch's are queued
             if improved:
-                ckpt.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), rp.best)
-            ckpt.save(engine.full_state(run_cfg, state), last)
+                saver.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), rp.best)
+            saver.save(engine.full_state(run_cfg, state), rp.last)
             atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
             tracker.log(row, step=epoch)
             log(f"epoch {epoch:3d}/{exp.train.epochs}  loss {train_loss:.4f}  val dice {row['val_dice']:.4f}"
@@ -165,6 +192,7 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
             try:
                 on_epoch(epoch, row["val_dice"])
             except BaseException as e:  # e.g. optuna.TrialPruned: the W&B run says why it stopped
+                saver.wait()
                 tracker.summary({"stopped_by": type(e).__name__, "epochs_run": epoch})
                 tracker.finish()
                 bar.close()
@@ -172,21 +200,6 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
         bar.update(1)
         bar.set_postfix(best=f"{state['best_score']:.4f}")
         dd.barrier(d)
-    bar.close()
-    train_seconds = time.time() - t0
-    if d.enabled:
-        same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in engine.raw.parameters()]), d)
-        if not same:
-            raise RuntimeError("DDP ranks hold different weights after training; refusing to write results")
-        if d.main:
-            log(f"weights identical on all {d.world} ranks")
-
-    result = {}
-    if d.main:
-        result = _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker)
-    tracker.finish()
-    dd.barrier(d)
-    return result
 
 
 def _stopped_early(exp: ExperimentConfig, state: dict) -> bool:
