@@ -53,13 +53,14 @@ def cmd_train(args) -> int:
     from competition.folds import load_folds
     from competition.train import distributed as dd
     from competition.train.loop import fit
-    exp = load_experiment(args.exp)
+    from competition.config import parse_overrides
+    exp = load_experiment(args.exp, parse_overrides(args.set))
     overrides = {"--batch-size": args.batch_size, "--input-size": args.input_size, "--workers": args.workers}
     if not args.dry_run:
         given = [flag for flag, value in overrides.items() if value is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)} apply to --dry-run only; to train with other values, write a "
-                              f"variant experiment (`extends: {exp.name}` plus the changed `data:` keys)")
+            raise ConfigError(f"{', '.join(given)} apply to --dry-run only; to train with other values, use "
+                              f"--set (e.g. --set data.batch_size=4) or a variant experiment (`extends: {exp.name}`)")
         if args.comp is not None and not args.check:
             raise ConfigError(f"--comp applies to --check and --dry-run only; to train {exp.name} on {args.comp}, "
                               f"write an experiment that names it (`extends: {exp.name}` and "
@@ -200,7 +201,8 @@ def cmd_bundle(args) -> int:
 
 def cmd_oof(args) -> int:
     from competition.ensemble import oofscore
-    oofscore.run(args.exp, suspects=args.suspects, top=args.top, tta=args.tta, scales=args.scales,
+    from competition.config import parse_overrides
+    oofscore.run(args.exp, overrides=parse_overrides(args.set), suspects=args.suspects, top=args.top, tta=args.tta, scales=args.scales,
                  native_cv=not args.no_native, csv=args.csv, truth_csv=args.truth_csv)
     return 0
 
@@ -223,6 +225,12 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upload", action="store_true",
                    help="then submit it with the Kaggle CLI (needs submission.kaggle and a configured CLI)")
     p.add_argument("-m", "--message", default=None, help="Kaggle submission message (default: the file name)")
+
+
+def _set_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override an experiment key, e.g. --set train.epochs=3 (repeatable; validated like the "
+                        "YAML and recorded in the run's resolved config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment name (configs/experiments/<name>.yaml) or a YAML path")
     p.add_argument("--fold", default="0", help="fold number, or 'all' to train every fold in turn")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the fold over")
+    _set_flag(p)
     p.add_argument("--check", action="store_true",
                    help="validate the whole configuration (names, augmentations, scheduler, folds vs data, output "
                         "folder, lock) and exit: builds and writes nothing")
@@ -302,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", nargs="+", type=float, default=None, metavar="S",
                    help="with --tta: multi-scale TTA, e.g. 1 1.25 (default 1)")
     p.add_argument("--no-native", action="store_true", help="skip the native-resolution score")
+    _set_flag(p)
     p.add_argument("--csv", default=None, metavar="OUT.csv",
                    help="also write the OOF as a submission CSV at native size (the competition's format)")
     p.add_argument("--truth-csv", default=None, metavar="TRUTH.csv",

@@ -408,22 +408,57 @@ class ExperimentConfig(Strict):
 
 def load_experiment(name_or_path: str | Path = DEFAULT_EXPERIMENT,
                     overrides: dict | None = None) -> ExperimentConfig:
-    """Read an experiment; ``extends: <other>`` merges it over another experiment (shallow per section).
+    """Read an experiment; ``extends: <other>`` merges it over another experiment (:func:`merge`).
 
-    ``overrides`` (dotted keys -> values, from tuning or the CLI) are applied last, then validated.
+    ``overrides`` (dotted keys -> values, from tuning or ``--set``) are applied last by the same rule,
+    then validated like the YAML (an unknown key is an error listing the valid ones).
     """
     path = find_config("experiments", name_or_path)
     data = _resolve_extends(path, seen=())
     data.setdefault("name", path.stem)
     for key, value in (overrides or {}).items():
-        cur = data
         *parents, last = key.split(".")
-        for part in parents:
-            cur = cur.setdefault(part, {})
-            if not isinstance(cur, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        cur[last] = value
-    return validate(ExperimentConfig, data, path)
+        patch: Any = value
+        for part in reversed([*parents, last]):
+            patch = {part: patch}
+        try:
+            data = merge(data, patch)
+        except ConfigError as e:
+            raise ConfigError(f"override {key!r}: {e}") from None
+    return validate(ExperimentConfig, data, path if not overrides else f"{path} with --set {_show(overrides)}")
+
+
+def _show(overrides: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def merge(base: Any, child: Any, _top: bool = True) -> Any:
+    """The one rule for ``extends:`` and overrides: mappings merge key by key, all the way down;
+    anything else (a value, a list) replaces. A mapping that changes ``name`` (optimizer, scheduler,
+    a transform...) replaces the parent's mapping whole, so keys that belonged to the old name (a
+    cosine schedule's ``warmup_epochs`` under ``onecycle``) are not left behind."""
+    if not (isinstance(base, dict) and isinstance(child, dict)):
+        return child
+    if not _top and "name" in child and "name" in base and child["name"] != base["name"]:
+        return dict(child)
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = merge(base[k], v, False) if k in base else v
+    return out
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``--set key.sub=value`` (repeatable) -> {dotted key: value}; values are YAML (numbers, lists, null)."""
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. --set train.epochs=3")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    return out
 
 
 def _resolve_extends(path: Path, seen: tuple) -> dict:
@@ -435,13 +470,7 @@ def _resolve_extends(path: Path, seen: tuple) -> dict:
         return data
     base = _resolve_extends(find_config("experiments", parent), seen + (path,))
     base.pop("name", None)
-    for key, value in data.items():
-        # Sections merge one level deep so a variant can change one optimizer field in three lines.
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return base
+    return merge(base, data)
 
 
 # --------------------------------------------------------------------------------------------- #

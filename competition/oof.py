@@ -14,6 +14,7 @@ own inference path (:mod:`competition.predict.heldout`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -73,6 +74,8 @@ def write(out_dir: Path, ids: list[str], batches: Iterable[tuple[list[int], np.n
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         _fill(tmp, ids, batches, classes, size, meta)
+        from competition.io import default_mode
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would hide the store from teammates
         if out_dir.exists():
             old = out_dir.with_name(f"{tmp.name}.old")
             out_dir.rename(old)
@@ -84,6 +87,17 @@ def write(out_dir: Path, ids: list[str], batches: Iterable[tuple[list[int], np.n
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def clean_stale_stores(run_dir: Path) -> list[Path]:
+    """Remove the hidden temp folders of OOF writes that were killed (``.oof*.<random>.tmp[.old]``) in
+    a run folder whose lock the caller holds; each is a whole copy of a store."""
+    out = []
+    for p in Path(run_dir).glob(".oof*.tmp*"):
+        if p.is_dir() and not p.is_symlink() and (p.name.endswith(".tmp") or p.name.endswith(".tmp.old")):
+            shutil.rmtree(p, ignore_errors=True)
+            out.append(p)
+    return out
 
 
 def _fill(tmp: Path, ids, batches, classes, size, meta) -> None:

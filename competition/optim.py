@@ -71,14 +71,19 @@ class Scheduler:
         return {"name": self.name, "steps": self.steps, "epochs": self.epochs, "total_steps": self.total_steps,
                 "impl": self.impl.state_dict() if self.impl is not None else None}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, recompute: bool = False) -> None:
+        """Restore the schedule; ``recompute``: keep this (longer) schedule and restore only the
+        position in it, as when a finished run is extended to more epochs."""
         if state.get("name") != self.name:
             raise ValueError(f"scheduler state is for {state.get('name')!r}, this run uses {self.name!r}")
         self.steps, self.epochs = int(state["steps"]), int(state["epochs"])
-        if self.impl is not None:
+        if self.impl is not None and not (recompute and self.name in ("cosine", "onecycle")):
             self.impl.load_state_dict(state["impl"])
         if self.name == "cosine":
             self.impl.step_update(num_updates=self.steps)  # the lr for where we resume
+        elif self.name == "onecycle" and recompute and 0 < self.steps < self.total_steps:
+            self.impl.last_epoch = self.steps - 1
+            self.impl.step()
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int,

@@ -112,6 +112,8 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
     paths.ensembles_dir().mkdir(parents=True, exist_ok=True)
+    from competition.io import clean_stale_temps
+    clean_stale_temps(paths.ensembles_dir(), 3600)  # recipes of ensembles killed over an hour ago
     _check_writable(paths.ensembles_dir(), csv, truth_csv)
     with locks.hold_runs(_member_runs(experiments)):
         return _run(name, experiments, method=method, per_class=per_class, steps=steps, trials=trials,

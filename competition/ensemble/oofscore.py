@@ -100,7 +100,8 @@ def native_scores(exp, comp, adapter, view, csv: str | None = None) -> np.ndarra
     return native.score_plan(images, w, thresholds, {}, comp.task, comp.metric.empty_score)
 
 
-def run(exp_name_or_path: str, suspects: bool = False, top: int = 20, tta: list[str] | None = None,
+def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = False, top: int = 20,
+        tta: list[str] | None = None,
         scales: list[float] | None = None, native_cv: bool = True, csv: str | None = None,
         truth_csv: str | None = None, log=print) -> dict:
     """Score an experiment's OOF (producing missing folds' OOF first); optionally list label suspects."""
@@ -111,7 +112,7 @@ def run(exp_name_or_path: str, suspects: bool = False, top: int = 20, tta: list[
     from competition.predict.tta import check_views, variant_name
     from competition.train.checkpoint import file_hash
 
-    exp = load_experiment(exp_name_or_path)
+    exp = load_experiment(exp_name_or_path, overrides)
     comp = load_competition(exp.competition)
     views = check_views(tta, comp.tta, "--tta") if tta else ["identity"]
     scales = [float(s) for s in (scales or [1.0])]

@@ -260,8 +260,11 @@ def truth_cache(comp, adapter, ids: list[str], size: tuple[int, int], folds_sha:
     if not path.is_file():
         log(f"building the truth cache {path.relative_to(paths.project())} ({len(ids)} images at {h}x{w}) ...")
         write_truth(path, (adapter.load_mask(i, (h, w)) for i in ids), len(ids), len(comp.classes), size)
-        (folder / f"{path.stem}.json").write_text(json.dumps({"ids": ids, "classes": list(comp.classes)}))
         for old in folder.glob(f"{comp.name}-{h}x{w}-*"):  # earlier keys of this competition and size
             if old.stem != path.stem:
                 old.unlink(missing_ok=True)
+    index = folder / f"{path.stem}.json"
+    if not index.is_file():  # written after the .npy, so a kill between the two is repaired here
+        from competition.io import atomic_write_text
+        atomic_write_text(index, json.dumps({"ids": ids, "classes": list(comp.classes)}))
     return TruthView(path, ids, list(comp.classes), size)

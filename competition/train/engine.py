@@ -159,10 +159,10 @@ class Engine:
     def best_payload(self, run_cfg: dict, epoch: int, score: float) -> dict:
         return {"model": self.model_for_eval().state_dict(), "epoch": epoch, "score": score, "config": run_cfg}
 
-    def load_state(self, s: dict) -> dict:
+    def load_state(self, s: dict, recompute_schedule: bool = False) -> dict:
         self.raw.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
-        self.scheduler.load_state_dict(s["scheduler"])
+        self.scheduler.load_state_dict(s["scheduler"], recompute=recompute_schedule)
         self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None and s.get("ema") is not None:
             self.ema.module.load_state_dict(s["ema"])

@@ -95,9 +95,13 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     if d.main:
         from competition.io import clean_stale_temps
         # We hold the folder's lock, so any temp file in it was left by a killed run of ours.
-        for t in clean_stale_temps(rp.root, 0):
+        from competition.oof import clean_stale_stores
+        for t in clean_stale_temps(rp.root, 0) + clean_stale_stores(rp.root):
             log(f"removed {t.name}, left by an interrupted run")
-        _check_run_dir(rp, run_cfg, restart)
+        extend = _check_run_dir(rp, run_cfg, restart)
+        if extend:
+            log(f"extending {exp.name} fold {fold}: train.epochs {extend[0]} -> {extend[1]}; continuing from "
+                f"{rp.last.name} with the learning-rate schedule recomputed for {extend[1]} epochs")
         dump_yaml(run_cfg, rp.config)
     dd.barrier(d)
 
@@ -124,7 +128,13 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     last = rp.last
     if last.is_file() and not restart:
-        state = engine.load_state(ckpt.load(last))
+        saved = ckpt.load(last)
+        # A longer schedule (extending a run): the schedule is rebuilt for the new length and only
+        # its position is restored.
+        longer = (saved.get("config") or {}).get("experiment", {}).get("train", {}).get("epochs") != exp.train.epochs
+        state = engine.load_state(saved, recompute_schedule=longer)
+        if d.main:  # history.csv may lag last.pt by an epoch after a kill between the two writes
+            atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
         if d.main:
             log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
 
@@ -207,20 +217,38 @@ def _stopped_early(exp: ExperimentConfig, state: dict) -> bool:
     return p is not None and state["bad_epochs"] >= p
 
 
-def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> None:
-    """A run folder belongs to one configuration: resuming under a changed config would mix two runs."""
+EXTENDABLE = ("experiment.train.epochs", "experiment.train.early_stopping")  # schedule length only
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | None:
+    """A run folder belongs to one configuration: resuming under a changed config would mix two runs.
+    The one change allowed is a longer schedule (more ``train.epochs``, another ``early_stopping``):
+    the run then continues from last.pt. -> (old epochs, new epochs) when extending, else None."""
     import yaml
 
     from competition.config import read_yaml
     run_dir = rp.root
     if restart or not rp.last.is_file() or not rp.config.is_file():
-        return
-    old = read_yaml(rp.config)
-    if old != yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)):
-        changed = sorted(k for k in set(old["experiment"]) | set(run_cfg["experiment"])
-                         if old["experiment"].get(k) != run_cfg["experiment"].get(k))
-        raise ConfigError(f"{run_dir} holds a run with a different configuration (changed: {changed}); "
-                          f"use a new experiment name, or --restart (RESTART=1) to start this fold over")
+        return None
+    old, new = _flat(read_yaml(rp.config)), _flat(yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not changed:
+        return None
+    e_old, e_new = old.get("experiment.train.epochs"), new.get("experiment.train.epochs")
+    if set(changed) <= set(EXTENDABLE) and (e_new or 0) >= (e_old or 0):
+        return e_old, e_new
+    raise ConfigError(f"{run_dir} holds a run with a different configuration (changed: "
+                      f"{[k.removeprefix('experiment.') for k in changed]}); only raising train.epochs (or "
+                      f"changing train.early_stopping) continues a run; use a new experiment name, or --restart "
+                      f"(RESTART=1) to start this fold over")
 
 
 def oof_variants(exp: ExperimentConfig, comp: CompetitionConfig) -> list[tuple[list[str], list[float]]]:
