@@ -165,7 +165,8 @@ def _report_submission(r, upload: bool, message: str | None, competition: str) -
 
 def cmd_submit(args) -> int:
     from competition.predict.run import submit
-    r = submit(args.ensemble, args.out, args.device, args.batch_size, args.workers, progress=not args.no_progress)
+    r = submit(args.ensemble, args.out, args.device, args.batch_size, args.workers, progress=not args.no_progress,
+               save_probs=args.save_probs, from_probs=args.from_probs)
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
 
@@ -346,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", default=None,
                    help="recipe name (ensembles/<name>.yaml) or a YAML path (default: the newest recipe)")
     _inference_flags(p)
+    p.add_argument("--save-probs", action="store_true",
+                   help="also keep every member's test probabilities (uint8, the OOF store's format) under "
+                        "runs/<exp>/test[-<variant>]/ for re-blending")
+    p.add_argument("--from-probs", action="store_true",
+                   help="blend the members' saved test probabilities instead of running the models")
     p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("predict", help="like submit, for all folds of one experiment without a recipe")

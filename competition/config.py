@@ -333,9 +333,21 @@ class Transform(Strict):
     name: str
 
 
+class BatchMix(Strict):
+    """A batch-level augmentation (albumentations works per sample, so these cannot be transforms):
+    ``mixup`` and ``cutmix`` (Beta(alpha, alpha) mixing, masks mixed consistently) and ``copy_paste``
+    of rare-class instances between images of a batch."""
+
+    name: Literal["mixup", "cutmix", "copy_paste"]
+    p: float = Field(0.5, ge=0.0, le=1.0)  # probability per batch
+    alpha: float = Field(1.0, gt=0.0)  # Beta(alpha, alpha) for mixup / cutmix
+    classes: list[str] | Literal["rare"] = "rare"  # copy_paste: class names, or the rare-class rule
+
+
 class AugmentConfig(Strict):
     preprocess: list[Transform] = Field(default_factory=list)  # train, validation and test alike
     train: list[Transform] = Field(default_factory=list)  # training only
+    batch: list[BatchMix] = Field(default_factory=list)  # training only, applied to whole batches
 
 
 class DataConfig(Strict):
@@ -348,11 +360,26 @@ class DataConfig(Strict):
     workers: int = Field(2, ge=0)
     rare_class_oversample: float = Field(0.0, ge=0.0)  # 0 = uniform; k = images with rare classes drawn (1+k)x
     rare_class_quantile: float = Field(0.25, gt=0.0, le=1.0)  # classes present in fewer images are rare
+    # Pseudo-labels of the test set (`competition pseudo --ensemble NAME`): added to every fold's
+    # training images only, each sample's loss weighted by pseudo_weight.
+    pseudo: str | None = None
+    pseudo_weight: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class SwaConfig(Strict):
+    """Stochastic weight averaging (torch.optim.swa_utils): weights averaged every epoch from
+    ``start_epoch`` at the constant learning rate ``lr``; BatchNorm statistics recomputed after."""
+
+    start_epoch: int = Field(..., ge=1)
+    lr: float = Field(..., gt=0.0)
 
 
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
+    # Weight averaging at the end of training; the average becomes best.pt only if it scores better.
+    swa: "SwaConfig | None" = None
+    average_top_k: int | None = Field(None, ge=2)  # mean of the k best epochs' weights (timm's avg_checkpoints)
     channels_last: bool = True
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = 1.0

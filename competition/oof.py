@@ -65,28 +65,56 @@ def quantize(probs: torch.Tensor) -> np.ndarray:
     return quantize_tensor(probs).cpu().numpy()
 
 
+class StoreWriter:
+    """A store filled row by row (``add``) and published whole (``close``) under ``out_dir``: written in
+    a hidden temp folder beside it (unique per process), then renamed, so a reader never sees half."""
+
+    def __init__(self, out_dir: Path, ids: list[str], classes: list[str], size: tuple[int, int], meta: dict):
+        import tempfile
+        self.out_dir, self.ids, self.classes, self.size, self.meta = Path(out_dir), list(ids), classes, size, meta
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        self.arr = np.lib.format.open_memmap(self.tmp / OOF_PROBS, mode="w+", dtype=np.uint8,
+                                             shape=(len(ids), len(classes), *size))
+        self.filled = np.zeros(len(ids), bool)
+
+    def add(self, rows, probs: np.ndarray) -> None:
+        self.arr[rows] = probs
+        self.filled[rows] = True
+
+    def close(self) -> Path:
+        from competition.io import default_mode
+        self.arr.flush()
+        del self.arr
+        if not self.filled.all():
+            raise RuntimeError(f"store incomplete: rows {np.flatnonzero(~self.filled)[:10].tolist()} never written")
+        (self.tmp / OOF_IDS).write_text(json.dumps(self.ids))
+        full = {"size": list(self.size), "classes": self.classes, "quantization": "uint8, p = value / 255", **self.meta}
+        (self.tmp / OOF_META).write_text(json.dumps(full, indent=1))
+        os.chmod(self.tmp, default_mode(directory=True))  # mkdtemp's 0700 would hide the store from teammates
+        if self.out_dir.exists():
+            old = self.out_dir.with_name(f"{self.tmp.name}.old")
+            self.out_dir.rename(old)
+            self.tmp.rename(self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write(out_dir: Path, ids: list[str], batches: Iterable[tuple[list[int], np.ndarray]],
           classes: list[str], size: tuple[int, int], meta: dict) -> Path:
     """Stream uint8 batches (row indices, (B, C, h, w)) into a memory-mapped store, then publish it."""
-    import tempfile
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    w = StoreWriter(out_dir, ids, classes, size, meta)
     try:
-        _fill(tmp, ids, batches, classes, size, meta)
-        from competition.io import default_mode
-        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would hide the store from teammates
-        if out_dir.exists():
-            old = out_dir.with_name(f"{tmp.name}.old")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        for rows, probs in batches:
+            w.add(rows, probs)
+        return w.close()
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        w.abort()
 
 
 def clean_stale_stores(run_dir: Path) -> list[Path]:
@@ -98,22 +126,6 @@ def clean_stale_stores(run_dir: Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             out.append(p)
     return out
-
-
-def _fill(tmp: Path, ids, batches, classes, size, meta) -> None:
-    arr = np.lib.format.open_memmap(tmp / OOF_PROBS, mode="w+", dtype=np.uint8,
-                                    shape=(len(ids), len(classes), *size))
-    filled = np.zeros(len(ids), bool)
-    for rows, probs in batches:
-        arr[rows] = probs
-        filled[rows] = True
-    arr.flush()
-    del arr
-    if not filled.all():
-        raise RuntimeError(f"OOF store incomplete: rows {np.flatnonzero(~filled)[:10].tolist()} never written")
-    (tmp / OOF_IDS).write_text(json.dumps(ids))
-    full_meta = {"size": list(size), "classes": classes, "quantization": "uint8, p = value / 255", **meta}
-    (tmp / OOF_META).write_text(json.dumps(full_meta, indent=1))
 
 
 def read(oof_dir: Path) -> tuple[np.ndarray, list[str], dict]:

@@ -5,6 +5,7 @@ folder, the cwd). No other module spells a file name of a run folder, a recipe o
     runs/<exp>/fold<k>/                          gitignored, one :class:`RunPaths`: config.yaml, last.pt,
                                                  best.pt, metrics.json, history.csv, oof[-<variant>]/, .lock
     runs/<exp>/oof_scores[-<variant>].csv        `competition oof`; runs/<exp>/suspects/
+    runs/<exp>/test[-<variant>]/                 saved test probabilities of a member (submit --save-probs)
     runs/_truth/<comp>-<h>x<w>-<key>.npy         the bit-packed truth cache
     runs/studies/<study>.db, runs/studies/<study>/   Optuna storage and reports
     ensembles/<name>.yaml, .md                   committed: ensemble recipes
@@ -154,6 +155,14 @@ def oof_dir(experiment: str, fold: int, variant: str = "") -> Path:
 
 def oof_variants(experiment: str, fold: int) -> list[str]:
     return run(experiment, fold).oof_variants()
+
+
+def test_store(experiment: str, variant: str = "") -> Path:
+    """``runs/<exp>/test[-<variant>]/``: a member's saved test-set probabilities (``submit --save-probs``),
+    in the OOF store's format."""
+    if variant:
+        check_name("TTA variant", variant)
+    return experiment_dir(experiment) / (f"test-{variant}" if variant else "test")
 
 
 def oof_scores(experiment: str, variant: str = "") -> Path:

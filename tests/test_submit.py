@@ -371,3 +371,33 @@ def test_ensemble_chooses_tta_variants_on_oof_and_scores_at_native_size(proj_oof
     finally:
         inf.tta_predict = real
     assert set(views) == {t for _, t in kept}
+
+
+def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
+    """`submit --save-probs` keeps each member's test probabilities; `submit --from-probs` re-blends them
+    without any model and writes the same bytes; a changed member is refused."""
+    from competition.cli import main
+    from competition.predict import run as run_mod
+    write_recipe(oof_size=[64, 64], postprocess={"thumb": {"min_area": 5}})
+    assert main(["submit", "--ensemble", "duo", "--no-progress", "--save-probs", "--out", "full.csv"]) == 0
+    for m in ("big", "small"):
+        store = proj / "runs" / m / "test-identity+hflip"
+        assert (store / "probs.npy").is_file()
+        assert np.load(store / "probs.npy").shape == (4, 12, 64, 64)
+    calls = []
+    real = run_mod.build_predictor
+    run_mod.build_predictor = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert main(["submit", "--ensemble", "duo", "--no-progress", "--from-probs", "--out", "again.csv"]) == 0
+    finally:
+        run_mod.build_predictor = real
+    assert not calls  # no model was built
+    assert Path("again.csv").read_bytes() == Path("full.csv").read_bytes()
+    c = len(load_competition("tiny-hands").classes)
+    write_recipe(oof_size=[64, 64], members=[
+        RecipeMember(experiment="big", folds=FOLDS, checkpoints=[ck("big", k) for k in FOLDS], weights=[1.0],
+                     tta=["identity"])])
+    capsys.readouterr()
+    assert main(["submit", "--ensemble", "duo", "--no-progress", "--from-probs", "--out", "x.csv"]) == 2
+    assert "no saved test probabilities for member big" in capsys.readouterr().err
+    assert c == 12

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -95,36 +96,72 @@ def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source:
 
 def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, source: str,
                device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-               rle_workers: int | None = None, progress: bool = True, on_probs=None) -> SubmitResult:
+               rle_workers: int | None = None, progress: bool = True, on_probs=None, save_probs: bool = False,
+               from_probs: bool = False) -> SubmitResult:
     """Predict every test image with the recipe and write a validated CSV to ``out``.
 
     Checkpoint paths in the recipe are relative to ``root`` (the project folder, or a bundle).
     ``on_probs(test id, [uint8 (C, h, w) per member])`` sees each image's member probabilities at the
-    store size (what an OOF row holds for a held-out image).
+    store size (what an OOF row holds for a held-out image). ``save_probs`` keeps them under
+    ``runs/<exp>/test[-<variant>]/``; ``from_probs`` blends saved ones instead of running the models.
     """
     for flag, v in (("--batch-size", batch_size), ("--workers", workers)):
         if v is not None and v < (1 if flag == "--batch-size" else 0):
             raise ConfigError(f"{flag} {v}: expected a number >= {1 if flag == '--batch-size' else 0}")
+    from competition.io import atomic_path
+    from competition.predict import saved
+    if from_probs and save_probs:
+        raise ConfigError("--from-probs and --save-probs: the saved probabilities are what --from-probs reads")
     dev = pick_device(device)
-    predictor = build_predictor(recipe, comp, root, source, dev)
     adapter = make_adapter(comp)
     ids, expected = expected_rows(comp, adapter)
     sub_ids = [adapter.submission_id(i, "test") for i in ids]
-    exps = [m.experiment for m in predictor.members]
-    bs = batch_size_for(exps) if batch_size is None or batch_size_for(exps) == 1 else batch_size
-    nw = workers if workers is not None else min(e.data.workers for e in exps)
-    loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
-                        num_workers=nw, pin_memory=dev.type == "cuda")
-    from competition.io import atomic_path
+    if from_probs:
+        check_recipe(recipe, comp.classes, comp.task, source)
+        predictor = EnsemblePredictor([], member_weights(recipe, source), comp.task, recipe.thresholds, dev)
+        size = tuple(recipe.oof_size) if recipe.oof_size else None
+        if size is None:
+            raise ConfigError(f"{source}: --from-probs needs the recipe's oof_size (written by `make ensemble`)")
+        stores = saved.open_saved(recipe, ids, size)
+        loader = ({"index": torch.arange(s, min(s + 8, len(ids))),
+                   "size": torch.tensor([adapter.image_size(i, "test") for i in ids[s:s + 8]])}
+                  for s in range(0, len(ids), 8))
+    else:
+        predictor = build_predictor(recipe, comp, root, source, dev)
+        exps = [m.experiment for m in predictor.members]
+        bs = batch_size_for(exps) if batch_size is None or batch_size_for(exps) == 1 else batch_size
+        nw = workers if workers is not None else min(e.data.workers for e in exps)
+        loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
+                            num_workers=nw, pin_memory=dev.type == "cuda")
+    saver = None
+    if save_probs:
+        size = predictor.members[0].store_size
+        saver = saved.Saver(recipe, ids, size, comp.classes, {i: list(adapter.image_size(i, "test")) for i in ids})
+        on_probs = _both(on_probs, saver)
     out = Path(out)
     t0 = time.time()
+    try:
+        rows = _write(out, atomic_path, comp, recipe, rle_workers, ids, progress, loader, from_probs, stores
+                      if from_probs else None, predictor, dev, on_probs, sub_ids, expected, saver)
+    finally:
+        if saver is not None:
+            saver.abort()  # a no-op once published; removes the temp stores of a failed run
+    return SubmitResult(out, len(ids), rows, time.time() - t0, comp.name)
+
+
+def _write(out, atomic_path, comp, recipe, rle_workers, ids, progress, loader, from_probs, stores, predictor, dev,
+           on_probs, sub_ids, expected, saver) -> int:
     with atomic_path(out) as tmp:
         with SubmissionWriter(tmp, comp, recipe.postprocess, rle_workers) as writer, \
                 tqdm(total=len(ids), unit="img", desc=f"predict {recipe.name}", disable=not progress,
                      dynamic_ncols=True) as bar:
             for batch in loader:
                 sizes = [tuple(s) for s in batch["size"].tolist()]
-                us = predictor.member_probs(batch["inputs"])
+                if from_probs:
+                    rows = batch["index"].numpy()
+                    us = [torch.from_numpy(np.ascontiguousarray(st[rows])).to(dev) for st in stores]
+                else:
+                    us = predictor.member_probs(batch["inputs"])
                 if on_probs is not None:
                     for j, i in enumerate(batch["index"].tolist()):
                         on_probs(ids[i], [u[j].cpu().numpy() for u in us])
@@ -132,12 +169,24 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                     writer.add(sub_ids[i], *masks_for_writer(predictor, p))
                 bar.update(len(sizes))
         rows = validate_submission(tmp, comp, expected)
-    return SubmitResult(out, len(ids), rows, time.time() - t0, comp.name)
+        if saver is not None:
+            saver.close()
+    return rows
+
+
+def _both(first, second):
+    if first is None:
+        return second
+
+    def call(image_id, member_probs):
+        first(image_id, member_probs)
+        second(image_id, member_probs)
+    return call
 
 
 def submit(ensemble: str | None = None, out: Path | None = None, device: str = "auto",
            batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-           log=print) -> SubmitResult:
+           log=print, save_probs: bool = False, from_probs: bool = False) -> SubmitResult:
     """``competition submit``: the recipe's CSV under ``submissions/`` plus a ledger row."""
     from competition import ledger
     source = resolve_recipe(ensemble)
@@ -149,7 +198,8 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
     clean_stale_temps(paths.submissions_dir(), 3600)  # CSVs of submits killed more than an hour ago
     with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
         result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
-                            str(source), device, batch_size, workers, progress=progress)
+                            str(source), device, batch_size, workers, progress=progress, save_probs=save_probs,
+                            from_probs=from_probs)
     _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name))
     return result
 
