@@ -360,10 +360,6 @@ class DataConfig(Strict):
     workers: int = Field(2, ge=0)
     rare_class_oversample: float = Field(0.0, ge=0.0)  # 0 = uniform; k = images with rare classes drawn (1+k)x
     rare_class_quantile: float = Field(0.25, gt=0.0, le=1.0)  # classes present in fewer images are rare
-    # Pseudo-labels of the test set (`competition pseudo --ensemble NAME`): added to every fold's
-    # training images only, each sample's loss weighted by pseudo_weight.
-    pseudo: str | None = None
-    pseudo_weight: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class SwaConfig(Strict):
