@@ -52,8 +52,16 @@ class Scheduler:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def hold(self, lr: float) -> None:
+        """From now on a constant learning rate (stochastic weight averaging's phase)."""
+        self.held = lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
     def step_batch(self) -> None:
         self.steps += 1
+        if getattr(self, "held", None) is not None:
+            return
         if self.name == "cosine":
             self.impl.step_update(num_updates=self.steps)
         elif self.name == "onecycle" and self.steps < self.total_steps:
@@ -62,7 +70,7 @@ class Scheduler:
 
     def step_epoch(self, metric: float | None = None) -> None:
         self.epochs += 1
-        if self.name == "plateau":
+        if self.name == "plateau" and getattr(self, "held", None) is None:
             if metric is None:
                 raise ValueError("the plateau scheduler needs the validation metric: step_epoch(metric)")
             self.impl.step(metric)

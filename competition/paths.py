@@ -95,6 +95,14 @@ class RunPaths:
     def lock(self) -> Path:
         return self.root / ".lock"
 
+    @property
+    def top_dir(self) -> Path:
+        """The k best epochs' weights kept for ``train.average_top_k``."""
+        return self.root / "top"
+
+    def top(self, epoch: int) -> Path:
+        return self.top_dir / f"epoch{int(epoch):04d}.pt"
+
     def oof(self, variant: str = "") -> Path:
         """The plain OOF (``oof/``) or a TTA variant's (``oof-<variant>/``, see predict.tta.variant_name)."""
         if variant:

@@ -158,7 +158,7 @@ def test_changed_config_refuses_to_resume(folded):
     write_exp(folded, "tiny", train={"epochs": 1})
     fit(load_experiment("tiny"), fold=0, log=lambda *_: None)
     write_exp(folded, "tiny", train={"epochs": 1}, optimizer={"lr": 0.02})
-    with pytest.raises(ConfigError, match=r"different configuration \(changed: \['optimizer'\]\)"):
+    with pytest.raises(ConfigError, match=r"different configuration \(changed: \['optimizer.lr'\]\)"):
         fit(load_experiment("tiny"), fold=0, log=lambda *_: None)
 
 

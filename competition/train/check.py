@@ -64,6 +64,8 @@ def check_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None =
     build_scheduler(build_optimizer(torch.nn.Linear(1, 1), exp.optimizer), exp.scheduler, exp.train.epochs, 1)
     build_pipeline(exp.augment.preprocess, "augment.preprocess")
     build_pipeline(exp.augment.train, "augment.train")
+    from competition.data.mixing import check as check_batch_mix
+    check_batch_mix(exp, comp)
     oof_variants(exp, comp)
     adapter = adapter or make_adapter(comp)
     folds = load_folds(comp, adapter)

@@ -56,6 +56,10 @@ class AsyncSaver:
     def save(self, obj: dict, path: Path) -> None:
         self._pending.append(self._pool.submit(save, snapshot(obj), Path(path)))
 
+    def delete(self, path: Path) -> None:
+        """Remove ``path`` after the saves queued before (so a file is never deleted before it is written)."""
+        self._pending.append(self._pool.submit(Path(path).unlink, missing_ok=True))
+
     def wait(self) -> None:
         pending, self._pending = self._pending, []
         for f in pending:

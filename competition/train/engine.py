@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from competition.config import CompetitionConfig, ExperimentConfig
+from competition.data import mixing
 from competition.metrics import dice_from_counts
 from competition.train import checkpoint as ckpt
 from competition.train import distributed as dd
@@ -83,15 +84,25 @@ class Engine:
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, position=1, unit="batch",
                    disable=not (self.dist.main and self.exp.train.progress))
         self.optimizer.zero_grad(set_to_none=True)
+        # augment.batch (mixup, cutmix, copy_paste): built once, on the first epoch this engine trains;
+        # rare classes are counted on the loader's dataset (the training fold) when it has one.
+        if self.exp.augment.batch and getattr(self, "batch_mixer", None) is None:
+            self.batch_mixer = mixing.BatchMixer.for_training(self.exp, self.comp, getattr(loader, "dataset", None),
+                                                              self.dist.rank)
+        mixer = getattr(self, "batch_mixer", None) if self.exp.augment.batch else None
         for step, batch in enumerate(bar, 1):
             x, y = self._to_device(batch)
-            target = y.float() if self.comp.task == "multilabel" else y
+            targets = [(1.0, y)]
+            if mixer is not None:  # seeded from (seed, epoch, step, op, rank): a resumed run mixes the same
+                x, targets = mixer(x, y, epoch, step)
+                x = x.contiguous(memory_format=self.memory_format)
+            targets = [(w, t.float() if self.comp.task == "multilabel" else t) for w, t in targets]
             sync = step % accum == 0 or step == len(loader)
             no_sync = self.model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
             with no_sync:
                 with self._autocast():
                     out = self.model(x)
-                loss = self.loss_fn(_float(out), target)
+                loss = mixing.mixed_loss(self.loss_fn, _float(out), targets)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}; "
                                            f"stopping without writing this epoch (lower optimizer.lr, set "
@@ -123,9 +134,10 @@ class Engine:
         return float(stats[0] / stats[1]), int(stats[1])
 
     @torch.no_grad()
-    def validate(self, loader, n_images: int) -> np.ndarray:
-        """Per-class mean Dice over the held-out images at the model's output resolution."""
-        model = self.model_for_eval().eval()
+    def validate(self, loader, n_images: int, model: torch.nn.Module | None = None) -> np.ndarray:
+        """Per-class mean Dice over the held-out images at the model's output resolution (of the
+        evaluation weights, or of ``model``: an averaged candidate)."""
+        model = (model or self.model_for_eval()).eval()
         C = self.comp.num_classes
         sums = torch.zeros(C, dtype=torch.float64, device=self.device)
         for batch in loader:

@@ -127,6 +127,7 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     last = rp.last
+    saved = None
     if last.is_file() and not restart:
         saved = ckpt.load(last)
         # A longer schedule (extending a run): the schedule is rebuilt for the new length and only
@@ -138,6 +139,11 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
         if d.main:
             log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
 
+    from competition.train.averaging import Swa, TopK
+    topk = TopK(exp.train.average_top_k, rp, state.get("top_k")) if exp.train.average_top_k else None
+    swa = Swa(exp.train.swa, engine.raw, device) if exp.train.swa else None
+    if swa is not None and saved is not None and saved.get("swa") is not None:
+        swa.load_state_dict(saved["swa"])
     tracker = tracking.for_training(exp, comp, fold, run_cfg) if d.main else tracking.Tracker(False)
     t0 = time.time()
     bar = tqdm(total=exp.train.epochs, initial=state["epoch"], desc=f"{exp.name} fold {fold}", unit="epoch",
@@ -145,10 +151,13 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     saver = ckpt.AsyncSaver()
     try:
         _epochs(exp, comp, fold, d, engine, state, rp, run_cfg, sampler, train_ds, train_loader, val_loader,
-                val_ds, tracker, bar, saver, log, on_epoch)
+                val_ds, tracker, bar, saver, log, on_epoch, topk, swa)
     finally:
         saver.close()  # every queued checkpoint is on disk before anything reads it (or we stop)
     bar.close()
+    dd.barrier(d)
+    state["averaging"] = _averaged(exp, comp, d, engine, state, rp, run_cfg, train_loader, val_loader, val_ds,
+                                   topk, swa, log)
     train_seconds = time.time() - t0
     if d.enabled:
         same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in engine.raw.parameters()]), d)
@@ -165,11 +174,38 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     return result
 
 
+def _averaged(exp, comp, d, engine, state, rp, run_cfg, train_loader, val_loader, val_ds, topk, swa, log) -> dict:
+    """Validate the weight averages like an epoch; the best one becomes best.pt if it beats every epoch."""
+    import copy
+    candidates = []
+    if topk is not None and (avg := topk.average()) is not None:
+        model = copy.deepcopy(engine.raw)
+        model.load_state_dict(avg)
+        candidates.append((f"top{len(topk.kept)}", model))
+    if swa is not None and (model := swa.finalize(train_loader, engine.device)) is not None:
+        candidates.append(("swa", model))
+    out = {}
+    for name, model in candidates:
+        scores = engine.validate(val_loader, len(val_ds), model)
+        out[name] = float(scores.mean())
+        if d.main:
+            log(f"{name}: averaged weights score val dice {out[name]:.4f} (best epoch {state['best_score']:.4f})")
+        if out[name] > state["best_score"]:
+            state.update(best_score=out[name], best_averaged=name)
+            if d.main:
+                ckpt.save({"model": model.state_dict(), "epoch": state["best_epoch"], "score": out[name],
+                           "averaged": name, "config": run_cfg,
+                           "val_dice_per_class": {c: float(v) for c, v in zip(comp.classes, scores)}}, rp.best)
+    return out
+
+
 def _epochs(exp, comp, fold, d, engine, state, rp, run_cfg, sampler, train_ds, train_loader, val_loader, val_ds,
-            tracker, bar, saver, log, on_epoch) -> None:
+            tracker, bar, saver, log, on_epoch, topk=None, swa=None) -> None:
     """The epochs still to run; checkpoints go to ``saver`` (written in the background)."""
     while state["epoch"] < exp.train.epochs and not _stopped_early(exp, state):
         epoch = state["epoch"] + 1
+        if swa is not None and swa.active(epoch):
+            engine.scheduler.hold(swa.cfg.lr)
         # Reseed per epoch so a resumed epoch draws exactly what the uninterrupted run drew.
         seed_everything(exp.train.seed * 1000 + epoch, exp.train.deterministic)
         sampler.set_epoch(epoch)
@@ -188,11 +224,20 @@ def _epochs(exp, comp, fold, d, engine, state, rp, run_cfg, sampler, train_ds, t
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
+        if swa is not None and swa.active(epoch):
+            swa.update(engine.raw)
         if d.main:
             saver.wait()  # the previous epoch's checkpoints are on disk before this epoch's are queued
+        if topk is not None:  # every rank keeps the list; rank 0 writes the files
+            topk.offer(epoch, row["val_dice"], engine.model_for_eval().state_dict(), saver if d.main else None)
+            state["top_k"] = [list(x) for x in topk.kept]
+        if d.main:
             if improved:
                 saver.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), rp.best)
-            saver.save(engine.full_state(run_cfg, state), rp.last)
+            payload = engine.full_state(run_cfg, state)
+            if swa is not None:
+                payload["swa"] = swa.state_dict()
+            saver.save(payload, rp.last)
             atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
             tracker.log(row, step=epoch)
             log(f"epoch {epoch:3d}/{exp.train.epochs}  loss {train_loss:.4f}  val dice {row['val_dice']:.4f}"
@@ -292,7 +337,9 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
     metrics = {"experiment": exp.name, "fold": fold, "competition": comp.name,
                "best_epoch": best["epoch"], "epochs_run": state["epoch"],
                "val_dice": state["best_score"], "val_dice_per_class": dict(zip(
-                   comp.classes, [state["history"][best["epoch"] - 1][f"dice/{c}"] for c in comp.classes])),
+                   comp.classes, [state["history"][best["epoch"] - 1][f"dice/{c}"] for c in comp.classes]))
+               if "val_dice_per_class" not in best else best["val_dice_per_class"],
+               "averaging": state.get("averaging", {}), "best_is": best.get("averaged") or f"epoch {best['epoch']}",
                "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": size,
                "oof_dice_native": nsumm["mean"], "oof_dice_native_per_class": nsumm["per_class"],
                "oof_variants": [variant_name(v, s) or "plain" for v, s in oof_variants(exp, comp)],

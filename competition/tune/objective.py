@@ -4,6 +4,8 @@ pruner may stop the trial there. A diverged or out-of-memory trial counts as pru
 hyperparameters), not as a crash."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import optuna
 import torch
@@ -71,6 +73,7 @@ def _tidy(name: str, folds, keep_best: bool) -> None:
     for fold in folds:
         rp = paths.run(name, fold)
         rp.last.unlink(missing_ok=True)
+        shutil.rmtree(rp.top_dir, ignore_errors=True)
         if not keep_best:
             rp.best.unlink(missing_ok=True)
 
