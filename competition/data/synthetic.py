@@ -74,14 +74,18 @@ def _ellipse(c: np.ndarray, axes: tuple[float, float], angle: float, n: int = 20
     return p @ np.array([[ca, sa], [-sa, ca]]) + c
 
 
+# Per finger, thumb first: base (x, y), angle and segment length in unit coordinates; both hand
+# drawings (12 classes and hand-bone's 29) use the same skeleton.
+_FINGERS = ([(0.30, 0.62), (0.40, 0.47), (0.50, 0.45), (0.60, 0.47), (0.69, 0.52)],
+            [-0.75, -0.15, 0.0, 0.13, 0.28], [0.09, 0.11, 0.12, 0.11, 0.09])
+
+
 def _hand(rng: np.random.Generator, has_sesamoid: bool) -> list[tuple[str, np.ndarray]]:
     """Polygons of one left hand in unit coordinates (x right, y down), before pose and mirroring."""
     polys: list[tuple[str, np.ndarray]] = []
     width = rng.uniform(0.85, 1.15)
     length = rng.uniform(0.9, 1.1)
-    bases = [(0.30, 0.62), (0.40, 0.47), (0.50, 0.45), (0.60, 0.47), (0.69, 0.52)]
-    angles = [-0.75, -0.15, 0.0, 0.13, 0.28]
-    lengths = [0.09, 0.11, 0.12, 0.11, 0.09]
+    bases, angles, lengths = _FINGERS
     for f, (name, (bx, by), ang, ln) in enumerate(zip(CLASSES[:5], bases, angles, lengths)):
         ang += rng.normal(0, 0.06)
         u = np.array([np.sin(ang), -np.cos(ang)])
@@ -125,9 +129,7 @@ def _hand_29(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
     polys: list[tuple[str, np.ndarray]] = []
     width = rng.uniform(0.85, 1.15)
     length = rng.uniform(0.9, 1.1)
-    bases = [(0.30, 0.62), (0.40, 0.47), (0.50, 0.45), (0.60, 0.47), (0.69, 0.52)]
-    angles = [-0.75, -0.15, 0.0, 0.13, 0.28]
-    lengths = [0.09, 0.11, 0.12, 0.11, 0.09]
+    bases, angles, lengths = _FINGERS
     first = 1  # the finger-<n> number of this finger's distal phalanx
     for f, ((bx, by), ang, ln) in enumerate(zip(bases, angles, lengths)):
         ang += rng.normal(0, 0.06)

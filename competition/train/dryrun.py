@@ -91,15 +91,13 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
             log=print) -> dict:
     """One training step of ``exp`` fold ``fold`` (on ``comp``, default the experiment's own
     competition), building everything as ``fit`` does and writing nothing; returns the figures."""
-    from competition.folds import FoldsError, presence_matrix
-    from competition.data.dataset import rare_class_weights
+    from competition.folds import FoldsError
     from competition.models import build_model
     from competition.optim import build_scheduler
     from competition.train import distributed as dd
     from competition.train.check import check_run
     from competition.train.engine import autocast_dtype, seed_everything
-    from competition.train.loop import (EpochSampler, Engine, SegDataset, _class_weights, _loader, build_loss,
-                                        build_optimizer)
+    from competition.train.loop import Engine, _class_weights, build_loss, build_optimizer, training_loader
 
     if comp is None:
         comp = load_competition(exp.competition)
@@ -136,13 +134,7 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
         f"({n_train:,} trainable; built in {time.time() - t:.1f}s)")
 
     train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
-    train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
-    sampler_weights = None
-    if exp.data.rare_class_oversample > 0:
-        pres = presence_matrix(adapter)[[adapter.ids.index(i) for i in train_ids]]
-        sampler_weights = rare_class_weights(pres, exp.data.rare_class_oversample, exp.data.rare_class_quantile)
-    sampler = EpochSampler(len(train_ds), exp.train.seed, sampler_weights, d.rank, d.world)
-    train_loader = _loader(train_ds, exp, sampler)
+    train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d)
     loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids))
     engine = Engine(model, loss_fn, exp, comp, device, d)
     engine.optimizer = build_optimizer(engine.model, exp.optimizer)

@@ -44,6 +44,18 @@ def _loader(ds, exp: ExperimentConfig, sampler=None, shuffle_free: bool = True) 
                       persistent_workers=False, prefetch_factor=2 if workers else None)
 
 
+def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, train_ids: list[str], d):
+    """(dataset, sampler, loader) of a fold's training images: augmentations, rare-class oversampling,
+    DDP shards; what ``train`` and ``--dry-run`` both use."""
+    train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
+    weights = None
+    if exp.data.rare_class_oversample > 0:
+        pres = presence_matrix(adapter)[[adapter.ids.index(i) for i in train_ids]]
+        weights = rare_class_weights(pres, exp.data.rare_class_oversample, exp.data.rare_class_quantile)
+    sampler = EpochSampler(len(train_ds), exp.train.seed, weights, d.rank, d.world)
+    return train_ds, sampler, _loader(train_ds, exp, sampler)
+
+
 def _class_weights(exp, comp, adapter, train_ids) -> torch.Tensor | None:
     cw = exp.loss.class_weights
     if cw is None:
@@ -108,16 +120,11 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     device = dd.device_for(d)
     train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
     val_ids = folds.loc[folds["fold"] == fold, "id"].tolist()
-    train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
+    train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d)
     val_ds = SegDataset(adapter, val_ids, exp, comp.task, "val")
-    weights = None
-    if exp.data.rare_class_oversample > 0:
-        pres = presence_matrix(adapter)[[adapter.ids.index(i) for i in train_ids]]
-        weights = rare_class_weights(pres, exp.data.rare_class_oversample, exp.data.rare_class_quantile)
-    sampler = EpochSampler(len(train_ds), exp.train.seed, weights, d.rank, d.world)
     # Validation shards are disjoint (no padding), so reduced sums count every image exactly once.
     val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
-    train_loader, val_loader = _loader(train_ds, exp, sampler), _loader(val_shard, exp)
+    val_loader = _loader(val_shard, exp)
 
     loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids))
     engine = Engine(model, loss_fn, exp, comp, device, d)
