@@ -53,6 +53,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# The bench extra (benchmark peers), read from pyproject.toml, without dependencies: see its comment there.
+	$(PY) -m pip install -q --no-deps $$($(PY) -c 'import re; line = re.search(r"(?m)^bench = \[(.*)\]", \
+		open("pyproject.toml").read()).group(1); print(" ".join(re.findall(r"\"([^\"]+)\"", line)))')
 	touch $@
 
 folds: venv
@@ -77,8 +80,9 @@ bundle: venv
 test: venv
 	$(PY) -m pytest -q
 
+# BENCH="rle submit" runs only the benchmarks whose names contain those words.
 bench: venv
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,8 +10,8 @@ and a few spurious blobs (something for the post-processing to remove). Both go 
 1. The mask path, ``native.score_plan`` (one plan: 0.6/0.4, thresholds 0.5, no post-processing) on
    one image, against a careful numpy/OpenCV peer doing the same work: per class, float32 blend of
    the two members (the submission's arithmetic), ``cv2.resize(INTER_LINEAR)`` to 2048², ``>= 0.5``,
-   Dice against the truth, in reused buffers. Both in this process, alternating rounds after a
-   warm-up; mean Dice must agree to 1e-3 (torch's and OpenCV's bilinear kernels may round
+   Dice against the truth, in reused buffers. Through ``benchmarks.harness.compare`` (alternating
+   rounds after a warm-up, min and median, peak memory per side); mean Dice must agree to 1e-3 (torch's and OpenCV's bilinear kernels may round
    differently, mostly at the borders, so a few pixels at the threshold could flip).
 2. The full ``native.evaluate`` (thresholds pass + components pass, post-processing on) for 3
    candidates x (in-sample + 5 nested folds) = 18 plans whose weights repeat as a search gives them
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gc
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from benchmarks.harness import compare
 
 N_CLASSES, NATIVE, OOF, N_MEMBERS = 29, 2048, 512, 2
 N_IMAGES = 2  # score_plan is timed on the first; evaluate runs on both (nested folds need two)
@@ -192,10 +193,6 @@ def _load() -> str:
     return "load avg " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + f" on {os.cpu_count()} cpus"
 
 
-def _ms(xs: list[float]) -> str:
-    return f"min {min(xs) * 1e3:7.1f} ms, median {statistics.median(xs) * 1e3:7.1f} ms"
-
-
 def _measure(fn):
     """(result, seconds, peak RSS over baseline, VmHWM over baseline or None) of ``fn()``."""
     gc.collect()
@@ -233,35 +230,20 @@ def main() -> None:
     weights = np.tile(np.array(WEIGHTS), (C, 1))
     thresholds = [0.5] * C
     empty = 1.0
-    sides = {
-        "ours": lambda: native.score_plan(one_image, weights, thresholds, {}, "multilabel", empty),
-        "peer": lambda: peer_dice(members, adapter, ids[:1], weights, np.array(thresholds, np.float32), empty),
-    }
-    times = {k: [] for k in sides}
-    result = {}
 
-    def rounds() -> None:
-        for r in range(WARMUP + ROUNDS):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                gc.collect()
-                t = time.perf_counter()
-                result[name] = sides[name]()
-                if r >= WARMUP:
-                    times[name].append(time.perf_counter() - t)
+    def same_dice(a: np.ndarray, b: np.ndarray) -> str:
+        d_ours, d_peer = a.mean(), b.mean()
+        assert abs(d_ours - d_peer) <= TOLERANCE, f"mean Dice differs: ours {d_ours:.6f}, peer {d_peer:.6f}"
+        return (f"mean Dice ours {d_ours:.6f}, peer {d_peer:.6f}: |diff| {abs(d_ours - d_peer):.1e} <= "
+                f"{TOLERANCE:g} (torch and OpenCV bilinear kernels may differ slightly at borders/in rounding; "
+                f"worst image x class {float(np.abs(a - b).max()):.1e})")
 
-    _, _, mask_peak, mask_hwm = _measure(rounds)
-    d_ours, d_peer = result["ours"].mean(), result["peer"].mean()
-    worst = float(np.abs(result["ours"] - result["peer"]).max())
-    assert abs(d_ours - d_peer) <= TOLERANCE, f"mean Dice differs: ours {d_ours:.6f}, peer {d_peer:.6f}"
-    print(f"score_plan (blend 0.6/0.4 -> bilinear to {NATIVE}² -> >= 0.5 -> Dice, no post-processing), "
-          f"per image ({C} classes), {ROUNDS} alternating rounds after {WARMUP} warm-up:")
-    print(f"  ours  (torch, {torch.get_num_threads()} threads)                      {_ms(times['ours'])}")
-    print(f"  peer  (numpy + cv2.resize INTER_LINEAR, cv2 {cv2.getNumThreads()} threads)  {_ms(times['peer'])}")
-    print(f"  ratio of mins ours/peer {min(times['ours']) / min(times['peer']):.2f}x; mean Dice ours "
-          f"{d_ours:.6f}, peer {d_peer:.6f}: |diff| {abs(d_ours - d_peer):.1e} <= {TOLERANCE:g} (torch and "
-          f"OpenCV bilinear kernels may differ slightly at borders/in rounding; worst image x class "
-          f"{worst:.1e}); peak RSS over baseline during the rounds {_mib(mask_peak, mask_hwm)}; {_load()}",
-          flush=True)
+    compare(f"score_plan (blend 0.6/0.4 -> bilinear to {NATIVE}² -> >= 0.5 -> Dice, no post-processing), per "
+            f"image ({C} classes)",
+            lambda: native.score_plan(one_image, weights, thresholds, {}, "multilabel", empty),
+            {"numpy + cv2.resize peer": lambda: peer_dice(members, adapter, ids[:1], weights,
+                                                          np.array(thresholds, np.float32), empty)},
+            ours_label="ours (torch)", rounds=ROUNDS, warmup=WARMUP, check=same_dice, memory=True)
 
     # ---- 2. the full evaluate on 2 images x EVAL_CLASSES classes, extrapolated ----------------- #
     # Plans as a search hands them over: Caruana counts; "single" and "equal" repeat across folds,

@@ -1,19 +1,23 @@
-"""RLE encode/decode of one 2048² class mask (a few bone-sized blobs) against the Kaggle snippets.
+"""RLE encode/decode of one 2048² class mask (a few bone-sized blobs), ours against two peers.
 
-Peers, timed in the same run, interleaved round by round, best of the rounds: the snippets nearly every
-Kaggle kernel copies, and a plain 4 MB ``mask.copy()`` as the memory-bandwidth yardstick. Absolute
-times swing with machine load; the ratios are the result.
+Peers (installed with the ``bench`` extra, not copied): pytorch-toolbelt's ``pytorch_toolbelt.utils.rle``
+(``rle_encode`` + ``rle_to_string``, ``rle_decode``; column-major natively, row-major through the
+transposed view, as its users call it), and the snippet nearly every Kaggle kernel copies (whose
+``np.concatenate([[0], p, [0]])`` upcasts the 4 MiB mask to a 32 MiB int64 array). Encoders must give
+identical strings. Decoders must give identical values; layouts differ and are named: ours is always
+C-contiguous, the column-major peers return a Fortran-ordered transposed view, which is free to make
+and expensive to use from C-ordered code, so a second decode comparison times what the RLE-CSV loader
+does with the result (``stack[c] |= m != 0`` into a C-ordered (C, H, W) stack).
 """
 from __future__ import annotations
-
-import time
 
 import cv2
 import numpy as np
 
+from benchmarks.harness import compare, identical
 from competition import rle
 
-SIZE, ROUNDS = 2048, 30
+SIZE, ROUNDS, NUMBER = 2048, 7, 5
 
 
 def make_mask(seed: int = 0) -> np.ndarray:
@@ -50,59 +54,72 @@ def kaggle_decode(mask_rle: str, shape: tuple[int, int]) -> np.ndarray:
     return img.reshape(shape)
 
 
-def best_times(cases: dict, rounds: int = ROUNDS) -> dict[str, float]:
-    """Best wall time (ms) of each case; rounds interleave the cases so drift hits them alike."""
-    times = {name: float("inf") for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[name] = min(times[name], (time.perf_counter() - start) * 1e3)
-    return times
+def same_values(ours: np.ndarray, peer: np.ndarray) -> str:
+    """Same shape, dtype and values; the layout is reported, not required."""
+    assert ours.shape == peer.shape and ours.dtype == peer.dtype, f"{ours.shape} {ours.dtype} vs {peer.shape} {peer.dtype}"
+    assert np.array_equal(ours, peer), f"{np.count_nonzero(ours != peer)} pixels differ"
+
+    def layout(a):
+        return "C-contiguous" if a.flags.c_contiguous else "Fortran-ordered view" if a.flags.f_contiguous else "strided"
+    return f"identical values (ours {layout(ours)}, peer {layout(peer)})"
 
 
 def main() -> None:
+    from pytorch_toolbelt.utils.rle import rle_decode as tb_decode, rle_encode as tb_encode, rle_to_string
+
     mask = make_mask()
-    shape = mask.shape
+    shape, (h, w) = mask.shape, mask.shape
     row, col = rle.encode(mask), rle.encode(mask, "column-major")
-    assert row == kaggle_encode(mask), "rle.encode disagrees with the Kaggle snippet (row-major)"
-    assert col == kaggle_encode(mask, "F"), "rle.encode disagrees with the Kaggle snippet (column-major)"
-    assert np.array_equal(rle.decode(row, shape), kaggle_decode(row, shape)), "rle.decode disagrees"
-    n_runs = len(row.split()) // 2
-    # Encoders and decoders are timed in separate groups: a decoder's fresh 4 MB output makes the
-    # allocator hand memory back to the OS, and the next case would pay its page faults.
-    t = best_times({
-        "ours": lambda: rle.encode(mask),
+    print(f"mask {SIZE}x{SIZE} uint8, {mask.mean():.1%} foreground, {len(row.split()) // 2} row-major runs, "
+          f"{len(col.split()) // 2} column-major runs", flush=True)
+
+    compare("encode row-major", lambda: rle.encode(mask), {
+        "toolbelt": lambda: rle_to_string(tb_encode(mask.T)),
         "kaggle": lambda: kaggle_encode(mask),
-        "ours_col": lambda: rle.encode(mask, "column-major"),
-        "kaggle_col": lambda: kaggle_encode(mask, "F"),
-        "memcpy": lambda: mask.copy(),
-    })
-    t.update(best_times({
-        "decode": lambda: rle.decode(row, shape),
-        "kaggle_decode": lambda: kaggle_decode(row, shape),
-        "decode_col": lambda: rle.decode(col, shape, "column-major"),
-    }))
-    print(f"mask {SIZE}x{SIZE} uint8, {mask.mean():.1%} foreground, {n_runs} runs; best of {ROUNDS} rounds")
-    print(f"rle.encode {SIZE}^2: ours {t['ours']:.3f} ms, kaggle snippet {t['kaggle']:.3f} ms -> "
-          f"speed-up {t['kaggle'] / t['ours']:.1f}x (target >=10x); ours / 4 MB memcpy = "
-          f"{t['ours'] / t['memcpy']:.1f}x")
-    print(f"rle.encode {SIZE}^2 column-major: ours {t['ours_col']:.3f} ms, kaggle snippet (flatten order=F) "
-          f"{t['kaggle_col']:.3f} ms -> speed-up {t['kaggle_col'] / t['ours_col']:.1f}x")
-    print(f"rle.decode {SIZE}^2: ours {t['decode']:.3f} ms (validates), "
-          f"kaggle snippet {t['kaggle_decode']:.3f} ms -> speed-up {t['kaggle_decode'] / t['decode']:.1f}x; "
-          f"column-major {t['decode_col']:.3f} ms")
+    }, rounds=ROUNDS, number=NUMBER, check=identical)
+    compare("encode column-major", lambda: rle.encode(mask, "column-major"), {
+        "toolbelt": lambda: rle_to_string(tb_encode(mask)),
+        "kaggle": lambda: kaggle_encode(mask, "F"),
+    }, rounds=ROUNDS, number=NUMBER, check=identical)
+    compare("decode row-major (validates; peers do not)", lambda: rle.decode(row, shape), {
+        "toolbelt": lambda: tb_decode(row, (w, h), np.uint8).T,
+        "kaggle": lambda: kaggle_decode(row, shape),
+    }, rounds=ROUNDS, number=NUMBER, check=same_values)
+    compare("decode column-major (validates; peers do not)", lambda: rle.decode(col, shape, "column-major"), {
+        "toolbelt": lambda: tb_decode(col, shape, np.uint8),
+        "kaggle": lambda: kaggle_decode(col, (w, h)).T,
+    }, rounds=ROUNDS, number=NUMBER, check=same_values)
+
+    stack = np.zeros((2, h, w), np.uint8)
+
+    def into_stack(m: np.ndarray) -> np.ndarray:
+        stack[0] = 0
+        stack[0] |= m != 0
+        return stack[0].copy()
+
+    compare("decode column-major + the loader's `stack[c] |= m != 0` (C-ordered stack)",
+            lambda: into_stack(rle.decode(col, shape, "column-major")), {
+                "toolbelt": lambda: into_stack(tb_decode(col, shape, np.uint8)),
+                "kaggle": lambda: into_stack(kaggle_decode(col, (w, h)).T),
+            }, rounds=5, number=1, check=identical)
 
     # A raw model prediction is speckled: thousands of runs, where per-run Python work dominates.
     speckled = mask ^ (np.random.default_rng(1).random(shape) < 0.002).astype(np.uint8)
-    text = rle.encode(speckled)
-    assert text == kaggle_encode(speckled)
-    s = best_times({"ours": lambda: rle.encode(speckled), "kaggle": lambda: kaggle_encode(speckled)}, ROUNDS // 3)
-    s.update(best_times({"decode": lambda: rle.decode(text, shape),
-                         "kaggle_decode": lambda: kaggle_decode(text, shape)}, ROUNDS // 3))
-    print(f"speckled prediction ({len(text.split()) // 2} runs): encode ours {s['ours']:.3f} ms vs "
-          f"{s['kaggle']:.3f} ms -> {s['kaggle'] / s['ours']:.1f}x; decode ours {s['decode']:.3f} ms vs "
-          f"{s['kaggle_decode']:.3f} ms -> {s['kaggle_decode'] / s['decode']:.1f}x")
+    srow, scol = rle.encode(speckled), rle.encode(speckled, "column-major")
+    print(f"speckled prediction: {len(srow.split()) // 2} row-major runs, {len(scol.split()) // 2} column-major",
+          flush=True)
+    compare("speckled encode row-major", lambda: rle.encode(speckled), {
+        "toolbelt": lambda: rle_to_string(tb_encode(speckled.T)),
+        "kaggle": lambda: kaggle_encode(speckled),
+    }, rounds=5, check=identical)
+    compare("speckled decode row-major", lambda: rle.decode(srow, shape), {
+        "toolbelt": lambda: tb_decode(srow, (w, h), np.uint8).T,
+        "kaggle": lambda: kaggle_decode(srow, shape),
+    }, rounds=5, check=same_values)
+    compare("speckled decode column-major", lambda: rle.decode(scol, shape, "column-major"), {
+        "toolbelt": lambda: tb_decode(scol, shape, np.uint8),
+        "kaggle": lambda: kaggle_decode(scol, (w, h)).T,
+    }, rounds=5, check=same_values)
 
 
 if __name__ == "__main__":

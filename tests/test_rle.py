@@ -184,3 +184,110 @@ def test_bad_arguments():
         decode("1 1", (0, 5))
     with pytest.raises(RLEError, match="expected an RLE string"):
         validate(12, (3, 5))
+
+
+# ------------------------------------------------------------------------------------------------ #
+# Column-major decode: the row-run path (edges from the runs alone) and its fill + transpose fallback
+# ------------------------------------------------------------------------------------------------ #
+def naive_decode(text: str, shape: tuple[int, int], order: str) -> np.ndarray:
+    """Slice per run into a flat buffer, reshaped in the string's order: an independent oracle."""
+    h, w = shape
+    flat = np.zeros(h * w, np.uint8)
+    values = [int(v) for v in text.split()]
+    for start, length in zip(values[0::2], values[1::2]):
+        flat[start - 1:start - 1 + length] = 1
+    return flat.reshape(h, w) if order == "row-major" else flat.reshape(w, h).T
+
+
+@pytest.fixture(params=["edges", "transpose"])
+def column_path(request, monkeypatch):
+    """Run a test through each column-major path: the edge path (limits raised so it always applies)
+    and the fallback (limits at 0 so it never does)."""
+    import competition.rle as codec
+
+    limit = float("inf") if request.param == "edges" else 0.0
+    monkeypatch.setattr(codec, "_MAX_RUNS_PER_PIXEL", limit)
+    monkeypatch.setattr(codec, "_MAX_EDGES_PER_PIXEL", limit)
+    return request.param
+
+
+@pytest.mark.parametrize("text,shape,want", [
+    # 2 x 3, column-major: pixel k is (k % 2, k // 2)
+    ("1 1", (2, 3), [[1, 0, 0], [0, 0, 0]]),
+    ("2 1", (2, 3), [[0, 0, 0], [1, 0, 0]]),
+    ("6 1", (2, 3), [[0, 0, 0], [0, 0, 1]]),
+    ("2 2", (2, 3), [[0, 1, 0], [1, 0, 0]]),                # wraps past the bottom of column 0
+    ("1 2 3 2", (2, 3), [[1, 1, 0], [1, 1, 0]]),            # touching runs, one bound shared with b + h
+    ("2 4", (2, 3), [[0, 1, 1], [1, 1, 0]]),                # head, one whole column, tail
+    ("1 6", (2, 3), [[1, 1, 1], [1, 1, 1]]),
+    ("1 1 4 1 5 1", (2, 3), [[1, 0, 1], [0, 1, 0]]),        # checkerboard: every pixel an edge
+    ("2 3", (1, 5), [[0, 1, 1, 1, 0]]),                     # one row: columns of height 1
+    ("2 3", (5, 1), [[0], [1], [1], [1], [0]]),             # one column
+    ("3 4 9 2", (4, 3), [[0, 1, 1], [0, 1, 1], [1, 0, 0], [1, 0, 0]]),
+])
+def test_column_major_known_answers(column_path, text, shape, want):
+    out = decode(text, shape, "column-major")
+    assert out.dtype == np.uint8 and out.shape == shape and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(out, naive_decode(text, shape, "column-major"))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_grid_known_answers_on_both_paths(column_path, order):
+    text = GRID_ROW_MAJOR if order == "row-major" else GRID_COLUMN_MAJOR
+    out = decode(text, GRID.shape, order)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, GRID)
+    np.testing.assert_array_equal(decode("", GRID.shape, order), np.zeros_like(GRID))
+
+
+@settings(max_examples=150, deadline=None)
+@given(masks(), st.sampled_from(["edges", "transpose", "default"]))
+def test_column_major_round_trip_each_path(mask, path):
+    import competition.rle as codec
+
+    limit = {"edges": float("inf"), "transpose": 0.0}.get(path)
+    saved = codec._MAX_RUNS_PER_PIXEL, codec._MAX_EDGES_PER_PIXEL
+    try:
+        if limit is not None:
+            codec._MAX_RUNS_PER_PIXEL = codec._MAX_EDGES_PER_PIXEL = limit
+        text = encode(mask, "column-major")
+        out = decode(text, mask.shape, "column-major")
+    finally:
+        codec._MAX_RUNS_PER_PIXEL, codec._MAX_EDGES_PER_PIXEL = saved
+    assert out.flags.c_contiguous and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, mask != 0)
+    np.testing.assert_array_equal(out, naive_decode(text, mask.shape, "column-major"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**32 - 1))
+def test_touching_runs_column_major(h, w, seed):
+    """Non-canonical strings (a run split in two touching halves) decode like the canonical one."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) < 0.5
+    pairs = validate(encode(mask, "column-major"), (h, w))
+    split = []
+    for start, length in pairs.tolist():
+        cut = int(rng.integers(1, length)) if length > 1 else length
+        split += [start, cut] + ([start + cut, length - cut] if cut < length else [])
+    text = " ".join(map(str, split))
+    np.testing.assert_array_equal(decode(text, (h, w), "column-major"), mask)
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (1500, 2100), (2100, 1500), (3, 4096)])
+def test_large_non_square_column_major(shape):
+    """Bone-sized ellipses and speckle (the edge path and, for noise, the fallback) on non-square masks."""
+    rng = np.random.default_rng(2)
+    h, w = shape
+    yy, xx = np.ogrid[:h, :w]
+    m = np.zeros(shape, np.uint8)
+    for _ in range(4):
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        ry, rx = rng.integers(2, max(3, h // 4)), rng.integers(2, max(3, w // 4))
+        m[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 1
+    for mask in (m, m ^ (rng.random(shape) < 0.002), rng.random(shape) < 0.5):
+        for order in ORDERS:
+            out = decode(encode(mask, order), shape, order)
+            assert out.flags.c_contiguous
+            np.testing.assert_array_equal(out, mask)
