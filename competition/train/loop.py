@@ -141,6 +141,8 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
         # its position is restored.
         longer = (saved.get("config") or {}).get("experiment", {}).get("train", {}).get("epochs") != exp.train.epochs
         state = engine.load_state(saved, recompute_schedule=longer)
+        if longer:  # an extended run trains its new epochs even if it had stopped early
+            state["bad_epochs"] = 0
         if d.main:  # history.csv may lag last.pt by an epoch after a kill between the two writes
             atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
         if d.main:
