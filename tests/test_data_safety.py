@@ -211,9 +211,9 @@ def test_sigkill_while_regenerating_keeps_user_files_and_recovers(tmp_path):
 def test_leftover_temp_of_a_killed_marker_write_is_ours(tmp_path):
     root = tmp_path / "gen"
     root.mkdir()
-    (root / ".generated.k3x9_a2b.tmp").write_text("{")  # what a kill inside atomic_write_text leaves
+    (root / "..generated.k3x9_a2b.tmp").write_text("{")  # what a kill inside atomic_write_text leaves
     ensure_generated(synth_cfg(root))
-    assert looks_complete(root) and not (root / ".generated.k3x9_a2b.tmp").exists()
+    assert looks_complete(root) and not (root / "..generated.k3x9_a2b.tmp").exists()
     (root / ".other.k3x9_a2b.tmp").write_text("")  # not our marker's temp: left alone
     ensure_generated(synth_cfg(root, seed=4))
     assert (root / ".other.k3x9_a2b.tmp").exists()

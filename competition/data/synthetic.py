@@ -325,7 +325,9 @@ def _is_ours(name: str) -> bool:
 
 
 def _is_marker_temp(name: str) -> bool:
-    return name.startswith(_DONE + ".") and is_temp_name(name)
+    # competition.io names the temp ``.<target name>.<random>.tmp``; the marker's own name starts
+    # with a dot, so its temps start with two.
+    return name.startswith((f".{_DONE}.", f"{_DONE}.")) and is_temp_name(name)
 
 
 def _foreign_error(cfg: CompetitionConfig, root: Path, entries: list[str]) -> DataError:
