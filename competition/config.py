@@ -360,6 +360,10 @@ class DataConfig(Strict):
     workers: int = Field(2, ge=0)
     rare_class_oversample: float = Field(0.0, ge=0.0)  # 0 = uniform; k = images with rare classes drawn (1+k)x
     rare_class_quantile: float = Field(0.25, gt=0.0, le=1.0)  # classes present in fewer images are rare
+    # Cache each image after decoding, deterministic preprocessing and resizing to the working size,
+    # and each mask rasterised there (bit-packed), in a memory-mapped file reused by every epoch,
+    # validation, OOF and fold; keyed by the data's fingerprint and the settings that shape it.
+    cache: bool = False
 
 
 class SwaConfig(Strict):
@@ -373,6 +377,8 @@ class SwaConfig(Strict):
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model for training (GPU; off by default)
+    sync_bn: bool | None = None  # SyncBatchNorm under DDP; null: on when the world size is > 1
     # Weight averaging at the end of training; the average becomes best.pt only if it scores better.
     swa: "SwaConfig | None" = None
     average_top_k: int | None = Field(None, ge=2)  # mean of the k best epochs' weights (timm's avg_checkpoints)
