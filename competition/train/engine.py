@@ -42,14 +42,29 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def use_sync_bn(exp: ExperimentConfig, d: dd.Dist, device: torch.device) -> bool:
+    """``train.sync_bn``: null means on under multi-GPU DDP; SyncBatchNorm needs CUDA."""
+    from competition.config import ConfigError
+    want = exp.train.sync_bn if exp.train.sync_bn is not None else (d.enabled and d.world > 1 and device.type == "cuda")
+    if want and device.type != "cuda":
+        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA devices; set it to null or false on the CPU")
+    return bool(want and d.enabled)
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, loss_fn, exp: ExperimentConfig, comp: CompetitionConfig,
                  device: torch.device, d: dd.Dist):
         self.exp, self.comp, self.device, self.dist = exp, comp, device, d
         self.memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
+        if use_sync_bn(exp, d, device):
+            # Batch statistics over the global batch: at 1-2 images per GPU (2048² inputs) per-GPU
+            # statistics are too noisy to train on.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw = model.to(device=device, memory_format=self.memory_format)
         self.model = DistributedDataParallel(self.raw, device_ids=[device.index] if device.type == "cuda"
                                              else None) if d.enabled else self.raw
+        if exp.train.compile:
+            self.model = torch.compile(self.model)  # the training forward only; raw stays for eval/state
         self.loss_fn = loss_fn
         self.amp = autocast_dtype(exp.train.precision, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
