@@ -83,6 +83,25 @@ class SegDataset(Dataset):
         self.epoch = 0
         self.pre = build_pipeline(exp.augment.preprocess, "augment.preprocess")
         self.aug = build_pipeline(exp.augment.train, "augment.train") if mode == "train" else None
+        # data.cache: decoded + resized images and rasterised masks at the working size, memory-mapped
+        # (competition.data.cache); preprocess and augmentations still run on every access.
+        self.cache = self._open_cache() if exp.data.cache else None
+
+    def _open_cache(self):
+        from competition.data.cache import SampleCache, log_once, uniform_work_size
+        s = self.geo.output_scale
+        if self.geo.policy == "resize" or self.geo.crop_from:
+            h, w = self.geo.whole((0, 0))
+            work = (h * s, w * s)
+        else:  # crop at native sizes: one cache only if every image of the split has the same size
+            all_ids = self.adapter.ids if self.split == "train" else self.adapter.test_ids
+            work = uniform_work_size(self.adapter, self.split, all_ids, self.geo.whole, s)
+            if work is None:
+                log_once(f"data.cache: skipped for {self.adapter.cfg.name} ({self.split}): with data.policy crop "
+                         f"and no data.crop_from every image is worked at its own size, and these sizes differ; "
+                         f"set data.crop_from (or policy: resize) to cache; loading without a cache")
+                return None
+        return SampleCache.for_dataset(self.adapter, self.split, work)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -92,13 +111,10 @@ class SegDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
-        native = self.adapter.image_size(image_id, self.split)
-        whole = self.geo.whole(native)
         s = self.geo.output_scale
-        # Work at the target resolution; the image is shrunk to the network input at the end.
-        work = (whole[0] * s, whole[1] * s)
-        img = resize_image(self.adapter.load_image(image_id, self.split), work)
-        mask = self.adapter.load_mask(image_id, work) if self.mode != "test" else None
+        img, mask = self._cached(image_id) if self.cache is not None else (None, None)
+        if img is None:
+            img, mask = self._decode(image_id, self.mode != "test")
         seed = [self.seed, self.epoch, index]
         img, mask = self._apply(self.pre, img, mask, seed + [0])
         if self.aug is not None:
@@ -110,6 +126,49 @@ class SegDataset(Dataset):
         if mask is not None:
             out["mask"] = to_target(mask, self.task)
         return out
+
+    def _work_size(self, image_id: str) -> tuple[int, int]:
+        # Work at the target resolution; the image is shrunk to the network input at the end.
+        whole = self.geo.whole(self.adapter.image_size(image_id, self.split))
+        s = self.geo.output_scale
+        return whole[0] * s, whole[1] * s
+
+    def _decode(self, image_id: str, with_mask: bool):
+        """The deterministic, expensive part: decode + resize to the working size, mask rasterised there."""
+        work = self._work_size(image_id)
+        img = resize_image(self.adapter.load_image(image_id, self.split), work)
+        return img, (self.adapter.load_mask(image_id, work) if with_mask else None)
+
+    def _cached(self, image_id: str):
+        """(image, mask) through the cache, filling what is missing; (None, None) to load uncached."""
+        from competition.data.cache import log_once
+        c = self.cache
+        row = c.row_of.get(image_id)
+        if row is None:
+            return None, None
+        with_mask = self.mode != "test"
+        try:
+            img = c.image(row)
+            mask = c.mask(row) if with_mask else None
+            stored = True
+            if img is None:  # first access: fill the row (another process may fill it too: same bytes)
+                img = resize_image(self.adapter.load_image(image_id, self.split), c.work)
+                stored = c.put_image(row, img)
+            if with_mask and mask is None:
+                mask = self.adapter.load_mask(image_id, c.work)
+                stored = c.put_mask(row, mask) and stored
+            if not stored:  # a layout the cache cannot hold exactly: never cache this dataset
+                log_once(f"data.cache: disabled for {c.display()}: {image_id!r} gave an image "
+                         f"{img.dtype} {img.shape} / mask {None if mask is None else (mask.dtype, mask.shape)} "
+                         f"that does not fit its layout ({c.image_dtype} {c.image_shape}, {{0, 1}} uint8 "
+                         f"masks); loading without a cache")
+                self.cache = None
+            return img, mask
+        except (OSError, ValueError) as e:  # an unreadable or vanished cache must not stop a run
+            log_once(f"data.cache: disabled for {c.display()} after an error ({type(e).__name__}: {e}); "
+                     f"loading without a cache")
+            self.cache = None
+            return None, None
 
     def _apply(self, pipe, img, mask, seed):
         if not pipe.transforms:

@@ -62,6 +62,7 @@ def _dry_experiment(exp: ExperimentConfig, batch_size: int | None, input_size: i
     data = to_plain(exp)
     data["model"]["encoder_weights"] = None
     data["train"]["progress"] = False
+    data["data"]["cache"] = False  # a dry run writes nothing, not even a sample cache
     for key, value in (("batch_size", batch_size), ("input_size", input_size), ("workers", workers)):
         if value is not None:
             data["data"][key] = value

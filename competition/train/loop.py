@@ -272,6 +272,8 @@ def _stopped_early(exp: ExperimentConfig, state: dict) -> bool:
 
 
 EXTENDABLE = ("experiment.train.epochs", "experiment.train.early_stopping")  # schedule length only
+# Keys that change how fast a run goes, never what it computes: a resumed run may change them.
+NEUTRAL = ("experiment.data.cache", "experiment.data.workers", "experiment.train.progress")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -293,7 +295,7 @@ def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | 
     if restart or not rp.last.is_file() or not rp.config.is_file():
         return None
     old, new = _flat(read_yaml(rp.config)), _flat(yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in NEUTRAL)
     if not changed:
         return None
     e_old, e_new = old.get("experiment.train.epochs"), new.get("experiment.train.epochs")
