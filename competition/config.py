@@ -412,8 +412,8 @@ class TrackingConfig(Strict):
 
 def _safe_name(v: str) -> str:
     """Names become folder and file names (runs/<exp>/, folds/<comp>.csv, ensembles/<name>.yaml)."""
-    from competition.paths import NAME, NAME_RULE
-    if not NAME.fullmatch(v) or ".." in v:
+    from competition.paths import NAME_RULE, is_safe_name
+    if not is_safe_name(v):
         raise ValueError(f"{v!r} is not a safe name: use {NAME_RULE}")
     return v
 

@@ -18,11 +18,10 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from competition import paths
 from competition.config import CompetitionConfig
 from competition.data.base import Adapter, DataError, csv_from_text
-from competition.io import ReadError, atomic_write_text, clean_stale_temps, read_text
+from competition.io import STALE_AFTER_S, ReadError, atomic_write_text, clean_stale_temps, read_text
 
 COLUMNS = ("id", "group", "fold")
 _MAX_LISTED = 10
-_STALE_TEMP_S = 3600  # a folds file is written in well under a second; older temps are a killed run's
 _INT = re.compile(r"^[0-9]{1,9}$")  # 9 digits: far more folds than anyone uses, and no int64 overflow
 
 
@@ -105,7 +104,7 @@ def write_folds(df: pd.DataFrame, path: Path, force: bool = False) -> None:
     if path.exists() and not force:
         raise FoldsError(f"{path} exists (teammates share it through git); pass --force (FORCE=1) to overwrite")
     # A killed earlier write leaves a hidden temp beside the file, where `git add folds/` would pick it up.
-    clean_stale_temps(path.parent, _STALE_TEMP_S)
+    clean_stale_temps(path.parent, STALE_AFTER_S)
     atomic_write_text(path, df.to_csv(index=False))
 
 

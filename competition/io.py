@@ -25,6 +25,11 @@ _TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
+# Temps older than this in a shared output folder (folds/, ensembles/, submissions/) are a killed
+# writer's: every such file is written in well under an hour.
+STALE_AFTER_S = 3600
+
+
 class ReadError(UserError, ValueError):
     """A file could not be read as text; the message names the file and what was wrong."""
 

@@ -61,10 +61,6 @@ def quantize_tensor(probs: torch.Tensor) -> torch.Tensor:
     return probs.float().clamp(0, 1).mul_(QUANT).round_().to(torch.uint8)
 
 
-def quantize(probs: torch.Tensor) -> np.ndarray:
-    return quantize_tensor(probs).cpu().numpy()
-
-
 class StoreWriter:
     """A store filled row by row (``add``) and published whole (``close``) under ``out_dir``: written in
     a hidden temp folder beside it (unique per process), then renamed, so a reader never sees half."""

@@ -31,10 +31,15 @@ def project() -> Path:
     return Path.cwd()
 
 
+def is_safe_name(name) -> bool:
+    """The one rule for names that become folder or file names: a single path component."""
+    return isinstance(name, str) and bool(NAME.fullmatch(name)) and ".." not in name
+
+
 def check_name(kind: str, name: str) -> str:
     """``name`` if it is a safe single path component, else a ConfigError naming ``kind``."""
     from competition.config import ConfigError
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", "..") or ".." in name:
+    if not is_safe_name(name):
         raise ConfigError(f"{kind} name {name!r}: use {NAME_RULE}")
     return name
 

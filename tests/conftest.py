@@ -51,3 +51,13 @@ def tiny_data_cache(tmp_path_factory) -> Path:
 def tiny_project(project, tiny_data_cache) -> Path:
     shutil.copytree(tiny_data_cache, project / "data" / "tiny-hands")
     return project
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one CPU thread; restores the count after the module."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

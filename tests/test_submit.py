@@ -31,13 +31,7 @@ EXP = {"competition": "tiny-hands", "model": {"arch": "Unet", "encoder": "tu-tes
 FOLDS = [0, 1, 2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one CPU thread (and the bundle's subprocess uses one too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the bundle's subprocess uses one thread too
 
 
 @pytest.fixture(scope="module")

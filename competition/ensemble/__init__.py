@@ -16,7 +16,6 @@ one fold model that did not train on it) stands for it; every member must cover 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,6 @@ from competition.config import ConfigError, load_competition, load_experiment
 from competition.data.adapters import make_adapter
 from competition.ensemble import compact, native, nested, postprocess, recipe, store
 from competition.folds import load_folds
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
 
 def parse_member(spec: str) -> tuple[str, str | None]:
     """``EXP`` (every complete OOF variant of the experiment) or ``EXP:VARIANT`` (one; ``EXP:plain``
@@ -107,18 +103,59 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
         csv: str | None = None, truth_csv: str | None = None, log=print) -> tuple[Path, Path, dict]:
     """Choose the ensemble on OOF, re-choose thresholds and post-processing at native resolution,
     estimate it honestly, write ``ensembles/<name>.yaml`` and ``.md``."""
-    if not NAME.fullmatch(name):
-        raise ConfigError(f"ensemble name {name!r}: use letters, digits, '_', '-', '.' (it names a file)")
+    paths.check_name("ensemble", name)
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
     paths.ensembles_dir().mkdir(parents=True, exist_ok=True)
-    from competition.io import clean_stale_temps
-    clean_stale_temps(paths.ensembles_dir(), 3600)  # recipes of ensembles killed over an hour ago
+    from competition.io import STALE_AFTER_S, clean_stale_temps
+    clean_stale_temps(paths.ensembles_dir(), STALE_AFTER_S)  # recipes of killed ensembles
     _check_writable(paths.ensembles_dir(), csv, truth_csv)
-    with locks.hold_runs(_member_runs(experiments)):
-        return _run(name, experiments, method=method, per_class=per_class, steps=steps, trials=trials,
-                    postprocess_=postprocess_, nested_cv=nested_cv, threshold=threshold, budget_mb=budget_mb,
-                    force_blend=force_blend, csv=csv, truth_csv=truth_csv, log=log)
+    with locks.hold_runs(_member_runs(experiments)):  # shared: no member fold is retrained meanwhile
+        comp, adapter, folds, folds_sha, exps, views, truth = open_members(experiments, log)
+        if per_class and comp.task == "multiclass":
+            raise ConfigError("--per-class: per-class weights are for multilabel tasks (the argmax of a multiclass "
+                              "task couples the classes, so members take one weight each)")
+        checkpoints = recipe.checkpoints(sorted({e.name for e in exps}), sorted(set(folds["fold"])))
+        budget = budget_mb << 20
+        N, C = len(truth), len(comp.classes)
+        log(f"OOF of {', '.join(v.label for v in views)}: {N} images x {C} classes at "
+            f"{truth.size[0]}x{truth.size[1]}, {len(set(folds['fold']))} folds")
+        ev = compact.build(views, truth, comp.task, threshold, budget)
+        total = N * C * int(np.prod(truth.size)) // (1 if comp.task == "multilabel" else C)
+        log(f"search view: {ev.uncertain / max(total, 1):.1%} of pixels can change with the weights")
+        areas = original_areas(views[0], adapter)
+        out = nested.evaluate(
+            ev, views, truth, views[0].fold_of, comp.metric.empty_score, method=method, per_class=per_class,
+            steps=steps, trials=trials, postprocess=postprocess_, rules=postprocess.candidate_rules(areas),
+            scale=np.prod(truth.size) / areas, nested=nested_cv, budget_bytes=budget, log=log)
+        weights = {pk: plan.weights for pk, plan in out.plans.items() if pk[0] in nested.CANDIDATES}
+        images = native.Images(views, adapter, views[0].ids)
+        nat = native.evaluate(images, weights, views[0].fold_of, comp.task, comp.metric.empty_score,
+                              postprocess=postprocess_, rules=postprocess.candidate_rules(areas), log=log)
+        chosen, why = choose(nat, force_blend)
+        rec = recipe.build(name, comp, folds_sha, exps, views, checkpoints, out, nat, chosen, why,
+                           search={"method": method, "per_class": per_class, "threshold": threshold,
+                                   "steps": len(out.search.path) if method == "caruana" else trials,
+                                   "uncertain_fraction": round(ev.uncertain / max(total, 1), 4)},
+                           oof_size=list(truth.size))
+        yaml_path, md_path = recipe.write(rec)
+        from competition import tracking  # W&B run (offline by default; never fatal) if any member tracks
+        from competition.config import to_plain
+        tracking.log_ensemble(to_plain(rec), {c: v["in_sample"] for c, v in rec.scores["per_class"].items()},
+                              enabled=any(e.tracking.wandb for e in exps), project=exps[0].tracking.project)
+        for line in recipe.summary(rec):
+            log(line)
+        log(f"wrote {yaml_path.relative_to(paths.project())} and {md_path.relative_to(paths.project())}")
+        if csv or truth_csv:
+            plan = nat.plans[(chosen, None)]
+            if csv:
+                native.write_csv(csv, images, plan.weights, list(rec.thresholds), plan.rules, comp)
+                log(f"wrote {csv}: the recipe's OOF predictions of the training images at native size")
+            if truth_csv:
+                native.write_truth_csv(truth_csv, adapter, views[0].ids, comp)
+                log(f"wrote {truth_csv}: the training truth; `competition score {csv or 'OOF.csv'} --truth "
+                    f"{truth_csv}` gives the in-sample native-resolution CV")
+        return yaml_path, md_path, {"oof": out, "native": nat, "recipe": rec}
 
 
 def _member_runs(specs: list[str]) -> list:
@@ -131,55 +168,6 @@ def _member_runs(specs: list[str]) -> list:
         out += [r for r in (paths.RunPaths.of(d) for d in sorted(root.glob("fold*"))) if r is not None] \
             if root.is_dir() else []
     return out
-
-
-def _run(name, experiments, *, method, per_class, steps, trials, postprocess_, nested_cv, threshold, budget_mb,
-         force_blend, csv, truth_csv, log):
-    comp, adapter, folds, folds_sha, exps, views, truth = open_members(experiments, log)
-    if per_class and comp.task == "multiclass":
-        raise ConfigError("--per-class: per-class weights are for multilabel tasks (the argmax of a multiclass "
-                          "task couples the classes, so members take one weight each)")
-    checkpoints = recipe.checkpoints(sorted({e.name for e in exps}), sorted(set(folds["fold"])))
-    budget = budget_mb << 20
-    N, C = len(truth), len(comp.classes)
-    log(f"OOF of {', '.join(v.label for v in views)}: {N} images x {C} classes at "
-        f"{truth.size[0]}x{truth.size[1]}, {len(set(folds['fold']))} folds")
-    ev = compact.build(views, truth, comp.task, threshold, budget)
-    total = N * C * int(np.prod(truth.size)) // (1 if comp.task == "multilabel" else C)
-    log(f"search view: {ev.uncertain / max(total, 1):.1%} of pixels can change with the weights")
-    areas = original_areas(views[0], adapter)
-    out = nested.evaluate(
-        ev, views, truth, views[0].fold_of, comp.metric.empty_score, method=method, per_class=per_class,
-        steps=steps, trials=trials, postprocess=postprocess_, rules=postprocess.candidate_rules(areas),
-        scale=np.prod(truth.size) / areas, nested=nested_cv, budget_bytes=budget, log=log)
-    weights = {pk: plan.weights for pk, plan in out.plans.items() if pk[0] in nested.CANDIDATES}
-    images = native.Images(views, adapter, views[0].ids)
-    nat = native.evaluate(images, weights, views[0].fold_of, comp.task, comp.metric.empty_score,
-                          postprocess=postprocess_, rules=postprocess.candidate_rules(areas), log=log)
-    chosen, why = choose(nat, force_blend)
-    rec = recipe.build(name, comp, folds_sha, exps, views, checkpoints, out, nat, chosen, why,
-                       search={"method": method, "per_class": per_class, "threshold": threshold,
-                               "steps": len(out.search.path) if method == "caruana" else trials,
-                               "uncertain_fraction": round(ev.uncertain / max(total, 1), 4)},
-                       oof_size=list(truth.size))
-    yaml_path, md_path = recipe.write(rec)
-    from competition import tracking  # W&B run (offline by default; never fatal) if any member tracks
-    from competition.config import to_plain
-    tracking.log_ensemble(to_plain(rec), {c: v["in_sample"] for c, v in rec.scores["per_class"].items()},
-                          enabled=any(e.tracking.wandb for e in exps), project=exps[0].tracking.project)
-    for line in recipe.summary(rec):
-        log(line)
-    log(f"wrote {yaml_path.relative_to(paths.project())} and {md_path.relative_to(paths.project())}")
-    if csv or truth_csv:
-        plan = nat.plans[(chosen, None)]
-        if csv:
-            native.write_csv(csv, images, plan.weights, list(rec.thresholds), plan.rules, comp)
-            log(f"wrote {csv}: the recipe's OOF predictions of the training images at native size")
-        if truth_csv:
-            native.write_truth_csv(truth_csv, adapter, views[0].ids, comp)
-            log(f"wrote {truth_csv}: the training truth; `competition score {csv or 'OOF.csv'} --truth "
-                f"{truth_csv}` gives the in-sample native-resolution CV")
-    return yaml_path, md_path, {"oof": out, "native": nat, "recipe": rec}
 
 
 def choose(nat: native.NativeOutcome, force_blend: bool) -> tuple[str, str]:

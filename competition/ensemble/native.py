@@ -117,16 +117,14 @@ def native_masks(rows: list[torch.Tensor], w: torch.Tensor, thresholds: torch.Te
 
 
 def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rules: dict, task: str,
-               empty: float, rows_subset: np.ndarray | None = None) -> np.ndarray:
-    """(N, C) Dice of a plan through the mask path (NaN for images outside ``rows_subset``)."""
+               empty: float) -> np.ndarray:
+    """(N, C) Dice of a plan through the mask path."""
     w = member_weights(weights)
     t = torch.as_tensor(thresholds, dtype=torch.float32)
     C = len(thresholds)
     rl = [rules.get(c) for c in range(C)]
-    out = np.full((len(images), C), np.nan)
+    out = np.empty((len(images), C))
     for i, rows, truth in images:
-        if rows_subset is not None and not rows_subset[i]:
-            continue
         m = native_masks(rows, w, t, rl, task, truth.shape[1:]).view(bool)
         flat_m, flat_t = m.reshape(C, -1), truth.reshape(C, -1)
         inter = np.array([np.count_nonzero(np.logical_and(flat_m[c], flat_t[c])) for c in range(C)])

@@ -159,10 +159,10 @@ class EnsemblePredictor:
         return [m(inputs[name]) for m, name in zip(self.members, self.member_input)]
 
     @torch.no_grad()
-    def probabilities(self, inputs: dict, sizes: list[tuple[int, int]], member_probs=None) -> list[torch.Tensor]:
-        """Per image: the (C, H, W) float32 ensemble probabilities at its original size, on the device."""
-        us = member_probs if member_probs is not None else self.member_probs(inputs)
-        p = blend(us, self.weights)
+    def probabilities(self, member_probs: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per image: the (C, H, W) float32 ensemble probabilities at its original size, on the device,
+        from the members' uint8 probabilities (``member_probs``, or saved ones)."""
+        p = blend(member_probs, self.weights)
         return [to_size(p[i], size) for i, size in enumerate(sizes)]
 
     def binarize(self, probs: torch.Tensor) -> torch.Tensor:

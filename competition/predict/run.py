@@ -129,7 +129,8 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
     else:
         predictor = build_predictor(recipe, comp, root, source, dev)
         exps = [m.experiment for m in predictor.members]
-        bs = batch_size_for(exps) if batch_size is None or batch_size_for(exps) == 1 else batch_size
+        auto = batch_size_for(exps)  # 1 when images keep their native, differing sizes
+        bs = batch_size if batch_size is not None and auto > 1 else auto
         nw = workers if workers is not None else min(e.data.workers for e in exps)
         loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
                             num_workers=nw, pin_memory=dev.type == "cuda")
@@ -138,40 +139,35 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
         size = predictor.members[0].store_size
         saver = saved.Saver(recipe, ids, size, comp.classes, {i: list(adapter.image_size(i, "test")) for i in ids})
         on_probs = _both(on_probs, saver)
+    def member_probs(batch) -> list[torch.Tensor]:
+        if not from_probs:
+            return predictor.member_probs(batch["inputs"])
+        rows = batch["index"].numpy()
+        return [torch.from_numpy(np.ascontiguousarray(st[rows])).to(dev) for st in stores]
+
     out = Path(out)
     t0 = time.time()
     try:
-        rows = _write(out, atomic_path, comp, recipe, rle_workers, ids, progress, loader, from_probs, stores
-                      if from_probs else None, predictor, dev, on_probs, sub_ids, expected, saver)
+        with atomic_path(out) as tmp:
+            with SubmissionWriter(tmp, comp, recipe.postprocess, rle_workers) as writer, \
+                    tqdm(total=len(ids), unit="img", desc=f"predict {recipe.name}", disable=not progress,
+                         dynamic_ncols=True) as bar:
+                for batch in loader:
+                    sizes = [tuple(s) for s in batch["size"].tolist()]
+                    us = member_probs(batch)
+                    if on_probs is not None:
+                        for j, i in enumerate(batch["index"].tolist()):
+                            on_probs(ids[i], [u[j].cpu().numpy() for u in us])
+                    for i, p in zip(batch["index"].tolist(), predictor.probabilities(us, sizes)):
+                        writer.add(sub_ids[i], *masks_for_writer(predictor, p))
+                    bar.update(len(sizes))
+            rows = validate_submission(tmp, comp, expected)
+            if saver is not None:
+                saver.close()
     finally:
         if saver is not None:
             saver.abort()  # a no-op once published; removes the temp stores of a failed run
     return SubmitResult(out, len(ids), rows, time.time() - t0, comp.name)
-
-
-def _write(out, atomic_path, comp, recipe, rle_workers, ids, progress, loader, from_probs, stores, predictor, dev,
-           on_probs, sub_ids, expected, saver) -> int:
-    with atomic_path(out) as tmp:
-        with SubmissionWriter(tmp, comp, recipe.postprocess, rle_workers) as writer, \
-                tqdm(total=len(ids), unit="img", desc=f"predict {recipe.name}", disable=not progress,
-                     dynamic_ncols=True) as bar:
-            for batch in loader:
-                sizes = [tuple(s) for s in batch["size"].tolist()]
-                if from_probs:
-                    rows = batch["index"].numpy()
-                    us = [torch.from_numpy(np.ascontiguousarray(st[rows])).to(dev) for st in stores]
-                else:
-                    us = predictor.member_probs(batch["inputs"])
-                if on_probs is not None:
-                    for j, i in enumerate(batch["index"].tolist()):
-                        on_probs(ids[i], [u[j].cpu().numpy() for u in us])
-                for i, p in zip(batch["index"].tolist(), predictor.probabilities(None, sizes, us)):
-                    writer.add(sub_ids[i], *masks_for_writer(predictor, p))
-                bar.update(len(sizes))
-        rows = validate_submission(tmp, comp, expected)
-        if saver is not None:
-            saver.close()
-    return rows
 
 
 def _both(first, second):
@@ -194,8 +190,8 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
         log(f"no --ensemble given: using the newest recipe, {source}")
     recipe = load_recipe(source)
     comp = load_competition(recipe.competition)
-    from competition.io import clean_stale_temps
-    clean_stale_temps(paths.submissions_dir(), 3600)  # CSVs of submits killed more than an hour ago
+    from competition.io import STALE_AFTER_S, clean_stale_temps
+    clean_stale_temps(paths.submissions_dir(), STALE_AFTER_S)  # CSVs of killed submits
     with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
         result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
                             str(source), device, batch_size, workers, progress=progress, save_probs=save_probs,

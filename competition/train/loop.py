@@ -102,7 +102,6 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     in_ch = 1 if comp.image.channels == "grayscale" else 3
     model = build_model(exp.model, out_ch, in_ch)
     rp = paths.run(exp.name, fold)
-    run_dir = rp.root
     run_cfg = _run_config(exp, comp, fold)
     if d.main:
         from competition.io import clean_stale_temps
@@ -145,7 +144,6 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
             state["bad_epochs"] = 0
         if d.main:  # history.csv may lag last.pt by an epoch after a kill between the two writes
             atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
-        if d.main:
             log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
 
     from competition.train.averaging import Swa, TopK
@@ -177,7 +175,7 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
 
     result = {}
     if d.main:
-        result = _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker)
+        result = _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log, tracker)
     tracker.finish()
     dd.barrier(d)
     return result
@@ -291,7 +289,6 @@ def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | 
     import yaml
 
     from competition.config import read_yaml
-    run_dir = rp.root
     if restart or not rp.last.is_file() or not rp.config.is_file():
         return None
     old, new = _flat(read_yaml(rp.config)), _flat(yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)))
@@ -301,7 +298,7 @@ def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | 
     e_old, e_new = old.get("experiment.train.epochs"), new.get("experiment.train.epochs")
     if set(changed) <= set(EXTENDABLE) and (e_new or 0) >= (e_old or 0):
         return e_old, e_new
-    raise ConfigError(f"{run_dir} holds a run with a different configuration (changed: "
+    raise ConfigError(f"{rp.root} holds a run with a different configuration (changed: "
                       f"{[k.removeprefix('experiment.') for k in changed]}); only raising train.epochs (or "
                       f"changing train.early_stopping) continues a run; use a new experiment name, or --restart "
                       f"(RESTART=1) to start this fold over")
@@ -320,25 +317,24 @@ def oof_variants(exp: ExperimentConfig, comp: CompetitionConfig) -> list[tuple[l
     return out
 
 
-def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_seconds, log, tracker) -> dict:
+def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log, tracker) -> dict:
     """Predict the held-out fold from best.pt through the submission's inference path (every OOF
     variant), then metrics.json: OOF Dice at the OOF size and at each image's native size."""
     from competition.ensemble import oofscore, store
     from competition.ensemble.blend import threshold_level
-    from competition.folds import load_folds
     from competition.metrics import summarize
     from competition.predict.heldout import predict_fold
     from competition.predict.tta import variant_name
 
     rp = paths.run(exp.name, fold)
     best = ckpt.load(rp.best)
+    variants = oof_variants(exp, comp)
     t = time.time()
-    for views, scales in oof_variants(exp, comp):
+    for views, scales in variants:
         store_dir = predict_fold(exp.name, fold, comp, adapter, val_ids, views, scales, device=engine.device)
     pred_seconds = time.time() - t
-    fold_df = load_folds(comp, adapter)
-    fold_df = fold_df[fold_df["fold"] == fold]
-    view = store.open_experiment(exp.name, fold_df, comp.classes, comp.task)
+    # This fold's rows only, in the order they were predicted (the folds file was read by fit).
+    view = store.open_experiment(exp.name, pd.DataFrame({"id": val_ids, "fold": fold}), comp.classes, comp.task)
     truth = store.MemoryTruth(adapter, view.ids, comp.classes, view.size)
     level = threshold_level(exp.train.threshold)
     scores = oofscore.per_image(view, truth, comp.task, level, comp.metric.empty_score)
@@ -353,10 +349,10 @@ def _finish(exp, comp, adapter, fold, val_ids, run_dir, state, engine, train_sec
                "averaging": state.get("averaging", {}), "best_is": best.get("averaged") or f"epoch {best['epoch']}",
                "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": size,
                "oof_dice_native": nsumm["mean"], "oof_dice_native_per_class": nsumm["per_class"],
-               "oof_variants": [variant_name(v, s) or "plain" for v, s in oof_variants(exp, comp)],
+               "oof_variants": [variant_name(v, s) or "plain" for v, s in variants],
                "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
                "train_seconds": round(train_seconds, 2),
-               "predict_images_per_s": round(len(val_ids) * len(oof_variants(exp, comp)) / max(pred_seconds, 1e-9), 2),
+               "predict_images_per_s": round(len(val_ids) * len(variants) / max(pred_seconds, 1e-9), 2),
                "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
     atomic_write_text(rp.metrics, pd.Series(metrics).to_json(indent=1))
     tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice", "oof_dice_native"],
