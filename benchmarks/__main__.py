@@ -1,5 +1,6 @@
 """``make bench`` / ``python -m benchmarks [NAME...]``: run ``benchmarks/bench_*.py`` (all, or those whose
-name contains one of the NAMEs), one after the other in this process.
+name contains one of the NAMEs), one after the other in this process. ``python -m benchmarks pipeline``
+times the whole default pipeline instead (``benchmarks/pipeline.py``).
 
 Every comparison goes through :func:`benchmarks.harness.compare`: the sides alternate round by round,
 min and median of each are printed with the ratio of the mins, the outputs are checked equal first,
@@ -32,6 +33,10 @@ def _versions() -> str:
 
 def main(argv: list[str]) -> int:
     from benchmarks.harness import load
+
+    if argv[:1] == ["pipeline"]:  # minutes, not seconds: never part of a plain `make bench`
+        from benchmarks import pipeline
+        return pipeline.main(argv[1:])
 
     names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
     wanted = [n for n in names if not argv or any(a in n for a in argv)]
