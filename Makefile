@@ -19,22 +19,36 @@ CHECK ?=
 DRY_RUN ?=
 TRAIN_FLAGS = $(RESTART_FLAG) $(if $(CHECK),--check,) $(if $(DRY_RUN),--dry-run,) \
 	$(if $(filter command line environment,$(origin COMP)),--comp $(COMP),)
-# GPUS > 1 launches torchrun DDP on this machine (one process per GPU).
-LAUNCH := $(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m competition,$(PY) -m competition)
+# GPUS > 1 launches torchrun DDP on this machine (one process per GPU). NODES > 1: the same command on
+# every machine, NODE_RANK 0..NODES-1, all pointing at node 0 (MASTER_ADDR:MASTER_PORT); torchrun's
+# static rendezvous (--standalone is for one machine only).
+NODES       ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?= 29500
+NPROC = $(if $(filter 0,$(GPUS)),1,$(GPUS))
+RENDEZVOUS = --nnodes=$(NODES) --node_rank=$(NODE_RANK) --master_port=$(MASTER_PORT) \
+	--master_addr=$(if $(MASTER_ADDR),$(MASTER_ADDR),$(error NODES=$(NODES) needs MASTER_ADDR=<node 0's address>))
+LAUNCH = $(if $(filter-out 1,$(NODES)),$(VENV)/bin/torchrun $(RENDEZVOUS) --nproc_per_node=$(NPROC) -m competition,\
+	$(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m competition,\
+	$(PY) -m competition))
 
-.PHONY: venv folds train train-all test bench clean-venv help
+.PHONY: venv constraints test-floors folds train train-all test bench clean-venv help
 .PHONY: submit predict bundle
 .PHONY: tune tune-report runs wandb-sync
-.PHONY: ensemble oof
+.PHONY: ensemble oof init pseudo
 
 help:
+	@echo "make init DATA=dir [NAME=..] [FORCE=1]  inspect a data folder -> configs/competitions/<name>.yaml + <name>-baseline"
 	@echo "make folds [COMP=..] [FORCE=1]       write folds/<comp>.csv"
 	@echo "make train FOLD=k [EXP=..] [GPUS=N] [CHECK=1] [DRY_RUN=1] [COMP=..]  train one fold of an experiment"
 	@echo "                                     (CHECK=1: validate only; DRY_RUN=1: one real batch, writes nothing)"
 	@echo "make train-all [EXP=..]              train every fold in turn"
+	@echo "make train ... NODES=N NODE_RANK=r MASTER_ADDR=host [MASTER_PORT=29500]  one node of an N-machine DDP run"
 	@echo "make submit [ENSEMBLE=..]            TTA inference -> validated submissions/<time>-<name>.csv + ledger row"
 	@echo "make predict [EXP=..]                the same for all folds of one experiment, without a recipe"
-	@echo "make bundle [ENSEMBLE=..] OUT=dir     offline inference folder for code competitions"
+	@echo "make bundle [ENSEMBLE=..] OUT=dir [WHEELS=1] [WHEELS_TORCH=1] [WHEELS_PYTHON=3.11]"
+	@echo "                                     offline inference folder for code competitions (WHEELS=1: + wheels/)"
 	@echo "make tune [EXP=..] [TRIALS=N] [FOLD=k] [WORKERS=N] [STORAGE=url] [SPACE=..] [STUDY=..]  Optuna search"
 	@echo "make tune-report [EXP=..]            trials table, importances and plots of a study"
 	@echo "make oof [EXP=..] [TTA=\"identity hflip\"] [SCALES=\"1 1.25\"] [SUSPECTS=1]"
@@ -42,21 +56,39 @@ help:
 	@echo "                                     TTA= writes that TTA variant of every fold's OOF (a candidate member)"
 	@echo "make ensemble [ENSEMBLE=blend] [EXPS=\"baseline unet3plus\"] [METHOD=caruana|optuna] [PER_CLASS=1] [FORCE_BLEND=1]"
 	@echo "                                     weights on OOF, thresholds/post-processing at native size -> ensembles/<name>.yaml"
+	@echo "make pseudo [ENSEMBLE=..] [MIN_CONFIDENCE=c]  pseudo-labels of the test images, one set per fold -> runs/_pseudo/<name>/"
 	@echo "make runs                            table of every finished run + runs/per_class_dice.png"
 	@echo "make wandb-sync                      upload offline W&B runs (wandb/) once online"
 	@echo "make test                             run the test suite"
+	@echo "make constraints                      re-pin constraints.txt from .venv (after an intended upgrade)"
+	@echo "make test-floors                      the suite's fast part on the oldest allowed versions (constraints-min.txt)"
 	@echo "make bench                            run the benchmarks (ratios measured in the same run)"
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Everything a team member needs (every extra, the test and benchmark tools), at the versions in
+# constraints.txt: a fresh clone gets the versions the README's numbers come from.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev,postgres]'
 	@# The bench extra (benchmark peers), read from pyproject.toml, without dependencies: see its comment there.
-	$(PY) -m pip install -q --no-deps $$($(PY) -c 'import re; line = re.search(r"(?m)^bench = \[(.*)\]", \
+	$(PY) -m pip install -q -c constraints.txt --no-deps $$($(PY) -c 'import re; line = re.search(r"(?m)^bench = \[(.*)\]", \
 		open("pyproject.toml").read()).group(1); print(" ".join(re.findall(r"\"([^\"]+)\"", line)))')
 	touch $@
+
+constraints: venv
+	$(PY) -c 'from competition.installs import write_constraints; print(write_constraints(), "pins -> constraints.txt")'
+
+# The floors: a separate venv with every direct dependency at its lower bound (constraints-min.txt).
+FLOORS_VENV ?= /tmp/competition-floors-venv
+FLOOR_TESTS ?= tests/test_config.py tests/test_rle.py tests/test_train.py tests/test_models.py tests/test_losses.py \
+	tests/test_optim.py tests/test_dataset.py tests/test_metrics.py tests/test_folds.py tests/test_submit.py \
+	tests/test_ensemble_search.py tests/test_ledger.py tests/test_runs.py tests/test_tune.py tests/test_installs.py
+test-floors:
+	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q -c constraints-min.txt -e '.[all,dev]'
+	$(FLOORS_VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(FLOOR_TESTS)
 
 folds: venv
 	$(PY) -m competition folds --comp $(COMP) $(FORCE_FLAG)
@@ -75,7 +107,8 @@ predict: venv
 
 bundle: venv
 	$(if $(OUT),,$(error OUT=<folder> is required: make bundle ENSEMBLE=name OUT=folder))
-	$(PY) -m competition bundle $(ENSEMBLE) --out $(OUT)
+	$(PY) -m competition bundle $(ENSEMBLE) --out $(OUT) $(if $(WHEELS),--wheels,) \
+		$(if $(WHEELS_TORCH),--wheels-torch,) $(if $(WHEELS_PYTHON),--wheels-python $(WHEELS_PYTHON),)
 
 test: venv
 	$(PY) -m pytest -q
@@ -101,8 +134,20 @@ tune-report: venv
 runs: venv
 	$(PY) -m competition runs --plot
 
+# One run at a time, oldest first: W&B credits an artifact version to the first run uploaded with its
+# content, so training runs must reach the server before the ensembles and submissions that use them.
 wandb-sync: venv
-	$(VENV)/bin/wandb sync --yes
+	@for d in $$(ls -d wandb/offline-run-* 2>/dev/null | sort); do $(VENV)/bin/wandb sync "$$d" || exit 1; done
+
+# DATA=<data folder> -> competition init; NAME -> --name; FORCE=1 -> --force
+init: venv
+	$(if $(DATA),,$(error DATA=<folder> is required: make init DATA=data/<name> [NAME=name] [FORCE=1]))
+	$(PY) -m competition init $(DATA) $(if $(NAME),--name $(NAME),) $(FORCE_FLAG)
+
+# ENSEMBLE -> --ensemble (default: blend), MIN_CONFIDENCE -> --min-confidence
+MIN_CONFIDENCE ?=
+pseudo: venv
+	$(PY) -m competition pseudo $(ENSEMBLE_FLAG) $(if $(MIN_CONFIDENCE),--min-confidence $(MIN_CONFIDENCE),)
 
 # Ensembles: ENSEMBLE -> --name, EXPS -> the member experiments, METHOD -> --method, PER_CLASS=1 -> --per-class,
 # FORCE_BLEND=1 -> --force-blend. OOF: TTA -> --tta, SCALES -> --scales, SUSPECTS=1 -> --suspects.

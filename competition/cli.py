@@ -31,10 +31,20 @@ def cmd_folds(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from competition.init import init
+    result = init(args.data_dir, name=args.name, force=args.force)
+    print(result.format())
+    return 1 if result.problems else 0
+
+
 def cmd_score(args) -> int:
     from competition import score
     from competition.config import load_competition
     from competition.data.base import safe_join
+    if args.size is not None and args.sizes_from is not None:
+        raise ConfigError("give --size HxW (one size for every image) or --sizes-from DIR, not both")
+    size = score.parse_size(args.size) if args.size is not None else None
     cfg = load_competition(args.comp)
     truth = args.truth
     if truth is None:
@@ -43,7 +53,8 @@ def cmd_score(args) -> int:
         from competition.data.adapters import make_adapter
         make_adapter(cfg)  # generates the embedded data (and its truth) on first use
         truth = safe_join(cfg.root(), cfg.submission.test_truth, "submission.test_truth")
-    result = score.score_files(args.submission, truth, cfg, lenient=args.lenient)
+    result = score.score_files(args.submission, truth, cfg, sizes=size, lenient=args.lenient,
+                               sizes_from=args.sizes_from)
     print(result.format())
     return 0
 
@@ -102,6 +113,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pseudo(args) -> int:
+    from competition import pseudo
+    pseudo.produce(args.ensemble, args.name, args.min_confidence, args.device)
+    return 0
+
+
 def cmd_tune(args) -> int:
     from competition import tune
     space = args.space or _default_space(args.exp)
@@ -116,8 +133,9 @@ def cmd_tune(args) -> int:
             raise ConfigError(f"--fold expects fold numbers separated by commas, got {args.fold!r}") from None
     if args.workers < 1:
         raise ConfigError(f"--workers expects a number >= 1, got {args.workers}")
+    from competition.config import parse_overrides
     tune.tune(args.exp, space, trials=args.trials, folds=folds, workers=args.workers, storage=args.storage,
-              study=args.study)
+              study=args.study, overrides=parse_overrides(args.set))
     return 0
 
 
@@ -173,8 +191,9 @@ def cmd_submit(args) -> int:
 
 def cmd_predict(args) -> int:
     from competition.predict.run import predict_experiment
+    from competition.config import parse_overrides
     r = predict_experiment(args.exp, args.out, args.device, args.batch_size, args.workers,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, overrides=parse_overrides(args.set))
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
 
@@ -196,7 +215,8 @@ def cmd_lb(args) -> int:
 
 def cmd_bundle(args) -> int:
     from competition.predict.bundle import make_bundle
-    make_bundle(args.ensemble, args.out)
+    make_bundle(args.ensemble, args.out, wheels=args.wheels, wheels_torch=args.wheels_torch,
+                wheels_python=args.wheels_python)
     return 0
 
 
@@ -245,12 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing folds file")
     p.set_defaults(fn=cmd_folds)
 
+    p = sub.add_parser("init", help="inspect a data folder; write configs/competitions/<name>.yaml (commented) "
+                                    "and a starter experiment configs/experiments/<name>-baseline.yaml")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="the competition's data folder")
+    p.add_argument("--name", default=None, help="competition name (default: the folder's name)")
+    p.add_argument("--force", action="store_true", help="overwrite existing config files of that name")
+    p.set_defaults(fn=cmd_init)
+
     p = sub.add_parser("score", help="score a submission CSV with the competition's metric")
     _comp(p)
     p.add_argument("submission")
     p.add_argument("--truth", default=None, help="truth CSV (default: the competition's submission.test_truth)")
     p.add_argument("--lenient", action="store_true",
                    help="score missing/malformed rows as empty, as a leaderboard would, and report them")
+    p.add_argument("--sizes-from", default=None, metavar="DIR",
+                   help="a truth without height/width columns: read each image's size from its file in DIR "
+                        "(found by id, with or without the extension, searched recursively)")
+    p.add_argument("--size", default=None, metavar="HxW",
+                   help="a truth without height/width columns: one size for every image, height first (360x480)")
     p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("train", help="train one fold (or all) of an experiment; resumes from last.pt")
@@ -289,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (default: <exp>-<space>)")
     p.add_argument("--report", action="store_true",
                    help="print the trials table and importances and save the plots; run nothing")
+    _set_flag(p)
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("runs", help="a table of every finished run (runs/*/*/metrics.json); --plot for a PNG")
@@ -318,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth-csv", default=None, metavar="TRUTH.csv",
                    help="also write the training truth in the competition's format (with height, width)")
     p.set_defaults(fn=cmd_oof)
+
+    p = sub.add_parser("pseudo", help="pseudo-labels of the test images from a recipe, one set per fold "
+                                      "(fold k's from the recipe's fold-k models) -> runs/_pseudo/<name>/")
+    p.add_argument("--ensemble", default=None, help="recipe name or YAML path (default: the newest recipe)")
+    p.add_argument("--name", default=None, help="the pseudo-label set's name (default: the recipe's name)")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="keep only test images whose mean certainty (0 = a coin flip, 1 = certain) is at least "
+                        "this (default 0: keep all)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.set_defaults(fn=cmd_pseudo)
 
     p = sub.add_parser("ensemble", help="choose soft-voting weights, thresholds, post-processing on OOF "
                                         "-> ensembles/<name>.yaml + .md, with a nested-CV estimate")
@@ -357,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="like submit, for all folds of one experiment without a recipe")
     p.add_argument("--exp", default=DEFAULT_EXPERIMENT, help="experiment name (runs/<exp>/fold*/best.pt)")
     _inference_flags(p)
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="change how the folds are applied: train.threshold, oof.tta, oof.tta_scales, "
+                        "data.batch_size, data.workers (repeatable; e.g. --set train.threshold=0.4)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("lb", help="record leaderboard scores; CV vs leaderboard table + submissions/cv_vs_lb.png")
@@ -370,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bundle", help="pack an ensemble into an offline inference folder (code competitions)")
     p.add_argument("ensemble", nargs="?", default=None, help="recipe name or YAML path (default: the newest recipe)")
     p.add_argument("--out", required=True, help="the bundle folder to write")
+    p.add_argument("--wheels", action="store_true",
+                   help="add wheels/: the package and every runtime dependency but torch/torchvision (needs internet "
+                        "now, none where it runs)")
+    p.add_argument("--wheels-torch", action="store_true", help="include torch and torchvision in wheels/ (GBs; implies --wheels)")
+    p.add_argument("--wheels-python", default=None, metavar="X.Y",
+                   help="wheels for this Python version (default: this interpreter's; implies --wheels)")
     p.set_defaults(fn=cmd_bundle)
     return ap
 
@@ -402,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except ModuleNotFoundError as e:  # an optional extra (optuna, wandb, matplotlib) is not installed
+        from competition.installs import missing_extra
+        if (err := missing_extra(e, args.command)) is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (UserError, OSError) as e:
         # Expected failures (bad config or data, a diverged run, a full disk, a held lock): one clear
         # line, exit 2. Anything else is a bug and keeps its traceback.

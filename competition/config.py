@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 # The project folder is the current directory (as for make and git): configs/, data/, folds/, runs/,
 # ensembles/ and submissions/ are found there. Built-in configs ship beside the package as a fallback.
@@ -51,12 +51,13 @@ class GroupSpec(Strict):
 
     ``folder``: the parent folder of the image (hand-bone ``<ID>``); ``column``: a column of the
     adapter's metadata CSV (``csv`` names it, relative to the data root); ``none``: every image is
-    its own group.
+    its own group. ``id_column``: the metadata CSV's image-id column (Kaggle CSVs say ``ImageId``).
     """
 
     source: Literal["folder", "column", "none"] = "folder"
     column: str | None = None
     csv: str | None = None
+    id_column: str = "id"
 
     @model_validator(mode="after")
     def _column_needs_name(self) -> "GroupSpec":
@@ -78,10 +79,23 @@ class StratifySpec(Strict):
 
 
 class MetricSpec(Strict):
-    """Dice per image per class, averaged over all image x class pairs (the hand-bone leaderboard)."""
+    """The competition's metric (``competition.metrics.METRICS``): ``name`` is a mean over image x class
+    pairs computed from pixel counts (dice: the hand-bone leaderboard; iou), which validation, OOF, the
+    ensemble search and the scorer all use; ``report`` lists metrics shown beside it."""
 
-    name: Literal["dice"] = "dice"
-    empty_score: float = Field(1.0, ge=0.0, le=1.0, description="Dice when truth and prediction are both empty")
+    name: Literal["dice", "iou"] = "dice"
+    empty_score: float = Field(1.0, ge=0.0, le=1.0, description="the score when truth and prediction are both empty")
+    report: list[Literal["dice", "iou", "f1_at_iou", "hausdorff95"]] = Field(default_factory=list)
+    iou_threshold: float = Field(0.5, gt=0.0, le=1.0)  # f1_at_iou: the IoU that makes an image a hit
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _pair_metric(cls, v):
+        if v in ("f1_at_iou", "hausdorff95"):
+            raise ValueError(f"{v!r} cannot be the competition's metric: training, OOF and the ensemble search "
+                             f"need a mean over image x class pairs computed from pixel counts (dice, iou); "
+                             f"list it in metric.report to see it beside them")
+        return v
 
 
 class SubmissionSpec(Strict):
@@ -112,6 +126,18 @@ class RleCsvSpec(Strict):
     pixel_order: Literal["row-major", "column-major"] = "row-major"
     test_images: str | None = "test_images"
     image_ext: str = ".png"
+    # The class column's values, one per entry of `classes`, in order (a numeric ClassId: [1, 2, 3]);
+    # null: the column holds the class names. Submissions and truth CSVs write these values too.
+    class_values: list[Annotated[str, BeforeValidator(lambda v: _class_value(v))]] | None = None
+
+
+def _class_value(v: Any) -> str:
+    """A class value as the CSV cell reads it: YAML's 1 and "1" are the same value."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if isinstance(v, str) and v.strip():
+        return v.strip()
+    raise ValueError(f"a class value is an integer or a non-empty string, got {v!r}")
 
 
 class MaskFoldersSpec(Strict):
@@ -134,6 +160,34 @@ class SyntheticSpec(Strict):
     seed: int = 0
 
 
+# The target value of an ignored pixel inside the pipeline (dataset targets, mixing, losses, validation):
+# multiclass targets are class indices (0 = background) with IGNORE_INDEX where ignored; multilabel
+# targets are {0, 1} per channel with IGNORE_INDEX on every channel of an ignored pixel.
+IGNORE_INDEX = 255
+
+
+class IgnoreSpec(Strict):
+    """Unlabelled ("void") pixels: excluded from the loss always, and from the metric when it says so.
+
+    ``value``: what marks them in the labels: a mask pixel value (``mask_folders`` ``index``/``binary``
+    masks, e.g. 255; or ``per_class``: the file ``masks/<id>/<value>.png``), the class column's value
+    (``rle_csv``: those rows' runs are the void region) or the label name (``polygon_json``: those
+    polygons). A pixel that also carries a class label is labelled, not void. ``metric``: ``exclude``
+    (the competition's metric ignores them: validation, OOF and ``competition score`` leave them out)
+    or ``background`` (the metric counts them as background).
+    """
+
+    value: int | str
+    metric: Literal["exclude", "background"] = "exclude"
+
+    @field_validator("value")
+    @classmethod
+    def _not_blank(cls, v: int | str) -> int | str:
+        if isinstance(v, bool) or (isinstance(v, str) and not v.strip()):
+            raise ValueError(f"ignore.value is a pixel value, class value or label name, got {v!r}")
+        return v.strip() if isinstance(v, str) else v
+
+
 class CompetitionConfig(Strict):
     name: "SafeName"
     data_root: str
@@ -154,6 +208,24 @@ class CompetitionConfig(Strict):
     tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]] = ["identity", "hflip"]
     folds: int = Field(5, ge=2)
     fold_seed: int = 42
+    ignore: IgnoreSpec | None = None  # void pixels (see IgnoreSpec); null: every pixel is labelled
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_map(cls, data: Any) -> Any:
+        """``classes: {value: name}`` is shorthand for ``classes: [names]`` + ``rle_csv.class_values``,
+        the form every resolved config is written in."""
+        if not (isinstance(data, dict) and isinstance(data.get("classes"), dict)):
+            return data
+        rle = data.get("rle_csv") or {}
+        if isinstance(rle, BaseModel):
+            rle = rle.model_dump(exclude_unset=True)
+        if isinstance(rle, dict) and rle.get("class_values") is not None:
+            raise ValueError("classes is a {value: name} mapping and rle_csv.class_values is set too; "
+                             "give the class values once")
+        mapping = data["classes"]
+        rle = {**rle, "class_values": list(mapping)} if isinstance(rle, dict) else rle
+        return {**data, "classes": list(mapping.values()), "rle_csv": rle}
 
     @field_validator("classes")
     @classmethod
@@ -162,6 +234,24 @@ class CompetitionConfig(Strict):
         if dup:
             raise ValueError(f"class names must be unique; repeated: {dup}")
         return v
+
+    @model_validator(mode="after")
+    def _values_match_classes(self) -> "CompetitionConfig":
+        values = self.rle_csv.class_values
+        if values is not None:
+            if len(values) != len(self.classes):
+                raise ValueError(f"rle_csv.class_values has {len(values)} value(s) {values} for "
+                                 f"{len(self.classes)} classes {self.classes}; give one value per class, in order")
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"rle_csv.class_values must be unique; repeated: {dup}")
+        return self
+
+    @property
+    def class_values(self) -> list[str]:
+        """How the competition's CSVs write each class (train CSV, sample submission, submission,
+        truth): ``rle_csv.class_values``, else the names. Tables, W&B and plots use the names."""
+        return list(self.rle_csv.class_values or self.classes)
 
     @property
     def num_classes(self) -> int:
@@ -350,8 +440,36 @@ class AugmentConfig(Strict):
     batch: list[BatchMix] = Field(default_factory=list)  # training only, applied to whole batches
 
 
+class PseudoConfig(Strict):
+    """``data.pseudo``: fold k trains on ``runs/_pseudo/<name>/fold<k>/`` as well, the test images the
+    recipe's fold-k models labelled; ``weight``: how often one is drawn relative to a labelled image."""
+
+    name: "SafeName"
+    weight: float = Field(1.0, gt=0.0)
+
+
+def _size_hw(v: Any, key: str) -> int | list[int]:
+    """An int (square) or [h, w], each at least 16 pixels."""
+    ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 16) or (
+        isinstance(v, (list, tuple)) and len(v) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 16 for x in v))
+    if not ok:
+        raise ValueError(f"{key} is a size in pixels: an integer >= 16 (square) or [height, width], got {v!r}")
+    return v if isinstance(v, int) else [int(x) for x in v]
+
+
+def size_hw(v: int | list[int]) -> tuple[int, int]:
+    """(h, w) of a size key given as an int (square) or [h, w]."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 class DataConfig(Strict):
-    input_size: int = Field(128, ge=16)  # the network input (square) in pixels
+    # The network input in pixels: an int (square) or [height, width].
+    input_size: int | list[int] = 128
+    # How a whole image is brought to input_size (and to crop_from): stretch (resized to it, the aspect
+    # ratio changes) or letterbox (the aspect ratio kept: resized to fit, padded bottom/right; training,
+    # validation, OOF and test alike). Predictions are unpadded, then resized to each image's native size.
+    resize: Literal["stretch", "letterbox"] = "stretch"
     # resize: the whole image resized to input_size; crop: random input_size crops of the image at
     # ``crop_from`` resolution for training, whole (resized to crop_from) images for validation.
     policy: Literal["resize", "crop"] = "resize"
@@ -364,6 +482,17 @@ class DataConfig(Strict):
     # and each mask rasterised there (bit-packed), in a memory-mapped file reused by every epoch,
     # validation, OOF and fold; keyed by the data's fingerprint and the settings that shape it.
     cache: bool = False
+    # Pseudo-labelled test images (`competition pseudo`) added to every fold's training images only.
+    pseudo: "PseudoConfig | None" = None
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _input_size(cls, v: Any) -> int | list[int]:
+        return _size_hw(v, "data.input_size")
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return size_hw(self.input_size)
 
 
 class SwaConfig(Strict):
@@ -397,17 +526,28 @@ TTAView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]
 
 
 class OofConfig(Strict):
-    size: int | None = None  # OOF resolution (square); null = the model's output size
+    size: int | list[int] | None = None  # OOF resolution: int (square) or [h, w]; null = the model's output size
     # The TTA variant written beside the plain OOF after training (views from the competition's
     # `tta`); null: the competition's whole `tta` list; [] or [identity]: the plain OOF only.
     tta: list[TTAView] | None = None
     tta_scales: list[float] = [1.0]
 
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int | list[int] | None:
+        return None if v is None else _size_hw(v, "oof.size")
+
 
 class TrackingConfig(Strict):
+    """Where W&B runs go. W&B's own variables win over these keys, as in W&B itself (``WANDB_PROJECT`` >
+    ``project`` > the competition name; ``WANDB_ENTITY`` > ``entity`` > the login's default entity)."""
     wandb: bool = True
     project: str | None = None  # default: the competition name
+    entity: str | None = None  # W&B team or user; default: the login's default entity
     group: str | None = None  # W&B group; default: the experiment name (tuning groups trials by study)
+    # None means "train"; `competition tune` sets "tune" on its trials. Optional so that run folders
+    # written before this key existed still resume (their config.yaml lacks it).
+    job_type: Literal["train", "tune"] | None = None
 
 
 def _safe_name(v: str) -> str:
@@ -445,6 +585,12 @@ def load_experiment(name_or_path: str | Path = DEFAULT_EXPERIMENT,
     path = find_config("experiments", name_or_path)
     data = _resolve_extends(path, seen=())
     data.setdefault("name", path.stem)
+    data = apply_overrides(data, overrides)
+    return validate(ExperimentConfig, data, path if not overrides else f"{path} with --set {_show(overrides)}")
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Dotted keys -> values merged into a plain experiment dict by :func:`merge` (not validated)."""
     for key, value in (overrides or {}).items():
         *parents, last = key.split(".")
         patch: Any = value
@@ -454,7 +600,7 @@ def load_experiment(name_or_path: str | Path = DEFAULT_EXPERIMENT,
             data = merge(data, patch)
         except ConfigError as e:
             raise ConfigError(f"override {key!r}: {e}") from None
-    return validate(ExperimentConfig, data, path if not overrides else f"{path} with --set {_show(overrides)}")
+    return data
 
 
 def _show(overrides: dict) -> str:
@@ -539,6 +685,8 @@ class Recipe(Strict):
     # null: each member's own OOF size. Then resized to each image's original size and binarised.
     oof_size: list[int] | None = None
     scores: dict[str, Any] = Field(default_factory=dict)  # in_sample, nested, per_class, best_single, ...
+    # The pseudo-label sets (data.pseudo) any member trained on: its test predictions lean on them.
+    pseudo_labels: list[str] = Field(default_factory=list)
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -596,7 +744,9 @@ class SearchBudget(Strict):
 
 class SearchSampler(Strict):
     name: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
+    # None: each worker process seeds itself (host, PID, start time), so workers never replay each
+    # other's draws. A number reproduces a single worker's study; workers on several machines would share it.
+    seed: int | None = None
     startup_trials: int = Field(4, ge=0)  # TPE: random trials before the model takes over
 
 

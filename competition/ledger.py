@@ -23,8 +23,9 @@ from competition import paths
 from competition.config import CompetitionConfig, ConfigError, Recipe, atomic_write_text
 
 COLUMNS = ["time", "file", "competition", "ensemble", "ensemble_sha256", "members", "cv_native_in_sample",
-           "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "images", "seconds", "public_lb", "private_lb"]
-ADDED = ["cv_native_in_sample", "cv_native_nested"]  # absent from ledgers written before them
+           "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "pseudo_labels", "images", "seconds", "public_lb",
+           "private_lb"]
+ADDED = ["cv_native_in_sample", "cv_native_nested", "pseudo_labels"]  # absent from ledgers written before them
 PLOT = "cv_vs_lb.png"
 
 
@@ -107,7 +108,7 @@ def row_for(result, recipe: Recipe, recipe_sha: str, competition: str) -> dict:
             "oof_nested": _score(recipe.scores.get("at_oof_size") or {}, "nested"),
             "tta": " ".join(f"{m.experiment}:{'+'.join(m.tta)}@{','.join(f'{s:g}' for s in m.tta_scales)}"
                             for m in recipe.members),
-            "images": str(result.images), "seconds": f"{result.seconds:.1f}", "public_lb": "", "private_lb": ""}
+            "pseudo_labels": " ".join(recipe.pseudo_labels), "images": str(result.images), "seconds": f"{result.seconds:.1f}", "public_lb": "", "private_lb": ""}
 
 
 def append(row: dict) -> None:

@@ -13,6 +13,12 @@ Terms (``loss.terms[].name``): bce (multilabel: smp SoftBCEWithLogitsLoss; multi
 CrossEntropyLoss, since smp's SoftCrossEntropyLoss takes no class weights), dice, jaccard, tversky,
 focal (smp, which weights per-class losses itself), lovasz (see ``_Lovasz``: written by hand because
 smp's takes no class weights). Each term's ``kwargs`` go to that class unchanged.
+
+Ignored pixels (``ignore_index``: the competition's ``ignore``; targets hold ``IGNORE_INDEX`` there,
+see ``competition.data.dataset``) contribute nothing to any term: torch's and smp's own
+``ignore_index``, except where they fall short - smp's SoftBCE divides by every pixel (``_SoftBCE``
+averages over the kept ones) and smp's multilabel focal loss cannot mask per channel (``_Focal``).
+A batch whose pixels are all ignored has loss 0 (:meth:`SegLoss.single`).
 """
 from __future__ import annotations
 
@@ -32,28 +38,69 @@ __all__ = ["LOSS_TERMS", "build_loss", "inverse_frequency_weights", "SegLoss"]
 LOSS_TERMS = Registry("loss term")
 
 
-def _bce(mode, num_classes, w, **kw):
+def _bce(mode, num_classes, w, ignore_index=None, **kw):
     if mode == "multiclass":
+        if ignore_index is not None:
+            kw["ignore_index"] = ignore_index
         return nn.CrossEntropyLoss(weight=w, **kw)  # weighted mean over pixels by their class's weight
     if "pos_weight" in kw and not isinstance(kw["pos_weight"], torch.Tensor):
         kw["pos_weight"] = torch.as_tensor(kw["pos_weight"], dtype=torch.float32).view(-1, 1, 1)
     if w is not None:
         # Scaled so the loss is the class-weighted mean of the per-class BCEs (as smp does for dice).
         kw.setdefault("weight", (w * len(w) / w.sum()).view(1, -1, 1, 1))
+    if ignore_index is not None:
+        return _SoftBCE(ignore=ignore_index, **kw)
     return smp_losses.SoftBCEWithLogitsLoss(**kw)
 
 
+class _SoftBCE(smp_losses.SoftBCEWithLogitsLoss):
+    """smp's soft BCE with ignored pixels left out of the mean too (smp zeroes their loss but still
+    divides by every pixel, so the loss would shrink with the share of ignored pixels)."""
+
+    def __init__(self, ignore: int, reduction: str = "mean", **kw):
+        super().__init__(ignore_index=None, reduction="none", **kw)
+        self.ignore, self.mean_or_sum = ignore, reduction
+
+    def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+        keep = y_true != self.ignore
+        loss = super().forward(y_pred, torch.where(keep, y_true, torch.zeros_like(y_true))) * keep
+        if self.mean_or_sum == "mean":
+            return loss.sum() / keep.sum().clamp_min(1)
+        return loss.sum() if self.mean_or_sum == "sum" else loss
+
+
+class _Focal(smp_losses.FocalLoss):
+    """smp's focal loss; with ``ignore_index`` in multilabel mode each class is masked by its own
+    channel (smp indexes one channel with the whole (N, C, H, W) mask and fails)."""
+
+    def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+        if self.mode != "multilabel" or self.ignore_index is None:
+            return super().forward(y_pred, y_true)
+        losses = []
+        for c in range(y_pred.size(1)):
+            keep = y_true[:, c] != self.ignore_index
+            losses.append(self.focal_loss_fn(y_pred[:, c][keep], y_true[:, c][keep]) if keep.any()
+                          else y_pred.sum() * 0.0)
+        losses = torch.stack(losses)
+        if self.class_weights is None:
+            return losses.mean()
+        w = self.class_weights.to(losses.device)
+        return (losses * w).sum() / w.sum()
+
+
 def _smp_term(cls):
-    def build(mode, num_classes, w, **kw):
+    def build(mode, num_classes, w, ignore_index=None, **kw):
         if w is not None:
             kw.setdefault("class_weights", w.tolist())
+        if ignore_index is not None:
+            kw["ignore_index"] = ignore_index
         return cls(mode=mode, **kw)
     build.cls = cls
     return build
 
 
-def _lovasz(mode, num_classes, w, **kw):
-    return _Lovasz(mode, w, **kw)
+def _lovasz(mode, num_classes, w, ignore_index=None, **kw):
+    return _Lovasz(mode, w, ignore_index=ignore_index, **kw)
 
 
 class _Lovasz(nn.Module):
@@ -119,25 +166,30 @@ LOSS_TERMS.register("bce", _bce, cls="SoftBCEWithLogitsLoss | torch CrossEntropy
 LOSS_TERMS.register("dice", _smp_term(smp_losses.DiceLoss), cls="smp DiceLoss")
 LOSS_TERMS.register("jaccard", _smp_term(smp_losses.JaccardLoss), cls="smp JaccardLoss")
 LOSS_TERMS.register("tversky", _smp_term(smp_losses.TverskyLoss), cls="smp TverskyLoss")
-LOSS_TERMS.register("focal", _smp_term(smp_losses.FocalLoss), cls="smp FocalLoss")
+LOSS_TERMS.register("focal", _smp_term(_Focal), cls="smp FocalLoss")
 LOSS_TERMS.register("lovasz", _lovasz, cls="_Lovasz (smp LovaszLoss per class)")
-_RESERVED = {"mode", "from_logits"}  # we always pass logits in the competition's mode
+# We always pass logits in the competition's mode; ignored pixels come from the competition's `ignore`.
+_RESERVED = {"mode", "from_logits", "ignore_index"}
 
 
 class SegLoss(nn.Module):
     """sum_t weight_t * term_t(logits, target); a list of logits (deep supervision, finest first) gives
     sum_i ds_weight_i * that, with logits resized bilinearly to the target's size where they differ."""
 
-    def __init__(self, terms: list[tuple[str, float, nn.Module]], ds_weights: list[float] | None = None):
+    def __init__(self, terms: list[tuple[str, float, nn.Module]], ds_weights: list[float] | None = None,
+                 ignore_index: int | None = None):
         super().__init__()
         self.names = [n for n, _, _ in terms]
         self.weights = [float(w) for _, w, _ in terms]
         self.terms = nn.ModuleList(m for _, _, m in terms)
         self.ds_weights = ds_weights
+        self.ignore_index = ignore_index
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        if self.ignore_index is not None and not (target != self.ignore_index).any():
+            return logits.sum() * 0.0  # nothing labelled: a mean over no pixel would be NaN
         return sum(w * term(logits, target) for w, term in zip(self.weights, self.terms))
 
     def forward(self, pred: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -156,8 +208,9 @@ class SegLoss(nn.Module):
 
 
 def build_loss(cfg: LossConfig, mode: str, num_classes: int,
-               class_weights: torch.Tensor | None = None) -> SegLoss:
-    """``num_classes`` = logit channels (C, or C + 1 for multiclass); see the module docstring."""
+               class_weights: torch.Tensor | None = None, ignore_index: int | None = None) -> SegLoss:
+    """``num_classes`` = logit channels (C, or C + 1 for multiclass); ``ignore_index``: the target value
+    of ignored pixels (:func:`ignore_index_for`); see the module docstring."""
     if mode not in ("multilabel", "multiclass"):
         raise ConfigError(f"loss mode must be 'multilabel' or 'multiclass', got {mode!r}")
     if not cfg.terms:
@@ -175,14 +228,22 @@ def build_loss(cfg: LossConfig, mode: str, num_classes: int,
         bad = sorted(_RESERVED & set(t.kwargs))
         if bad:
             raise ConfigError(f"loss.terms[{i}] ({t.name}).kwargs may not set {bad}: the mode comes from the "
-                              f"competition's task and models always output logits")
+                              f"competition's task, models always output logits and ignored pixels come "
+                              f"from the competition's `ignore` key")
+        kw = dict(t.kwargs, **({"ignore_index": ignore_index} if ignore_index is not None else {}))
         try:
-            terms.append((t.name, t.weight, build(mode, num_classes, None if w is None else w.clone(), **dict(t.kwargs))))
+            terms.append((t.name, t.weight, build(mode, num_classes, None if w is None else w.clone(), **kw)))
         except TypeError as e:
             target = getattr(build, "cls", None)
             valid = [p for p in inspect.signature(target.__init__).parameters if p not in ("self", "mode")] if target else []
             raise ConfigError(f"loss.terms[{i}] ({t.name}).kwargs: {e}" + (f"; valid: {valid}" if valid else "")) from None
-    return SegLoss(terms, list(ds) if ds is not None else None)
+    return SegLoss(terms, list(ds) if ds is not None else None, ignore_index)
+
+
+def ignore_index_for(comp) -> int | None:
+    """The loss's ``ignore_index`` for a competition: IGNORE_INDEX when it has an ``ignore`` key."""
+    from competition.config import IGNORE_INDEX
+    return IGNORE_INDEX if getattr(comp, "ignore", None) is not None else None
 
 
 def _channel_weights(cw, mode: str, num_classes: int) -> torch.Tensor | None:

@@ -39,9 +39,38 @@ def _json(path: Path):
 
 
 def store_size(exp) -> tuple[int, int]:
-    """(h, w) an experiment's OOF is stored at: ``oof.size``, else the model's output size."""
-    size = exp.oof.size or exp.data.input_size * exp.model.output_scale
-    return size, size
+    """(h, w) an experiment's OOF is stored at: ``oof.size``, else the model's output size.
+
+    A row holds the whole image stretched to this size whatever ``data.resize`` is: letterboxed
+    predictions are unpadded before they are resized here (:class:`~competition.predict.infer.MemberPredictor`),
+    so members of any geometry blend pixel for pixel and one bilinear resize reaches the native size.
+    """
+    from competition.config import size_hw
+    if exp.oof.size:
+        return size_hw(exp.oof.size)
+    h, w = exp.data.input_hw
+    return h * exp.model.output_scale, w * exp.model.output_scale
+
+
+class IgnoreView:
+    """The ignored pixels of some images at one size, read like a truth view: (n, h, w) bool."""
+
+    def __init__(self, adapter, ids: list[str], size: tuple[int, int]):
+        self.adapter, self.ids, self.size = adapter, list(ids), tuple(size)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        rows = [self.adapter.load_ignore(i, self.size) for i in self.ids[start:stop]]
+        return np.stack(rows) if rows else np.zeros((0, *self.size), bool)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def ignore_view(comp, adapter, ids: list[str], size: tuple[int, int]) -> IgnoreView | None:
+    """What OOF scoring leaves out: the ignored pixels of ``ids`` at ``size`` when the competition's
+    metric excludes them (``ignore.metric: exclude``), else None (nothing is left out)."""
+    ig = getattr(comp, "ignore", None)
+    return IgnoreView(adapter, ids, size) if ig is not None and ig.metric == "exclude" else None
 
 
 def probabilities(logits: torch.Tensor, task: str, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -178,6 +178,16 @@ def test_store(experiment: str, variant: str = "") -> Path:
     return experiment_dir(experiment) / (f"test-{variant}" if variant else "test")
 
 
+def pseudo_dir(name: str) -> Path:
+    """``runs/_pseudo/<name>/``: a pseudo-label set (``competition pseudo``), one store per fold."""
+    return runs_root() / "_pseudo" / check_name("pseudo-label set", name)
+
+
+def pseudo_store(name: str, fold: int) -> Path:
+    """``runs/_pseudo/<name>/fold<k>/``: fold k's pseudo-labels, from the recipe's fold-k models only."""
+    return pseudo_dir(name) / f"fold{int(fold)}"
+
+
 def oof_scores(experiment: str, variant: str = "") -> Path:
     return experiment_dir(experiment) / f"oof_scores{f'-{variant}' if variant else ''}.csv"
 

@@ -59,7 +59,8 @@ def collect(pattern: str = "*") -> tuple[pd.DataFrame, dict[str, dict]]:
                      "val_dice": m.get("val_dice"),
                      "worst_classes": ", ".join(f"{c} {v:.2f}" for c, v in worst),
                      "epochs": f"{m.get('best_epoch')}/{m.get('epochs_run')}",
-                     "train_s": m.get("train_seconds")})
+                     "train_s": m.get("train_seconds"),
+                     **{f"oof_{k}": v for k, v in (m.get("oof_report") or {}).items()}})  # metric.report
         per_class[f"{exp}/{fold}"] = pc
     return pd.DataFrame(rows), per_class
 
@@ -77,12 +78,13 @@ SUMMARY = ["val_dice", "worst_classes", "epochs", "train_s"]
 def table(df: pd.DataFrame, sort: str = "val_dice", ascending: bool = False) -> pd.DataFrame:
     if df.empty:
         return df
-    cols = ["experiment", "fold", *differing(df, ["experiment", "fold", *SUMMARY]), *SUMMARY]
+    reported = [c for c in df.columns if c.startswith("oof_")]  # metric.report, beside the summary
+    cols = ["experiment", "fold", *differing(df, ["experiment", "fold", *SUMMARY, *reported]), *SUMMARY, *reported]
     if sort not in df.columns:
         raise ConfigError(f"--sort {sort!r}: not a column; choose from {', '.join(cols)}")
     out = df.sort_values([sort, "experiment", "fold"], ascending=[ascending, True, True],
                          na_position="last")[cols].reset_index(drop=True)
-    params = cols[2:-len(SUMMARY)]
+    params = cols[2:len(cols) - len(SUMMARY) - len(reported)]
     out[params] = out[params].astype(object).where(out[params].notna(), "-")  # unset / null in that run
     return out
 

@@ -1,52 +1,128 @@
 """Weights & Biases, never blocking and never fatal, plus nothing else: the local record of a run is
 its own files (history.csv, metrics.json), which exist whether or not W&B does.
 
-Offline unless the user configured W&B (``WANDB_API_KEY`` or a ``wandb login``) and its server answers
-within a couple of seconds; otherwise runs are recorded offline under ``wandb/`` and ``make wandb-sync``
-uploads them later. ``tracking.wandb: false`` in an experiment turns it off.
+One W&B run per stage: ``job_type`` is ``train``, ``tune``, ``ensemble`` or ``submit``. Where runs go:
+``WANDB_PROJECT`` > ``tracking.project`` > the competition name, ``WANDB_ENTITY`` > ``tracking.entity``
+> the login's default entity. Online when a W&B login is configured (``WANDB_API_KEY``, or a
+``.netrc`` entry for the server: W&B's cloud, or the self-hosted one of ``WANDB_BASE_URL`` / ``wandb
+login --host``) and that server answers within a couple of seconds; otherwise recorded offline under
+``wandb/`` for ``make wandb-sync``. ``tracking.wandb: false`` in an experiment turns it off.
+
+Artifacts give the lineage submission <- recipe <- fold checkpoints: a fold logs ``model-<exp>-fold<k>``
+(best.pt, metrics.json, config.yaml, the OOF store's ids/meta), an ensemble declares its members' model
+artifacts as inputs and logs ``recipe-<name>``, a submission declares the recipe and logs
+``submission-<name>`` (the CSV). An input is declared by content (the same files give the same W&B
+digest, hence the same artifact version), which also works offline: ``wandb sync`` replays it.
 """
 from __future__ import annotations
 
+import configparser
 import functools
+import hashlib
+import netrc
 import os
+import re
 import socket
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
+
+from competition import paths
+
+# W&B's cloud API hosts: api.wandb.ai, and CoreWeave's front for it (the SDK default since 0.2x).
+CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
+CLOUD_URL = "https://api.wandb.ai"
 
 
-def _configured() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+# ------------------------------------------------------------------------------------------------ #
+# Where runs go, and whether online
+# ------------------------------------------------------------------------------------------------ #
+def target(cfg, default_project: str) -> dict:
+    """``project``/``entity`` for wandb.init: W&B's variables, then the config keys, then the defaults
+    (``cfg``: a TrackingConfig or None). An entity of None lets W&B use the login's default."""
+    project = os.environ.get("WANDB_PROJECT") or (cfg.project if cfg else None) or default_project
+    entity = os.environ.get("WANDB_ENTITY") or (cfg.entity if cfg else None)
+    return {"project": project, **({"entity": entity} if entity else {})}
+
+
+def server_url() -> str | None:
+    """The W&B server a login was configured for, resolved as W&B does: ``WANDB_BASE_URL``, else the
+    ``base_url`` that ``wandb login --host`` saved (the workspace's ``wandb/settings``, then
+    ``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``); None: W&B's cloud."""
+    if url := os.environ.get("WANDB_BASE_URL"):
+        return url
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    for f in (Path.cwd() / "wandb" / "settings", config_dir / "settings"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(f)
+            if url := parser.get("default", "base_url", fallback=None):
+                return url
+        except (OSError, configparser.Error):
+            continue
+    return None
+
+
+def _netrc_file() -> Path:
+    """The file W&B reads logins from: ``$NETRC``, else ``~/.netrc`` (``~/_netrc`` if only that exists)."""
+    if env := os.environ.get("NETRC"):
+        return Path(env).expanduser()
+    unix = Path.home() / ".netrc"
+    return unix if unix.exists() or not (Path.home() / "_netrc").exists() else Path.home() / "_netrc"
+
+
+def logged_in(url: str | None = None) -> bool:
+    """A W&B login is configured for the server ``url`` (None: W&B's cloud): ``WANDB_API_KEY`` (or
+    ``WANDB_IDENTITY_TOKEN_FILE``), or a ``.netrc`` entry with a key for that host (``wandb login``)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    host = urlsplit(url).netloc if url else ""
+    hosts = (host,) if host and host not in CLOUD_HOSTS else CLOUD_HOSTS
+    try:
+        auth = netrc.netrc(_netrc_file())
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any((entry := auth.authenticators(h)) and entry[2] for h in hosts)
 
 
 @functools.lru_cache(maxsize=None)
 def _reachable(base_url: str, timeout: float = 2.0) -> bool:
     """A TCP connect to the W&B server: seconds, where wandb.init would wait its full init_timeout."""
-    u = urlparse(base_url)
+    u = urlsplit(base_url)
     try:
         socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout).close()
         return True
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
-def _mode() -> str | None:
-    """"offline" unless W&B is configured (or WANDB_MODE asks for online) and the server is reachable."""
+def _default_url() -> str:
+    try:
+        import wandb
+        return wandb.Settings().base_url  # the cloud URL this SDK version talks to
+    except Exception:
+        return CLOUD_URL
+
+
+def mode() -> str | None:
+    """"offline" unless a login is configured (or ``WANDB_MODE`` asks for online) and its server
+    answers; None leaves the choice to W&B (online, or the user's ``WANDB_MODE``)."""
     env = os.environ.get("WANDB_MODE")
     if env not in (None, "", "online", "run"):
         return None  # offline / disabled / dryrun: the user's choice stands
-    if env is None and not _configured():
+    url = server_url()
+    if not env and not logged_in(url):
         return "offline"
-    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    url = url or _default_url()
     if not _reachable(url):
         warnings.warn(f"W&B server {url} is unreachable; recording runs offline (make wandb-sync uploads them)")
         return "offline"
     return None
 
 
+# ------------------------------------------------------------------------------------------------ #
+# The run
+# ------------------------------------------------------------------------------------------------ #
 class Tracker:
     """A W&B run, or a no-op when disabled or when W&B fails; every call swallows W&B errors."""
 
@@ -56,9 +132,17 @@ class Tracker:
             return
         try:
             import wandb
-            mode = _mode()
-            if mode:
-                init_kwargs["mode"] = mode
+        except ImportError as e:  # the W&B extra is not installed: one line, then untracked
+            warnings.warn(f"W&B tracking is off: wandb is not installed ({e}); pip install -e '.[track]', "
+                          f"or set tracking.wandb: false")
+            return
+        except Exception as e:  # a broken install must not stop training
+            warnings.warn(f"W&B tracking is off: import wandb failed: {type(e).__name__}: {e}")
+            return
+        try:
+            m = mode()
+            if m:
+                init_kwargs["mode"] = m
             init_kwargs.setdefault("dir", str(Path.cwd()))
             # W&B's metadata scan and system-stats sampler compete with training for the CPU; on a
             # 2-core machine they made epochs up to 20x slower. GPU runs keep the stats (GPU utilisation).
@@ -99,6 +183,29 @@ class Tracker:
         import wandb
         self._safe(lambda: self.run.log({key: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}))
 
+    def log_artifact(self, name: str, type: str, files: dict[str, Path], metadata: dict | None = None) -> None:
+        """An output of this run: ``files`` (name in the artifact -> local file; missing ones skipped).
+        W&B copies them to its staging folder first, so later changes cannot corrupt an upload."""
+        def log():
+            art = _artifact(name, type, files, metadata)
+            if art is not None:
+                self.run.log_artifact(art)
+        self._safe(log)
+
+    def use_artifact(self, name: str, type: str, files: dict[str, Path]) -> None:
+        """An input of this run, declared by content: the same files give the same digest, i.e. the
+        version the producing run logged (or a new version if they changed since)."""
+        def use():
+            # Read in place, not staged: inputs are usually already uploaded, and a copy of every
+            # member checkpoint would only fill the staging folder.
+            art = _artifact(name, type, files, None, policy="immutable")
+            if art is not None:
+                # For a draft artifact, wandb.Run.use_artifact is this call plus a wait() for the upload,
+                # and it refuses offline runs (checked with wandb 0.19.9 - 0.31). This call blocks
+                # nothing, and an offline run keeps it for `wandb sync` to replay.
+                self.run._log_artifact(art, is_user_created=True, use_after_commit=True)
+        self._safe(use)
+
     def finish(self) -> None:
         self._safe(lambda: self.run.finish())
         self.run = None
@@ -112,23 +219,86 @@ class Tracker:
             warnings.warn(f"W&B call failed and was skipped: {type(e).__name__}: {e}")
 
 
+def artifact_name(kind: str, name: str) -> str:
+    """``<kind>-<name>`` as a valid W&B artifact name (letters, digits, ``_ - .``; at most 128)."""
+    out = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{kind}-{name}")
+    if len(out) > 128:  # keep it unique: a hash of the whole name replaces the tail
+        out = out[:115] + "-" + hashlib.sha1(out.encode()).hexdigest()[:12]
+    return out
+
+
+def _artifact(name: str, type: str, files: dict[str, Path], metadata: dict | None, policy: str = "mutable"):
+    import wandb
+    present = {k: Path(v) for k, v in files.items() if Path(v).is_file()}
+    if not present:
+        return None
+    art = wandb.Artifact(artifact_name(type, name), type=type, metadata=_plain(metadata or {}))
+    for k, v in sorted(present.items()):
+        art.add_file(str(v), name=k, policy=policy)
+    return art
+
+
+def _plain(d: dict) -> dict:
+    """Scalars only (artifact metadata), numpy scalars as Python ones."""
+    out = {k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()}
+    return {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def fold_files(folder: Path) -> dict[str, Path]:
+    """A fold's model artifact: its best.pt, metrics.json, config.yaml and the OOF store's summary
+    (ids.json, meta.json; not the probabilities, which can be gigabytes)."""
+    rp = paths.RunPaths("x", 0)  # only for the file names, which paths owns
+    folder, oof = Path(folder), rp.oof().name
+    return {**{p.name: folder / p.name for p in (rp.best, rp.metrics, rp.config)},
+            **{f"{oof}/{n}": folder / oof / n for n in (paths.OOF_IDS, paths.OOF_META)}}
+
+
+def _checkpoint_folds(members) -> list[tuple[str, Path]]:
+    """(``<exp>-fold<k>``, run folder) of every member checkpoint inside a run folder."""
+    out = []
+    for m in members:
+        for c in m["checkpoints"]:
+            folder = (paths.project() / c["path"]).parent
+            rp = paths.RunPaths.of(folder)
+            if rp is not None and (f"{rp.experiment}-fold{rp.fold}", folder) not in out:
+                out.append((f"{rp.experiment}-fold{rp.fold}", folder))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ #
+# One function per stage
+# ------------------------------------------------------------------------------------------------ #
 def for_training(exp, comp, fold: int, config: dict) -> Tracker:
-    """Project per competition, group = experiment (or ``tracking.group``: tuning sets the study),
-    job_type = fold<k>, name = <exp>-fold<k>."""
-    return Tracker(exp.tracking.wandb, project=exp.tracking.project or comp.name,
-                   group=exp.tracking.group or exp.name, job_type=f"fold{fold}", name=f"{exp.name}-fold{fold}",
-                   config=config)
+    """job_type ``train`` (``tune`` for tuning trials), group = experiment (or ``tracking.group``:
+    tuning sets the study), name ``<exp>-fold<k>``, tags competition and ``fold<k>``."""
+    t = exp.tracking
+    return Tracker(t.wandb, **target(t, comp.name), group=t.group or exp.name, job_type=t.job_type or "train",
+                   name=f"{exp.name}-fold{fold}", tags=[comp.name[:64], f"fold{fold}"], config=config)
 
 
-def log_ensemble(recipe: dict, per_class: dict[str, float], enabled: bool = True,
-                 project: str | None = None) -> None:
-    """One W&B run per ensemble recipe: job_type ``ensemble``, group ``ensembles``, name = the recipe's
-    name; the recipe as config, a member-weights table, a per-class score table, the scores in the summary.
+def log_fold(tracker: Tracker, exp, fold: int, metrics: dict) -> None:
+    """The fold's model artifact (after metrics.json is written). Tuning trials log none: a study
+    would upload a checkpoint per trial; ensembling a trial's folds declares them then."""
+    if tracker.run is None or exp.tracking.job_type == "tune":
+        return
+    tracker.log_artifact(f"{exp.name}-fold{fold}", "model", fold_files(paths.run(exp.name, fold).root),
+                         {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
 
-    ``recipe``: the recipe as plain data (``to_plain(Recipe)``); ``per_class``: class -> score.
+
+def log_ensemble(recipe: dict, per_class: dict[str, float], files: tuple = (), cfg=None,
+                 enabled: bool = True) -> None:
+    """One W&B run per ensemble recipe: job_type ``ensemble``, group and name = the recipe's name; the
+    recipe as config, a member-weights table, a per-class score table, the scores in the summary; its
+    members' model artifacts as inputs, the recipe files (``files``: yaml, md) as artifact ``recipe-<name>``.
+
+    ``recipe``: the recipe as plain data (``to_plain(Recipe)``); ``per_class``: class -> score;
+    ``cfg``: the TrackingConfig where it goes (the first member's).
     """
-    tr = Tracker(enabled, project=project or recipe.get("competition"), group="ensembles", job_type="ensemble",
-                 name=str(recipe.get("name", "ensemble")), config=recipe)
+    name, comp = str(recipe.get("name", "ensemble")), str(recipe.get("competition") or "competition")
+    tr = Tracker(enabled, **target(cfg, comp), group=name, job_type="ensemble", name=name, tags=[comp[:64]],
+                 config=recipe)
+    if tr.run is None:
+        return
     classes = list(recipe.get("classes") or per_class)
     rows = []
     for m in recipe.get("members", []):
@@ -140,79 +310,55 @@ def log_ensemble(recipe: dict, per_class: dict[str, float], enabled: bool = True
     scores = {k: v for k, v in (recipe.get("scores") or {}).items() if isinstance(v, (int, float, str))}
     tr.summary({**scores, **{f"dice/{c}": float(v) for c, v in per_class.items()},
                 "members": len(recipe.get("members", []))})
+    for fold_name, folder in _safe_list(lambda: _checkpoint_folds(recipe.get("members", []))):
+        tr.use_artifact(fold_name, "model", fold_files(folder))
+    tr.log_artifact(name, "recipe", {Path(f).name: Path(f) for f in files}, scores)
     tr.finish()
 
 
-def log_submission(row: dict, enabled: bool = True, project: str | None = None) -> None:
-    """One W&B run per submission: job_type ``submission``, group ``submissions``; the ledger row as
-    config and summary (so the dashboard can plot CV against LB across submissions)."""
-    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}  # numpy scalars from pandas
-    name = str(row.get("file") or row.get("submission") or row.get("name") or "submission")
-    tr = Tracker(enabled, project=project or row.get("competition"), group="submissions",
-                 job_type="submission", name=Path(name).stem, config=row)
-    tr.summary({k: v for k, v in row.items() if isinstance(v, (int, float, str)) or v is None})
+def log_submission(row: dict, recipe=None, source: Path | str | None = None) -> None:
+    """One W&B run per submission: job_type ``submit``, group = the recipe's name, name = the CSV's;
+    the ledger row as config and summary (so the dashboard can plot CV against LB), the CSV as artifact
+    ``submission-<recipe>``, its input the recipe artifact (``source``: the recipe YAML) or, for a
+    recipe made on the fly (``predict --exp``), the fold model artifacts. Tracked unless the first
+    member's run config says ``tracking.wandb: false``."""
+    row = _plain(row)  # numpy scalars from pandas
+    file = Path(str(row.get("file") or row.get("submission") or row.get("name") or "submission.csv"))
+    name = str(row.get("ensemble") or (recipe.name if recipe is not None else None) or file.stem)
+    comp = str(row.get("competition") or (recipe.competition if recipe is not None else None) or "competition")
+    cfg = _recipe_tracking(recipe) if recipe is not None else None
+    tr = Tracker(cfg.wandb if cfg else True, **target(cfg, comp), group=name, job_type="submit", name=file.stem,
+                 tags=[comp[:64]], config=row)
+    if tr.run is None:
+        return
+    tr.summary(row)
+    if source is not None:
+        src = Path(source)
+        tr.use_artifact(name, "recipe", {src.name: src, src.with_suffix(".md").name: src.with_suffix(".md")})
+    elif recipe is not None:
+        members = [m.model_dump() for m in recipe.members]
+        for fold_name, folder in _safe_list(lambda: _checkpoint_folds(members)):
+            tr.use_artifact(fold_name, "model", fold_files(folder))
+    csv = file if file.is_absolute() else paths.project() / file
+    tr.log_artifact(name, "submission", {csv.name: csv}, row)
     tr.finish()
 
 
-def read_offline_run(run_dir: Path | str) -> dict:
-    """What an offline run recorded: {"run": {project, group, job_type, name}, "config": {...},
-    "history": [row, ...], "summary": {...}, "finished": bool}, read from its ``run-<id>.wandb``
-    transaction log. W&B's service writes that file behind the run, so a run that has just finished
-    may read ``finished: False`` (partial) for a moment.
-
-    For checking runs before ``make wandb-sync`` (and for the tests). Hand-written because W&B 0.2x+
-    dropped its Python reader: the file is a 7-byte header and LevelDB-log records (32 KiB blocks,
-    7-byte record headers, FULL/FIRST/MIDDLE/LAST fragments) of ``wandb_internal.Record`` protobufs.
-    """
-    import json
-    import struct
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    files = sorted(Path(run_dir).glob("*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"{run_dir}: no .wandb file (not a W&B run folder)")
-    data = files[0].read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{files[0]}: not a W&B transaction log")
-    out = {"run": {}, "config": {}, "history": [], "summary": {}, "finished": False}
-
-    def put(d: dict, items) -> None:
-        for i in items:  # a nested key (a table's or an image's fields) becomes nested dicts
-            *parents, last = list(i.nested_key) or [i.key]
-            cur = d
-            for k in parents:
-                cur = cur.setdefault(k, {})
-            cur[last] = json.loads(i.value_json) if i.value_json else None
-
-    pos, block, frag = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if left < 7 or (crc, n, kind) == (0, 0, 0):  # block trailer / zero padding
-            pos += left
+def _recipe_tracking(recipe):
+    """The TrackingConfig of the first member run whose config.yaml says one (else the defaults)."""
+    from competition.config import TrackingConfig, read_yaml, validate
+    for _, folder in _safe_list(lambda: _checkpoint_folds([m.model_dump() for m in recipe.members])):
+        f = paths.RunPaths.of(folder).config
+        try:
+            return validate(TrackingConfig, read_yaml(f).get("experiment", {}).get("tracking", {}), f)
+        except Exception:  # an unreadable or older config: the next member, or the defaults
             continue
-        if pos + 7 + n > len(data):
-            break  # a record still being written
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
-        frag = chunk if kind in (1, 2) else frag + chunk
-        if kind not in (1, 4):
-            continue
-        rec = pb.Record()
-        rec.ParseFromString(frag)
-        which = rec.WhichOneof("record_type")
-        if which == "run":
-            r = rec.run
-            out["run"] = {"project": r.project, "group": r.run_group, "job_type": r.job_type,
-                          "name": r.display_name, "id": r.run_id}
-            put(out["config"], r.config.update)
-        elif which == "config":
-            put(out["config"], rec.config.update)
-        elif which == "history":
-            out["history"].append({})
-            put(out["history"][-1], rec.history.item)
-        elif which == "summary":
-            put(out["summary"], rec.summary.update)
-        elif which == "exit":
-            out["finished"] = True
-    out["config"].pop("_wandb", None)
-    return out
+    return TrackingConfig()
+
+
+def _safe_list(fn) -> list:
+    try:
+        return fn()
+    except Exception as e:
+        warnings.warn(f"W&B lineage skipped: {type(e).__name__}: {e}")
+        return []

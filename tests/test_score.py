@@ -247,3 +247,46 @@ def test_score_files_errors(tmp_path, truth, cfg):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ScoreError, match="the file is empty"):
         score_files(tmp_path / "empty.csv", tmp_path / "truth.csv", cfg)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# The metric registry: metric.name and metric.report
+# ------------------------------------------------------------------------------------------------ #
+def test_iou_as_the_competitions_metric_and_report_metrics(truth):
+    """The edited submission: a.png/radius emptied, b.png/ulna shifted 2 px (4x6 of 4x8 overlap)."""
+    cfg = CompetitionConfig(**{**make_cfg().model_dump(), "metric": {
+        "name": "iou", "report": ["dice", "f1_at_iou", "hausdorff95"], "iou_threshold": 0.5}})
+    r = score_frames(edited(), truth, cfg)
+    assert r.metric == "iou" and r.mean == pytest.approx((7 + 0 + 24 / 40) / 9, abs=1e-12)
+    assert r.report["dice"]["mean"] == pytest.approx(EDITED_MEAN, abs=1e-12)
+    # f1 per class over images: radius 2 hits + 1 miss (2*2/(4+1)); ulna and thumb all hits
+    assert r.report["f1_at_iou"]["per_class"] == pytest.approx({"radius": 0.8, "ulna": 1.0, "thumb": 1.0})
+    # hausdorff95: an emptied mask costs the image diagonal, the 2 px shift 2 px, identical masks 0
+    assert r.report["hausdorff95"]["mean"] == pytest.approx((np.hypot(20, 30) + 2.0) / 9)
+    out = r.format()
+    assert out.startswith("mean IoU ") and "also f1_at_iou: 0.9333" in out
+    strict = CompetitionConfig(**{**cfg.model_dump(), "metric": {**cfg.metric.model_dump(), "iou_threshold": 0.7}})
+    assert score_frames(edited(), truth, strict).report["f1_at_iou"]["per_class"]["ulna"] == pytest.approx(4 / 6)
+
+
+def test_metric_name_must_be_a_pair_metric():
+    from competition.config import ConfigError, validate
+    with pytest.raises(ConfigError, match="list it in metric.report"):
+        validate(CompetitionConfig, {**make_cfg().model_dump(), "metric": {"name": "hausdorff95"}}, "t.yaml")
+    with pytest.raises(ConfigError, match="metric.report.0"):
+        validate(CompetitionConfig, {**make_cfg().model_dump(), "metric": {"report": ["hd"]}}, "t.yaml")
+
+
+def test_metric_known_answers():
+    from competition import metrics as m
+    assert m.iou_from_counts(np.array([2, 0]), np.array([3, 0]), np.array([4, 0]), 0.7).tolist() == [0.4, 0.7]
+    f1 = m.f1_at_iou(np.array([[5], [0], [0]]), np.array([[6], [3], [0]]), np.array([[5], [0], [4]]))
+    assert f1 == {"mean": 0.5, "per_class": [0.5]}  # 1 hit, 1 false alarm, 1 miss
+    a = np.zeros((10, 10), bool)
+    a[2:5, 2:5] = True
+    assert m.hausdorff95(a, np.roll(a, 1, axis=1)) == 1.0 and m.hausdorff95(a, a) == 0.0
+    assert m.hausdorff95(a & False, a & False, 0.0) == 0.0
+    with pytest.raises(ValueError, match="valid: dice, iou, f1_at_iou, hausdorff95"):
+        m.metric_info("hd")
+    assert m.score_counts(2, 3, 4, m.PairMetric("iou")) == pytest.approx(0.4)
+    assert m.score_counts(2, 3, 4, 1.0) == pytest.approx(4 / 7)  # a float: Dice with that empty score

@@ -245,6 +245,20 @@ def test_predict_one_experiment_and_a_missing_fold(proj, capsys):
     assert row["ensemble"] == "big" and row["oof_in_sample"] == pytest.approx(np.mean([m["oof_dice"] for m in metrics]), abs=1e-6)
     assert row["cv_native_in_sample"] == pytest.approx(np.mean([m["oof_dice_native"] for m in metrics]), abs=1e-6)
     assert row["members"] == "big(f0,1,2)x1.00" and row["tta"] == "big:identity+hflip@1"  # the competition's TTA
+    # --set: a lower threshold marks at least as many pixels; TTA views recorded; model keys refused
+    assert main(["predict", "--exp", "big", "--no-progress", "--set", "train.threshold=0.05",
+                 "--set", "oof.tta=[identity]", "--out", "low.csv"]) == 0
+    row = pd.read_csv(proj / "submissions/ledger.csv").iloc[-1]
+    assert row["tta"] == "big:identity@1"
+
+    def pixels(path) -> int:
+        return sum(int(x) for r in pd.read_csv(path, keep_default_na=False)["rle"] for x in str(r).split()[1::2])
+    assert pixels("low.csv") > pixels(sub)
+    capsys.readouterr()
+    assert main(["predict", "--exp", "big", "--set", "model.encoder=resnet18"]) == 2
+    assert "predict may change train.threshold" in capsys.readouterr().err
+    assert main(["predict", "--exp", "big", "--set", "train.threshold=high"]) == 2
+    assert "train.threshold" in capsys.readouterr().err
     (proj / "runs/big/fold2/best.pt").unlink()
     capsys.readouterr()
     assert main(["predict", "--exp", "big"]) == 2
@@ -328,6 +342,15 @@ def test_oof_csv_closed_loop_with_the_scorer(proj_oof, capsys):
     assert main(["score", "--comp", "tiny-hands", "oof.csv", "--truth", "truth.csv"]) == 0
     assert f"mean Dice {r['native']:.4f}" in capsys.readouterr().out
 
+    # metric.name: iou drives the OOF score at both sizes and the scorer, and the loop still closes
+    cfg_path = Path("configs/competitions/tiny-hands.yaml")
+    comp = yaml.safe_load(cfg_path.read_text())
+    cfg_path.write_text(yaml.safe_dump({**comp, "metric": {"name": "iou", "empty_score": 1.0}}))
+    r_iou = oofscore.run("small", csv="oof.csv", truth_csv="truth.csv", log=lambda *_: None)
+    s_iou = score_files("oof.csv", "truth.csv", load_competition("tiny-hands"))
+    assert abs(s_iou.mean - r_iou["native"]) < 1e-9 and s_iou.metric == "iou"
+    assert r_iou["native"] < r["native"] and r_iou["mean"] < r["mean"]  # IoU <= Dice pair by pair
+
 
 def test_ensemble_chooses_tta_variants_on_oof_and_scores_at_native_size(proj_oof, capsys):
     """Each (experiment, TTA variant) is a candidate; the recipe's in-sample native CV equals the
@@ -395,3 +418,109 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
     assert main(["submit", "--ensemble", "duo", "--no-progress", "--from-probs", "--out", "x.csv"]) == 2
     assert "no saved test probabilities for member big" in capsys.readouterr().err
     assert c == 12
+
+
+# -- pseudo-labels ------------------------------------------------------------------------------------
+def _fold_blend(recipe: Recipe, fold: int) -> dict[str, np.ndarray]:
+    """Fold ``fold``'s pseudo-labels the obvious way: each member's fold-``fold`` model only, its TTA
+    mean quantised at the store size (64 px), blended by the recipe's weights, quantised again."""
+    from competition.config import ExperimentConfig
+    from competition.data.adapters import make_adapter
+    from competition.data.dataset import SegDataset
+    from competition.models import build_model
+    comp = load_competition(recipe.competition)
+    adapter = make_adapter(comp)
+    c = len(comp.classes)
+    w = np.array([np.broadcast_to(m.weights, (c,)) for m in recipe.members], float)
+    w /= w.sum(0)
+    out = {}
+    for image in adapter.test_ids:
+        total = torch.zeros(c, 64, 64)
+        for m, wm in zip(recipe.members, w):
+            data = torch.load(m.checkpoints[m.folds.index(fold)].path, weights_only=True)
+            exp = ExperimentConfig(**data["config"]["experiment"])
+            model = build_model(exp.model, c, 1)
+            model.load_state_dict(data["model"])
+            x = SegDataset(adapter, [image], exp, "multilabel", "test", split="test")[0]["image"][None]
+            with torch.no_grad():
+                p = (torch.sigmoid(model.eval()(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
+            p = F.interpolate(p, size=(64, 64), mode="bilinear", align_corners=False)[0]
+            total += torch.as_tensor(wm, dtype=torch.float32).view(c, 1, 1) * torch.round(p * 255) / 255
+        out[image] = torch.round(total.clamp(0, 1) * 255).to(torch.uint8).numpy()
+    return out
+
+
+def test_confidence_known_answers():
+    from competition.pseudo import confidence
+    certain = np.zeros((2, 4, 4), np.uint8)
+    certain[0] = 255
+    assert confidence(certain, "multilabel") == 1.0
+    assert confidence(np.full((2, 4, 4), 128, np.uint8), "multilabel") == pytest.approx(1 / 255, rel=1e-4)
+    # multiclass: one class at p=1 everywhere is certain; an even split of 3 (bg + 2) is a coin flip
+    assert confidence(certain, "multiclass") == pytest.approx(1.0)
+    third = np.full((2, 4, 4), 85, np.uint8)
+    assert confidence(third, "multiclass") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pseudo_labels_per_fold_and_training_on_them(proj, capsys):
+    from competition import oof
+    from competition.cli import main
+    from competition.config import load_experiment
+    from competition.data.adapters import make_adapter
+    from competition.predict.infer import binarize, to_size
+    from competition.train.distributed import setup
+    from competition.train.loop import fit, training_loader
+    recipe = write_recipe("duo")
+    assert main(["pseudo", "--ensemble", "duo"]) == 0
+    assert "4 test images, folds [0, 1, 2]" in capsys.readouterr().out
+    for k in FOLDS:
+        probs, ids, meta = oof.read(Path(f"runs/_pseudo/duo/fold{k}"))
+        want = _fold_blend(recipe, k)
+        for r, image in enumerate(ids):  # fold k's labels come from the fold-k models alone
+            assert np.abs(probs[r].astype(int) - want[image].astype(int)).max() <= 1, (k, image)
+        assert meta["fold"] == k and meta["recipe"] == "duo" and sorted(meta["kept"]) == sorted(ids)
+    # fold 0 differs from fold 1: they are different models' labels
+    assert not np.array_equal(oof.read(Path("runs/_pseudo/duo/fold0"))[0], oof.read(Path("runs/_pseudo/duo/fold1"))[0])
+
+    exp_cfg = {**EXP, "name": "pl", "data": {**EXP["data"], "pseudo": {"name": "duo", "weight": 2.0}},
+               "train": {**EXP["train"], "epochs": 1}}
+    Path("configs/experiments/pl.yaml").write_text(yaml.safe_dump(exp_cfg))
+    exp = load_experiment("pl")
+    comp = load_competition("tiny-hands")
+    adapter = make_adapter(comp)
+    folds = pd.read_csv("folds/tiny-hands.csv")
+    train_ids = folds.loc[folds["fold"] != 0, "id"].tolist()
+    ds, sampler, _ = training_loader(exp, comp, adapter, train_ids, setup(), 0)
+    assert len(ds) == len(train_ids) + len(adapter.test_ids)
+    assert sampler.weights.tolist() == [1.0] * len(train_ids) + [2.0] * len(adapter.test_ids)
+    pseudo_ds = ds.datasets[1]
+    probs, ids, meta = oof.read(Path("runs/_pseudo/duo/fold0"))
+    for j, pid in enumerate(pseudo_ds.ids):  # the hard label: the submission's resize and thresholds
+        test_id = pid.split(":", 1)[1]
+        work = pseudo_ds._work_size(pid)
+        want = binarize(to_size(torch.from_numpy(np.array(probs[ids.index(test_id)])).float() / 255, work),
+                        "multilabel", torch.tensor(recipe.thresholds)).numpy()
+        assert np.array_equal(pseudo_ds._decode(pid, True)[1], want)
+        assert not (set(adapter.ids) & {pid})  # never a training id
+    fit(exp, 0, log=print)
+    out = capsys.readouterr().out
+    assert f"data.pseudo: {len(adapter.test_ids)} pseudo-labelled test images of 'duo'" in out
+    # validation is fold 0's labelled images only: its OOF rows are exactly those
+    _, oof_ids, _ = oof.read(Path("runs/pl/fold0/oof"))
+    assert sorted(oof_ids) == sorted(folds.loc[folds["fold"] == 0, "id"])
+    assert yaml.safe_load(Path("runs/pl/fold0/config.yaml").read_text())["experiment"]["data"]["pseudo"]["name"] == "duo"
+
+
+def test_pseudo_min_confidence_and_missing_sets_are_clear_errors(proj, capsys):
+    from competition.cli import main
+    write_recipe("duo")
+    exp_cfg = {**EXP, "name": "pl", "data": {**EXP["data"], "pseudo": {"name": "none-yet"}}}
+    Path("configs/experiments/pl.yaml").write_text(yaml.safe_dump(exp_cfg))
+    assert main(["train", "--exp", "pl", "--fold", "0"]) == 2
+    assert "competition pseudo --ensemble RECIPE --name none-yet" in capsys.readouterr().err
+    assert main(["pseudo", "--ensemble", "duo", "--name", "strict", "--min-confidence", "1"]) == 0
+    assert "fold 0: 0" in capsys.readouterr().out
+    Path("configs/experiments/pl.yaml").write_text(yaml.safe_dump({**exp_cfg, "data": {**EXP["data"], "pseudo": {"name": "strict"}}}))
+    assert main(["train", "--exp", "pl", "--fold", "0"]) == 2
+    assert "keeps no image" in capsys.readouterr().err
+    assert main(["pseudo", "--ensemble", "duo", "--min-confidence", "1.5"]) == 2

@@ -98,6 +98,30 @@ def test_multiclass_oof_dice_uses_the_argmax(tiny_project):
     assert len(fold0) == (folds["fold"] == 0).sum()
 
 
+def test_iou_metric_drives_validation_and_report_metrics_reach_metrics_json(tiny_project):
+    """metric.name: iou is what validation picks best.pt by and OOF scores with; metric.report adds
+    dice, f1_at_iou and hausdorff95 at the OOF size to metrics.json and the runs table."""
+    from competition import runs_table
+    from competition.cli import main
+    from competition.ensemble import oofscore
+    from competition.train.loop import fit
+    from conftest import tiny_competition
+    comp = tiny_competition(metric={"name": "iou", "report": ["dice", "f1_at_iou", "hausdorff95"]})
+    (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(comp))
+    assert main(["folds", "--comp", "tiny-hands"]) == 0
+    write_exp(tiny_project, "iou", model={"arch": "Unet", "encoder": "tu-test_resnet"},
+              data={"input_size": 32}, train={"epochs": 2}, tracking={"wandb": False})
+    m = [fit(load_experiment("iou"), k, log=lambda *_: None) for k in range(3)][0]
+    assert m["metric"] == "iou" and set(m["oof_report"]) == {"dice", "f1_at_iou", "hausdorff95"}
+    assert m["oof_report"]["dice"] >= m["oof_dice"]  # Dice >= IoU on every pair
+    assert m["oof_report"]["hausdorff95"] >= 0
+    r = oofscore.run("iou", log=lambda *_: None)
+    fold0 = r["table"][r["table"]["fold"] == 0]
+    assert m["oof_dice"] == pytest.approx(fold0["mean"].mean(), abs=1e-9)  # the OOF score is IoU too
+    t = runs_table.table(runs_table.collect()[0])
+    assert {"oof_dice", "oof_f1_at_iou", "oof_hausdorff95"} <= set(t.columns)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(folded, tmp_path):
     write_exp(folded, "tiny", train={"epochs": 4})

@@ -175,6 +175,24 @@ def test_changed_search_space_refuses_to_reuse_the_study(tune_project):
     prepare("tiny", "tiny", None, None, None, "tiny-v2")  # a new study name is fine
 
 
+def test_set_overrides_reach_every_trial_and_the_tuned_config(tune_project, capsys):
+    from competition.cli import main
+    args = ["tune", "--exp", "tiny", "--space", "tiny", "--trials", "1", "--study", "withset"]
+    assert main(args + ["--set", "data.batch_size=2", "--set", "train.seed=3"]) == 0
+    study = load(tune_project, "withset")
+    run = tune_project / f"runs/withset-t{study.trials[0].number}/fold0/config.yaml"
+    trained = yaml.safe_load(run.read_text())["experiment"]
+    assert trained["data"]["batch_size"] == 2 and trained["train"]["seed"] == 3
+    tuned = load_experiment("tiny-tuned")
+    assert tuned.data.batch_size == 2 and tuned.train.seed == 3
+    capsys.readouterr()
+    # other overrides would make the study's trials incomparable; an unknown key lists the valid ones
+    assert main(args + ["--set", "data.batch_size=4"]) == 2
+    assert "different overrides" in capsys.readouterr().err
+    assert main(["tune", "--exp", "tiny", "--space", "tiny", "--set", "train.epoch=3"]) == 2
+    assert "train.epoch: unknown key; valid keys here:" in capsys.readouterr().err
+
+
 def test_report_without_a_study_is_a_clear_error(tune_project, capsys):
     from competition.cli import main
     assert main(["tune", "--exp", "tiny", "--space", "tiny", "--report"]) == 2
@@ -183,7 +201,7 @@ def test_report_without_a_study_is_a_clear_error(tune_project, capsys):
 
 
 def test_pruned_trial_stops_its_training_and_keeps_no_checkpoints(tune_project):
-    from competition.tracking import read_offline_run
+    from wandb_offline import read_offline_run
     from competition.tune.objective import Objective
     from competition.tune.study import Job
     write(tune_project, "search", "tiny", {**TINY_SPACE, "budget": {"epochs": 3, "folds": [0]},
@@ -203,7 +221,7 @@ def test_pruned_trial_stops_its_training_and_keeps_no_checkpoints(tune_project):
     deadline = time.time() + 60  # W&B's service writes the file behind the run
     while not (wb := read_offline_run(run_dir))["finished"] and time.time() < deadline:
         time.sleep(0.1)
-    assert wb["run"]["group"] == "s" and wb["run"]["name"] == "s-t0-fold0" and wb["run"]["job_type"] == "fold0"
+    assert wb["run"]["group"] == "s" and wb["run"]["name"] == "s-t0-fold0" and wb["run"]["job_type"] == "tune"
     assert wb["summary"]["stopped_by"] == "TrialPruned" and len(wb["history"]) == 1
 
 

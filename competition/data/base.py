@@ -3,7 +3,9 @@
 An adapter turns a folder of competition data into: train ids with groups, an image loader, a mask
 loader that returns a (C, H, W) uint8 {0, 1} mask *at a requested size*, the test-set listing, and
 the sample submission. Everything downstream (folds, training, OOF, submissions) talks to this
-interface only, so a new competition format is one new file.
+interface only, so a new competition format is one new file. With the competition's ``ignore``
+key a format also says where its void pixels are (:meth:`Adapter.void_region`); ``load_ignore``
+turns that into the ignored pixels the loss and, by ``ignore.metric``, the metric leave out.
 """
 from __future__ import annotations
 
@@ -251,6 +253,27 @@ class Adapter(ABC):
     @abstractmethod
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
         """(C, H, W) uint8 in {0, 1} at ``size`` = (h, w), or at the image's own size when None."""
+
+    def void_region(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(h, w) bool: the pixels the labels mark void (``ignore.value``) at ``size``; formats override."""
+        raise DataError(f"{self.cfg.name}: format {self.cfg.format} has no void labels; remove the `ignore` key")
+
+    def load_ignore(self, image_id: str, size: tuple[int, int] | None = None,
+                    mask: np.ndarray | None = None) -> np.ndarray | None:
+        """(h, w) bool: the ignored pixels at ``size`` (the image's own size when None), or None when
+        the competition has no ``ignore`` key.
+
+        Ignored = marked void and labelled with no class: a labelled pixel is never ignored, so the
+        truth (``load_mask``) and the ignore region are disjoint and, for the metric, excluding void
+        pixels is the same as dropping predictions there. ``mask``: this image's ``load_mask`` at
+        ``size``, when the caller has it already.
+        """
+        if self.cfg.ignore is None:
+            return None
+        void = self.void_region(image_id, size)
+        if mask is None:
+            mask = self.load_mask(image_id, size)
+        return void & ~mask.any(0) if len(mask) else void
 
     def validate_labels(self) -> None:
         """Check every training label now (``make folds``), not mid-training.

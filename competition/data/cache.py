@@ -14,7 +14,9 @@ depth, ...; the OpenCV version; a format version)::
 
     runs/_cache/<comp>-<split>-<h>x<w>-<key>/
         images.npy   uint8/uint16 (N, H, W[, 3])         sparse until filled
-        masks.npy    uint8 (N, C, H, ceil(W / 8))         np.packbits along W (train split only)
+        masks.npy    uint8 (N, C, H, ceil(W / 8))         np.packbits along W (train split only); with
+                                                          the competition's ``ignore``, C + 1 channels:
+                                                          the last is the ignore region
         filled.npy   uint8 (N, 2): [image written, mask written]
         meta.json    the key's inputs and the ids (rows follow the adapter's full id list)
 
@@ -74,13 +76,16 @@ def _plain(cfg) -> dict:
     return to_plain(cfg)
 
 
-def cache_key(adapter, split: str, work: tuple[int, int]) -> tuple[str, dict]:
-    """(12 hex digits, the inputs they hash) for ``adapter``'s ``split`` at working size ``work``."""
+def cache_key(adapter, split: str, work: tuple[int, int], resize: str = "stretch") -> tuple[str, dict]:
+    """(12 hex digits, the inputs they hash) for ``adapter``'s ``split`` at working size ``work``,
+    images brought there by ``resize`` (``data.resize``)."""
     from competition.ensemble.store import data_fingerprint
     comp = {k: v for k, v in _plain(adapter.cfg).items() if k not in _NOT_SHAPING}
     inputs = {"version": FORMAT_VERSION, "fingerprint": data_fingerprint(adapter.cfg.root()), "split": split,
               "work": list(work), "channels": adapter.cfg.image.channels, "bit_depth": adapter.cfg.image.bit_depth,
               "classes": list(adapter.classes), "opencv": cv2.__version__, "competition": comp}
+    if resize != "stretch":  # only when set, so the keys of existing stretched caches stay valid
+        inputs["resize"] = resize
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12], inputs
 
@@ -159,17 +164,20 @@ class SampleCache:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def for_dataset(cls, adapter, split: str, work: tuple[int, int], log=None) -> "SampleCache | None":
+    def for_dataset(cls, adapter, split: str, work: tuple[int, int], log=None,
+                    resize: str = "stretch") -> "SampleCache | None":
         """The cache of ``adapter``'s ``split`` at ``work`` (not yet created on disk), or None
         (with a message) when it cannot be kept there."""
         ids = adapter.ids if split == "train" else adapter.test_ids
-        key, inputs = cache_key(adapter, split, work)
+        key, inputs = cache_key(adapter, split, work, resize)
         comp = paths.check_name("competition", adapter.cfg.name)
-        folder = paths.inside(cache_root(), cache_root() / f"{comp}-{split}-{work[0]}x{work[1]}-{key}")
+        tag = "" if resize == "stretch" else f"-{resize}"  # its own folder: stretched caches are not stale
+        folder = paths.inside(cache_root(), cache_root() / f"{comp}-{split}-{work[0]}x{work[1]}{tag}-{key}")
         rgb = adapter.cfg.image.channels == "rgb"
         shape = (*work, 3) if rgb else tuple(work)
         dtype = np.uint16 if adapter.cfg.image.bit_depth == 16 else np.uint8
-        n_classes = len(adapter.classes) if split == "train" else None
+        # Mask channels: the classes, and the ignore region as one more when the competition has one.
+        n_classes = len(adapter.classes) + (adapter.cfg.ignore is not None) if split == "train" else None
         meta = {**inputs, "key": key, "ids": list(ids)}
         cache = cls(folder, ids, shape, dtype, n_classes, meta, log)
         rel = cache.display()

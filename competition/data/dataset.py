@@ -4,6 +4,20 @@ Geometry: augmentation runs at the *target* resolution (input size x the model's
 image and mask stay aligned through every geometric transform; the image is then shrunk to the
 network input. Every sample's randomness is seeded from (seed, epoch, index), so a resumed run sees
 exactly the batches an uninterrupted run would have, whatever the number of workers.
+
+Sizes are (h, w): ``data.input_size`` may be non-square. ``data.resize`` says how a whole image
+reaches its canvas (:meth:`Geometry.whole`): ``stretch`` resizes it to the canvas; ``letterbox``
+keeps its aspect ratio, resizing it to fit (:meth:`Geometry.content`) and padding the bottom and
+right with zeros (image) and background (mask), for training, validation and test alike (one
+geometry: augmentations see the padded canvas). Predictions are brought back by
+:func:`unletterbox`: the content region cropped, then resized.
+
+Ignored pixels (the competition's ``ignore``; :meth:`Adapter.load_ignore`) travel *in band*: the
+target holds ``IGNORE_INDEX`` (255) there. Multiclass targets are int64 (h, w) class indices (0 =
+background) with 255 where ignored; multilabel targets are uint8 (C, h, w) in {0, 1} with 255 on
+every channel of an ignored pixel. Masks keep that encoding through albumentations (nearest
+interpolation keeps values), batch mixing and the losses (``ignore_index``); the sample cache
+stores the ignore region as one more bit-packed channel.
 """
 from __future__ import annotations
 
@@ -12,9 +26,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from competition.config import ExperimentConfig
+from competition.config import IGNORE_INDEX, ExperimentConfig
 from competition.data.base import Adapter
 from competition.data.transforms import build_pipeline
 
@@ -23,26 +38,68 @@ _MEAN, _STD = {1: [0.449], 3: [0.485, 0.456, 0.406]}, {1: [0.226], 3: [0.229, 0.
 
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes (square, pixels): the network input, the target/output, and the whole-image size."""
+    """Sizes (h, w) in pixels: the network input, the target/output, and the whole-image canvas."""
 
-    input_size: int
+    input_size: tuple[int, int]
     output_scale: int
     policy: str
     crop_from: int | None
+    resize: str = "stretch"
 
     @classmethod
     def from_config(cls, exp: ExperimentConfig) -> "Geometry":
-        return cls(exp.data.input_size, exp.model.output_scale, exp.data.policy, exp.data.crop_from)
+        return cls(exp.data.input_hw, exp.model.output_scale, exp.data.policy, exp.data.crop_from,
+                   exp.data.resize)
 
     @property
-    def output_size(self) -> int:
-        return self.input_size * self.output_scale
+    def output_size(self) -> tuple[int, int]:
+        return self.input_size[0] * self.output_scale, self.input_size[1] * self.output_scale
 
     def whole(self, native: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) a whole image is brought to before the network (validation, OOF, test)."""
+        """(h, w) of the canvas a whole image is brought to before the network (validation, OOF, test)."""
         if self.policy == "crop":
-            return (self.crop_from, self.crop_from) if self.crop_from else native
-        return self.input_size, self.input_size
+            return (self.crop_from, self.crop_from) if self.crop_from else tuple(native)
+        return tuple(self.input_size)
+
+    def content(self, native: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the part of ``canvas`` the image fills: all of it (stretch), or the image's
+        aspect ratio fitted inside it (letterbox, top-left; the rest is padding)."""
+        if self.resize == "stretch":
+            return tuple(canvas)
+        return fit(native, canvas)
+
+
+def fit(native: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+    """The largest (h, w) of ``native``'s aspect ratio inside ``canvas`` (one side equals the canvas')."""
+    (H, W), (h, w) = native, canvas
+    s = min(h / H, w / W)
+    return min(h, max(1, round(H * s))), min(w, max(1, round(W * s)))
+
+
+def pad_to(arr: np.ndarray, canvas: tuple[int, int], channels_first: bool = False) -> np.ndarray:
+    """Zero-pad the bottom and right of an (h, w[, c]) image or a (C, h, w) mask up to ``canvas``."""
+    h, w = arr.shape[1:3] if channels_first else arr.shape[:2]
+    ph, pw = canvas[0] - h, canvas[1] - w
+    if not (ph or pw):
+        return arr
+    if ph < 0 or pw < 0:
+        raise ValueError(f"pad_to: {(h, w)} does not fit in {tuple(canvas)}")
+    pads = [(0, ph), (0, pw)]
+    pads = [(0, 0)] + pads if channels_first else pads + [(0, 0)] * (arr.ndim - 2)
+    return np.pad(arr, pads)
+
+
+def unletterbox(probs: torch.Tensor, content: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(..., C, h, w) predictions on a canvas -> the content region (top-left ``content``) resized
+    (bilinear, half-pixel centres) to ``size``: what undoes :meth:`Geometry.content` + :func:`pad_to`."""
+    ch, cw = content
+    p = probs[..., :ch, :cw]
+    if tuple(p.shape[-2:]) == tuple(size):
+        return p
+    lead = p.shape[:-3]
+    flat = p.reshape(-1, *p.shape[-3:])
+    out = F.interpolate(flat.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:])
 
 
 def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -62,13 +119,26 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(_MEAN[c]).view(c, 1, 1)) / torch.tensor(_STD[c]).view(c, 1, 1)
 
 
+def with_ignore(mask: np.ndarray, ignore: np.ndarray | None) -> np.ndarray:
+    """(C, h, w) {0, 1} mask and (h, w) ignore region -> the in-band mask: IGNORE_INDEX on every
+    channel where ignored (the module docstring)."""
+    if ignore is None or not ignore.any():
+        return mask
+    out = mask.copy()
+    out[:, ignore.astype(bool)] = IGNORE_INDEX
+    return out
+
+
 def to_target(mask: np.ndarray, task: str) -> torch.Tensor:
-    """(C, h, w) uint8 -> the loss target: uint8 (C, h, w) multilabel, int64 (h, w) multiclass (0 = bg)."""
+    """(C, h, w) uint8 (in-band ignore) -> the loss target: uint8 (C, h, w) multilabel, int64 (h, w)
+    multiclass (0 = background); IGNORE_INDEX stays where ignored."""
     if task == "multilabel":
         return torch.from_numpy(np.ascontiguousarray(mask))
     idx = np.zeros(mask.shape[1:], np.int64)
     for k in range(len(mask)):  # later classes win where exclusive labels were drawn overlapping
-        idx[mask[k] > 0] = k + 1
+        idx[mask[k] == 1] = k + 1
+    if len(mask):
+        idx[mask[0] == IGNORE_INDEX] = IGNORE_INDEX
     return torch.from_numpy(idx)
 
 
@@ -79,6 +149,7 @@ class SegDataset(Dataset):
                  split: str = "train"):
         self.adapter, self.ids, self.task, self.mode, self.split = adapter, list(ids), task, mode, split
         self.geo = Geometry.from_config(exp)
+        self.ignore = getattr(adapter.cfg, "ignore", None) is not None
         self.seed = exp.train.seed
         self.epoch = 0
         self.pre = build_pipeline(exp.augment.preprocess, "augment.preprocess")
@@ -91,7 +162,7 @@ class SegDataset(Dataset):
         from competition.data.cache import SampleCache, log_once, uniform_work_size
         s = self.geo.output_scale
         if self.geo.policy == "resize" or self.geo.crop_from:
-            h, w = self.geo.whole((0, 0))
+            h, w = self.geo.whole((1, 1))
             work = (h * s, w * s)
         else:  # crop at native sizes: one cache only if every image of the split has the same size
             all_ids = self.adapter.ids if self.split == "train" else self.adapter.test_ids
@@ -101,7 +172,7 @@ class SegDataset(Dataset):
                          f"and no data.crop_from every image is worked at its own size, and these sizes differ; "
                          f"set data.crop_from (or policy: resize) to cache; loading without a cache")
                 return None
-        return SampleCache.for_dataset(self.adapter, self.split, work)
+        return SampleCache.for_dataset(self.adapter, self.split, work, resize=self.geo.resize)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,8 +207,31 @@ class SegDataset(Dataset):
     def _decode(self, image_id: str, with_mask: bool):
         """The deterministic, expensive part: decode + resize to the working size, mask rasterised there."""
         work = self._work_size(image_id)
-        img = resize_image(self.adapter.load_image(image_id, self.split), work)
-        return img, (self.adapter.load_mask(image_id, work) if with_mask else None)
+        img = self._image_at(image_id, work)
+        return img, (self._merged(self._labels_at(image_id, work)) if with_mask else None)
+
+    def _content(self, image_id: str, work: tuple[int, int]) -> tuple[int, int]:
+        return self.geo.content(self.adapter.image_size(image_id, self.split), work)
+
+    def _image_at(self, image_id: str, work: tuple[int, int]) -> np.ndarray:
+        """The image resized to its content size in ``work`` and padded to ``work`` (letterbox)."""
+        img = resize_image(self.adapter.load_image(image_id, self.split), self._content(image_id, work))
+        return pad_to(img, work)
+
+    def _labels_at(self, image_id: str, work: tuple[int, int]) -> np.ndarray:
+        """(C[+1], h, w) {0, 1} at ``work``: the mask, plus the ignore region as a last channel when the
+        competition has one (the layout the sample cache stores)."""
+        content = self._content(image_id, work)
+        mask = self.adapter.load_mask(image_id, content)
+        if self.ignore:
+            ign = self.adapter.load_ignore(image_id, content, mask)
+            ign = np.zeros(mask.shape[1:], bool) if ign is None else ign  # e.g. pseudo-labels: no void
+            mask = np.concatenate([mask, ign[None].astype(np.uint8)])
+        return pad_to(mask, work, channels_first=True)
+
+    def _merged(self, labels: np.ndarray) -> np.ndarray:
+        """:meth:`_labels_at`'s layout -> the in-band (C, h, w) mask."""
+        return with_ignore(labels[:-1], labels[-1]) if self.ignore else labels
 
     def _cached(self, image_id: str):
         """(image, mask) through the cache, filling what is missing; (None, None) to load uncached."""
@@ -152,10 +246,10 @@ class SegDataset(Dataset):
             mask = c.mask(row) if with_mask else None
             stored = True
             if img is None:  # first access: fill the row (another process may fill it too: same bytes)
-                img = resize_image(self.adapter.load_image(image_id, self.split), c.work)
+                img = self._image_at(image_id, c.work)
                 stored = c.put_image(row, img)
             if with_mask and mask is None:
-                mask = self.adapter.load_mask(image_id, c.work)
+                mask = self._labels_at(image_id, c.work)
                 stored = c.put_mask(row, mask) and stored
             if not stored:  # a layout the cache cannot hold exactly: never cache this dataset
                 log_once(f"data.cache: disabled for {c.display()}: {image_id!r} gave an image "
@@ -163,7 +257,7 @@ class SegDataset(Dataset):
                          f"that does not fit its layout ({c.image_dtype} {c.image_shape}, {{0, 1}} uint8 "
                          f"masks); loading without a cache")
                 self.cache = None
-            return img, mask
+            return img, (None if mask is None else self._merged(mask))
         except (OSError, ValueError) as e:  # an unreadable or vanished cache must not stop a run
             log_once(f"data.cache: disabled for {c.display()} after an error ({type(e).__name__}: {e}); "
                      f"loading without a cache")
@@ -180,15 +274,15 @@ class SegDataset(Dataset):
         return r["image"], np.ascontiguousarray(r["mask"].transpose(2, 0, 1))
 
     def _crop(self, img, mask, rng):
-        c = self.geo.output_size
+        ch, cw = self.geo.output_size
         h, w = img.shape[:2]
-        if h < c or w < c:  # pad small images rather than fail
-            py, px = max(0, c - h), max(0, c - w)
+        if h < ch or w < cw:  # pad small images rather than fail
+            py, px = max(0, ch - h), max(0, cw - w)
             img = np.pad(img, ((0, py), (0, px)) + ((0, 0),) * (img.ndim - 2))
             mask = np.pad(mask, ((0, 0), (0, py), (0, px)))
             h, w = img.shape[:2]
-        y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
-        return img[y:y + c, x:x + c], mask[:, y:y + c, x:x + c]
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        return img[y:y + ch, x:x + cw], mask[:, y:y + ch, x:x + cw]
 
 
 class EpochSampler(Sampler):

@@ -153,7 +153,8 @@ class FolderAdapter(Adapter):
             return None
         path = safe_join(self.root, rel, "groups.csv")
         if not path.is_file():
-            raise DataError(f"{path}: groups.csv not found (expected a CSV with an 'id' column)")
+            raise DataError(f"{path}: groups.csv not found (expected a CSV with an "
+                            f"{self.cfg.groups.id_column!r} column, groups.id_column)")
         return path
 
     @cached_property
@@ -162,15 +163,19 @@ class FolderAdapter(Adapter):
         if path is None:
             return None
         df = read_csv_table(path, "metadata CSV")
-        require_columns(df, path, ["id"], "metadata CSV")
-        df["id"] = strip_ext(df["id"], self.spec.image_ext)
+        id_col = self.cfg.groups.id_column
+        require_columns(df, path, [id_col], "metadata CSV (groups.id_column)")
+        ids = strip_ext(df[id_col], self.spec.image_ext)
+        # Normalised to an "id" column, as every metadata table downstream reads it.
+        df = df.drop(columns=[c for c in (id_col, "id") if c in df.columns])
+        df.insert(0, "id", ids.to_numpy(dtype=object))
         return df
 
     def column_groups(self) -> dict[str, str]:
         path, col = self.meta_path(), self.cfg.groups.column
         if path is None:
-            raise DataError(f"groups.source 'column' needs groups.csv (a CSV in the data root with 'id' and "
-                            f"{col!r} columns) for the {self.spec_name} format")
+            raise DataError(f"groups.source 'column' needs groups.csv (a CSV in the data root with "
+                            f"{self.cfg.groups.id_column!r} and {col!r} columns) for the {self.spec_name} format")
         require_columns(self._meta, path, [col], "metadata CSV (groups.column)")
         return groups_from_table(self._meta, "id", col, path, self.ids)
 

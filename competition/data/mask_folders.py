@@ -8,6 +8,9 @@
     masks/<id>/<class>.png          mask_mode per_class: 0/255 (or 0/1) per class; a missing file is empty
     meta.csv                        optional: ``id`` + per-image columns (groups, stratification)
 
+Void pixels (``ignore.value``): in binary and index masks, the pixels of that value (e.g. 255);
+in per_class mode, the 0/255 file ``masks/<id>/<value>.png`` (a missing file: no void pixels).
+
 Masks are decoded at the image's own size (a mask of another size is an error) and resized with
 nearest neighbour to a requested size. In binary/index mode a missing mask file is an error (a
 typo'd folder must not train on empty masks); in per_class mode a missing class file (or a missing
@@ -70,6 +73,28 @@ class MaskFoldersAdapter(FolderAdapter):
             raise ConfigError(f"{cfg.name}: mask_folders.mask_mode 'binary' holds exactly one class, but "
                               f"classes lists {len(self.classes)} ({', '.join(self.classes)}); "
                               f"use mask_mode index or per_class")
+        self.void = self._void_value()
+        self._last: tuple[str, np.ndarray] | None = None  # see _read
+
+    def _void_value(self) -> int | str | None:
+        """``ignore.value`` checked against the mask mode: a pixel value no class uses, or (per_class)
+        a file name that is not a class."""
+        if self.cfg.ignore is None:
+            return None
+        v, mode, n = self.cfg.ignore.value, self.spec.mask_mode, len(self.classes)
+        if mode == "per_class":
+            if str(v) in self.classes:
+                raise ConfigError(f"{self.cfg.name}: ignore.value {v!r} is a class name; in mask_mode per_class it "
+                                  f"names the void file masks/<id>/<value>.png, so it must not be a class")
+            return str(v)
+        if isinstance(v, str) and not v.isdigit():
+            raise ConfigError(f"{self.cfg.name}: ignore.value {v!r}: mask_mode {mode} marks void pixels by a "
+                              f"pixel value, an integer such as 255")
+        v = int(v)  # binary masks with a void value: 0/1 with void 255, or 0/255 with another value
+        if v == 0 or (mode == "index" and v <= n):
+            raise ConfigError(f"{self.cfg.name}: ignore.value {v} is a pixel value the {mode} masks use for "
+                              f"{'background' if v == 0 else 'a class'}; choose another (e.g. 255)")
+        return v
 
     @cached_property
     def masks_dir(self) -> Path:
@@ -97,6 +122,29 @@ class MaskFoldersAdapter(FolderAdapter):
                             f"{self.image_path(image_id).name} is {want[1]}x{want[0]}; they must match")
         return arr
 
+    def _read(self, path: Path, image_id: str) -> np.ndarray:
+        """The checked mask PNG; the last one read is kept, so its mask and void region decode it once."""
+        try:
+            key = f"{path}|{path.stat().st_mtime_ns}"
+        except OSError:
+            key = None
+        if key is not None and self._last is not None and self._last[0] == key:
+            return self._last[1]
+        arr = self._checked(read_mask_png(path), path, image_id)
+        self._last = (key, arr) if key is not None else None
+        return arr
+
+    def void_region(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        self.image_path(image_id)
+        if self.spec.mask_mode == "per_class":
+            path = self.mask_path(image_id, self.void)
+            if not path.is_file():
+                return np.zeros(size or self.image_size(image_id), bool)
+            void = binary_values(self._read(path, image_id), path)
+        else:
+            void = (self._read(self.mask_path(image_id), image_id) == self.void).astype(np.uint8)
+        return resize_mask(void[None], size)[0].astype(bool)
+
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
         self.image_path(image_id)  # unknown ids fail here, before any mask path is built
         mode, n = self.spec.mask_mode, len(self.classes)
@@ -106,7 +154,7 @@ class MaskFoldersAdapter(FolderAdapter):
             self.masks_dir  # noqa: B018  checks the folder itself first
             folder = safe_join(self.root, Path(self.spec.masks) / image_id, "mask folder")
             if folder.is_dir():
-                valid = set(self.classes)
+                valid = set(self.classes) | ({self.void} if self.void is not None else set())
                 strays = sorted(p.name for p in folder.iterdir()
                                 if p.suffix.lower() == ".png" and p.stem not in valid and not p.name.startswith("."))
                 if strays:
@@ -115,13 +163,15 @@ class MaskFoldersAdapter(FolderAdapter):
             for k, c in enumerate(self.classes):
                 path = self.mask_path(image_id, c)
                 if path.is_file():
-                    mask[k] = binary_values(self._checked(read_mask_png(path), path, image_id), path)
+                    mask[k] = binary_values(self._read(path, image_id), path)
             return resize_mask(mask, size)
         path = self.mask_path(image_id)
         if not path.is_file():
             raise DataError(f"{path}: mask file not found for image {image_id!r} "
                             f"(mask_mode {mode}: masks/<id>.png)")
-        arr = self._checked(read_mask_png(path), path, image_id)
+        arr = self._read(path, image_id)
+        if self.void is not None:  # void pixels are no class: background in the mask, the ignore region apart
+            arr = np.where(arr == self.void, 0, arr)
         if mode == "binary":
             mask = binary_values(arr, path)[None]
         else:

@@ -4,9 +4,11 @@ albumentations transforms one sample at a time; these need two images of a batch
 ``Engine.train_epoch`` on each training batch once it is on the device, before the forward pass.
 
 Conventions (as ``competition.losses``): images ``x`` float (B, C_in, H, W); targets uint8
-(B, C, h, w) for multilabel or int64 (B, h, w) class indices (0 = background) for multiclass. The
-target may be at a larger resolution than the image (``model.output_scale``); boxes and regions are
-scaled between the two.
+(B, C, h, w) for multilabel or int64 (B, h, w) class indices (0 = background) for multiclass, with
+``IGNORE_INDEX`` (255) at ignored pixels (``competition.data.dataset``): mixed targets carry it
+along (a pasted region brings its own labels, ignored pixels included), and only a pixel labelled 1
+(multilabel) or with the class's index counts as a class pixel. The target may be at a larger
+resolution than the image (``model.output_scale``); boxes and regions are scaled between the two.
 
 A mixed batch carries a list of weighted targets ``[(weight, y), ...]``: the loss is
 ``sum_k weight_k * loss(out, y_k)`` (:func:`mixed_loss`). Without mixup it is ``[(1.0, y)]``, and
@@ -135,7 +137,7 @@ def cutmix(x: torch.Tensor, y, alpha: float = 1.0, g: torch.Generator | None = N
 def _region(y0: torch.Tensor, task: str, classes: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) bool (multilabel: the chosen channels) or (B, h, w) bool (multiclass: any chosen index)."""
     if task == "multilabel":
-        return y0[:, classes.to(y0.device)] > 0
+        return y0[:, classes.to(y0.device)] == 1  # not IGNORE_INDEX
     return torch.isin(y0, (classes + 1).to(y0.device))
 
 
@@ -254,7 +256,7 @@ class BatchMixer:
         if rare is None:  # no training set to count on: the batch's own presence
             C = len(self.classes)
             if self.task == "multilabel":
-                pres = (y.flatten(2) > 0).any(-1)
+                pres = (y.flatten(2) == 1).any(-1)
             else:
                 pres = torch.stack([(y == k + 1).flatten(1).any(1) for k in range(C)], 1)
             rare = rare_classes(pres.cpu().numpy(), self.rare_quantile)

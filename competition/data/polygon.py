@@ -7,6 +7,8 @@
 Several polygons may share a label (they are unioned); classes overlap. Polygons are rasterized
 directly at the requested size with scaled sub-pixel coordinates, which is both faster and sharper
 than rasterizing 29 full-size channels and resizing them (the hand-bone teams' usual path).
+Many-polygon label files are rasterised once per size and read back from the polygon mask cache
+(:mod:`competition.data.polycache`).
 """
 from __future__ import annotations
 
@@ -144,26 +146,50 @@ class PolygonJsonAdapter(Adapter):
         spec = self.cfg.polygon_json
         return safe_join(self.root, Path(spec.train_labels) / f"{image_id}.json", "label file")
 
-    def polygons(self, image_id: str) -> list[tuple[int, np.ndarray]]:
-        """(class index, (k, 2) float64 points in image pixels) per annotation, validated."""
+    def polygons(self, image_id: str, void: bool = False) -> list[tuple[int, np.ndarray]]:
+        """(class index, (k, 2) float64 points in image pixels) per annotation, validated; ``void``: the
+        void polygons (label ``ignore.value``) instead, each as class 0."""
         path = self.label_path(image_id)
         if not path.is_file():
             raise DataError(f"{path}: label file not found for image {image_id!r}")
         anns = _annotations(path)
         h, w = self.image_size(image_id)
         index = {c: k for k, c in enumerate(self.classes)}
+        void_label = self._void_label()
         out = []
         for n, ann in enumerate(anns):
             label = ann.get("label") if isinstance(ann, dict) else None
-            if not isinstance(label, str) or label not in index:  # a list label would not even hash
+            is_void = void_label is not None and label == void_label
+            if not is_void and (not isinstance(label, str) or label not in index):  # a list label would not even hash
                 raise DataError(f"{path}: annotation {n} has unknown label {label!r}; "
                                 f"valid: {', '.join(self.classes)}")
             pts = _points(ann.get("points"), f"{path}: annotation {n} ({label})")
             if (pts < 0).any() or (pts[:, 0] > w).any() or (pts[:, 1] > h).any():
                 raise DataError(f"{path}: annotation {n} ({label}) has points outside the {w}x{h} image "
                                 f"(x in [0, {w}], y in [0, {h}] expected)")
-            out.append((index[label], pts))
+            if is_void == void:
+                out.append((0 if is_void else index[label], pts))
         return out
+
+    def _void_label(self) -> str | None:
+        """``ignore.value``: the label of the void polygons (not a class)."""
+        if self.cfg.ignore is None:
+            return None
+        v = str(self.cfg.ignore.value)
+        if v in self.classes:
+            from competition.config import ConfigError
+            raise ConfigError(f"{self.cfg.name}: ignore.value {v!r} is a class name; it names the label of "
+                              f"the void polygons, so it must differ from every class")
+        return v
+
+    def void_region(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The union of the image's void polygons, rasterised as class polygons are."""
+        src = self.image_size(image_id)
+        dst = (int(size[0]), int(size[1])) if size else src
+        void = self._mask_cache.load(image_id, self.label_path(image_id), src, dst,
+                                     lambda: rasterize(self.polygons(image_id, void=True), src, dst, 1),
+                                     kind="void", channels=1)
+        return void[0].astype(bool)
 
     def presence(self, image_id: str) -> np.ndarray:
         out = np.zeros(len(self.classes), bool)
@@ -172,4 +198,16 @@ class PolygonJsonAdapter(Adapter):
 
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
         src = self.image_size(image_id)
-        return rasterize(self.polygons(image_id), src, size or src, len(self.classes))
+        dst = (int(size[0]), int(size[1])) if size else src
+        return self._mask_cache.load(image_id, self.label_path(image_id), src, dst,
+                                     lambda: self._rasterize_mask(image_id, src, dst))
+
+    # -- the polygon mask cache (competition.data.polycache) ------------------------------------
+    @cached_property
+    def _mask_cache(self):
+        from competition.data.polycache import PolygonMaskCache
+        return PolygonMaskCache(self.cfg, Path(__file__))
+
+    def _rasterize_mask(self, image_id: str, src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
+        """The uncached mask: the label file parsed and validated, its polygons rasterised at ``dst``."""
+        return rasterize(self.polygons(image_id), src, dst, len(self.classes))

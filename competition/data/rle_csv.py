@@ -37,6 +37,7 @@ from competition.data.folder import FolderAdapter, _few, groups_from_table, requ
 from competition.rle import decode, validate
 
 EMPTY_RLE = ("", "-1")  # cells that mean "no pixels"
+VOID = -2  # the class index of an ``ignore.value`` row: its runs are the image's void region
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class _Index:
     table: pd.DataFrame  # the CSV with its id column normalised into "id" (extension stripped)
     rows: dict[str, np.ndarray]  # id -> positions in rle/cls/line of its non-empty rows
     rle: np.ndarray  # object array of RLE strings (non-empty rows only)
-    cls: np.ndarray  # class index per non-empty row
+    cls: np.ndarray  # class index per non-empty row (VOID: an ignore.value row)
     line: np.ndarray  # CSV line (header = 1) per non-empty row
     presence: np.ndarray  # (N, C) bool over the training ids
 
@@ -81,12 +82,16 @@ class RleCsvAdapter(FolderAdapter):
             cls = np.zeros(len(df), np.int64)
         else:
             names = df[spec.class_column].astype(str).str.strip()
-            cls = pd.Index(self.classes).get_indexer(names).astype(np.int64)  # -1: unknown
-            bad = np.flatnonzero(cls < 0)
+            values = self.cfg.class_values  # rle_csv.class_values (a numeric ClassId), else the names
+            cls = pd.Index(values).get_indexer(names).astype(np.int64)  # -1: unknown
+            cls[self._void_rows(names)] = VOID
+            bad = np.flatnonzero(cls == -1)
             if len(bad):
                 rows = [f"{names.iloc[r]!r} (line {line[r]})" for r in bad]
-                raise DataError(f"{path}: unknown class name(s) in column {spec.class_column!r}: {_few(rows)}; "
-                                f"valid: {', '.join(self.classes)}")
+                valid = ", ".join(v if v == c else f"{v} ({c})" for v, c in zip(values, self.classes))
+                what = "value(s) (rle_csv.class_values)" if spec.class_values else "name(s)"
+                raise DataError(f"{path}: unknown class {what} in column {spec.class_column!r}: {_few(rows)}; "
+                                f"valid: {valid}")
 
         listed = self._train
         known = ids.isin(pd.Index(list(listed))).to_numpy()
@@ -107,12 +112,25 @@ class RleCsvAdapter(FolderAdapter):
         kept_ids = ids.to_numpy(dtype=object)[keep]
         rows = pd.DataFrame({"id": kept_ids}).groupby("id", sort=False).indices
         presence = np.zeros((len(listed), len(self.classes)), bool)
-        presence[pd.Index(list(listed)).get_indexer(kept_ids), cls[keep]] = True
+        labelled = cls[keep] >= 0  # void rows mark no class
+        presence[pd.Index(list(listed)).get_indexer(kept_ids)[labelled], cls[keep][labelled]] = True
 
         table = df.drop(columns=[c for c in (spec.id_column, "id") if c in df.columns])
         table.insert(0, "id", ids.to_numpy(dtype=object))
         return _Index(path=path, table=table, rows=rows, rle=rle.to_numpy(dtype=object)[keep], cls=cls[keep],
                       line=line[keep], presence=presence)
+
+    def _void_rows(self, names: pd.Series) -> np.ndarray:
+        """(rows,) bool: the train CSV rows whose class cell is ``ignore.value`` (the void region)."""
+        if self.cfg.ignore is None:
+            return np.zeros(len(names), bool)
+        v = str(self.cfg.ignore.value).strip()
+        if v in self.cfg.class_values:
+            from competition.config import ConfigError
+            raise ConfigError(f"{self.cfg.name}: ignore.value {v!r} is also a class value; the rows whose "
+                              f"{self.spec.class_column!r} is ignore.value are the void region, so it must "
+                              f"differ from every class")
+        return (names == v).to_numpy()
 
     # -- groups and metadata ----------------------------------------------------------------------
     def column_groups(self) -> dict[str, str]:
@@ -163,7 +181,8 @@ class RleCsvAdapter(FolderAdapter):
     def _rle_error(self, r: int, image_id: str, e: Exception) -> DataError:
         idx = self._index
         h, w = self.image_size(image_id)
-        return DataError(f"{idx.path} line {idx.line[r]} (id {image_id!r}, class {self.classes[idx.cls[r]]!r}): "
+        name = self.classes[idx.cls[r]] if idx.cls[r] >= 0 else f"{self.cfg.ignore.value} (ignore.value)"
+        return DataError(f"{idx.path} line {idx.line[r]} (id {image_id!r}, class {name!r}): "
                          f"malformed RLE for the {w}x{h} image {self.image_path(image_id).name} ({e}); expected "
                          f"'start length ...' pairs, 1-based, {self.spec.pixel_order}")
 
@@ -173,9 +192,23 @@ class RleCsvAdapter(FolderAdapter):
         h, w = self.image_size(image_id)
         mask = np.zeros((len(self.classes), h, w), np.uint8)
         for r in idx.rows.get(image_id, ()):
-            try:
-                m = decode(idx.rle[r], (h, w), order=self.spec.pixel_order)
-            except ValueError as e:  # RLEError and anything else the decoder rejects
-                raise self._rle_error(r, image_id, e) from None
-            mask[idx.cls[r]] |= (m != 0)
+            if idx.cls[r] >= 0:
+                mask[idx.cls[r]] |= self._decoded(r, image_id, (h, w))
         return resize_mask(mask, size)
+
+    def _decoded(self, r: int, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+        try:
+            return decode(self._index.rle[r], shape, order=self.spec.pixel_order) != 0
+        except ValueError as e:  # RLEError and anything else the decoder rejects
+            raise self._rle_error(r, image_id, e) from None
+
+    def void_region(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The union of the image's ``ignore.value`` rows."""
+        idx = self._index
+        self.image_path(image_id)
+        shape = self.image_size(image_id)
+        void = np.zeros((1, *shape), np.uint8)
+        for r in idx.rows.get(image_id, ()):
+            if idx.cls[r] == VOID:
+                void[0] |= self._decoded(r, image_id, shape)
+        return resize_mask(void, size)[0].astype(bool)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from competition.metrics import pair_metric
 from competition import locks, paths
 from competition.config import ConfigError, load_competition, load_experiment
 from competition.data.adapters import make_adapter
@@ -125,12 +126,12 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
         log(f"search view: {ev.uncertain / max(total, 1):.1%} of pixels can change with the weights")
         areas = original_areas(views[0], adapter)
         out = nested.evaluate(
-            ev, views, truth, views[0].fold_of, comp.metric.empty_score, method=method, per_class=per_class,
+            ev, views, truth, views[0].fold_of, pair_metric(comp.metric), method=method, per_class=per_class,
             steps=steps, trials=trials, postprocess=postprocess_, rules=postprocess.candidate_rules(areas),
             scale=np.prod(truth.size) / areas, nested=nested_cv, budget_bytes=budget, log=log)
         weights = {pk: plan.weights for pk, plan in out.plans.items() if pk[0] in nested.CANDIDATES}
         images = native.Images(views, adapter, views[0].ids)
-        nat = native.evaluate(images, weights, views[0].fold_of, comp.task, comp.metric.empty_score,
+        nat = native.evaluate(images, weights, views[0].fold_of, comp.task, pair_metric(comp.metric),
                               postprocess=postprocess_, rules=postprocess.candidate_rules(areas), log=log)
         chosen, why = choose(nat, force_blend)
         rec = recipe.build(name, comp, folds_sha, exps, views, checkpoints, out, nat, chosen, why,
@@ -142,7 +143,7 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
         from competition import tracking  # W&B run (offline by default; never fatal) if any member tracks
         from competition.config import to_plain
         tracking.log_ensemble(to_plain(rec), {c: v["in_sample"] for c, v in rec.scores["per_class"].items()},
-                              enabled=any(e.tracking.wandb for e in exps), project=exps[0].tracking.project)
+                              (yaml_path, md_path), exps[0].tracking, enabled=any(e.tracking.wandb for e in exps))
         for line in recipe.summary(rec):
             log(line)
         log(f"wrote {yaml_path.relative_to(paths.project())} and {md_path.relative_to(paths.project())}")

@@ -30,7 +30,7 @@ from competition.config import PostProcess
 from competition.ensemble import postprocess as pp
 from competition.ensemble.blend import LEVELS, normalized, threshold_table, threshold_value, truth_labels
 from competition.ensemble.thresholds import at_levels, choose_levels
-from competition.metrics import dice_from_counts
+from competition.metrics import PairMetric, score_counts
 from competition.predict.infer import binarize, blend, to_size
 from competition.predict.submit import postprocess as apply_rule
 
@@ -71,6 +71,15 @@ class Images:
         for i, image_id in enumerate(self.ids):
             rows = [torch.from_numpy(m.read(i, i + 1)[0]) for m in self.members]
             yield i, rows, native_truth(self.adapter, image_id, self.task)
+
+    def keep(self, i: int) -> np.ndarray | None:
+        """(H, W) bool: the pixels of image ``i`` the metric counts, or None for all of them. With
+        ``ignore.metric: exclude`` the ignored pixels are left out (the truth has no class there, so
+        leaving them out = dropping the predictions there); the submission itself is not changed."""
+        ig = getattr(getattr(self.adapter, "cfg", None), "ignore", None)
+        if ig is None or ig.metric != "exclude":
+            return None
+        return ~self.adapter.load_ignore(self.ids[i])
 
 
 def _chunks(n_classes: int, hw: int, task: str) -> list[tuple[int, int]]:
@@ -117,7 +126,7 @@ def native_masks(rows: list[torch.Tensor], w: torch.Tensor, thresholds: torch.Te
 
 
 def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rules: dict, task: str,
-               empty: float) -> np.ndarray:
+               metric: "PairMetric | float") -> np.ndarray:
     """(N, C) Dice of a plan through the mask path."""
     w = member_weights(weights)
     t = torch.as_tensor(thresholds, dtype=torch.float32)
@@ -126,16 +135,18 @@ def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rul
     out = np.empty((len(images), C))
     for i, rows, truth in images:
         m = native_masks(rows, w, t, rl, task, truth.shape[1:]).view(bool)
+        if (keep := images.keep(i)) is not None:
+            m = m & keep
         flat_m, flat_t = m.reshape(C, -1), truth.reshape(C, -1)
         inter = np.array([np.count_nonzero(np.logical_and(flat_m[c], flat_t[c])) for c in range(C)])
-        out[i] = dice_from_counts(inter, np.count_nonzero(flat_m, 1), np.count_nonzero(flat_t, 1), empty)
+        out[i] = score_counts(inter, np.count_nonzero(flat_m, 1), np.count_nonzero(flat_t, 1), metric)
     return out
 
 
 # --------------------------------------------------------------------------------------------- #
 # Choosing at native resolution
 # --------------------------------------------------------------------------------------------- #
-def curves(images: Images, blends: list[np.ndarray], task: str, empty: float, log=print):
+def curves(images: Images, blends: list[np.ndarray], task: str, metric: "PairMetric | float", log=print):
     """(per blend: (N, C, 256) Dice at every level, or (N, C, 1) for multiclass; truth sums (N, C))."""
     N = len(images)
     table = threshold_table()
@@ -150,22 +161,24 @@ def curves(images: Images, blends: list[np.ndarray], task: str, empty: float, lo
             tsum = np.zeros((N, C), np.int64)
         flat_t = truth.reshape(C, -1)
         tsum[i] = np.count_nonzero(flat_t, axis=1)
+        keep = images.keep(i)
+        keep = None if keep is None else keep.reshape(-1)
         for j, w in enumerate(ws):
             blended = blend(rows, w)
             for c0, c1 in _chunks(C, size[0] * size[1], task):
                 p = probs_chunk(blended, c0, c1, size).numpy()
                 if task == "multilabel":
                     for c in range(c0, c1):  # a 512-bin histogram per class: level x truth
-                        key = levels_of(p[c - c0], table).astype(np.uint16) * 2 + truth[c]
-                        h = np.bincount(key.reshape(-1), minlength=LEVELS * 2).reshape(LEVELS, 2)
+                        key = (levels_of(p[c - c0], table).astype(np.uint16) * 2 + truth[c]).reshape(-1)
+                        h = np.bincount(key if keep is None else key[keep], minlength=LEVELS * 2).reshape(LEVELS, 2)
                         inter = np.cumsum(h[::-1, 1])[::-1]
                         pred = np.cumsum(h[::-1].sum(-1))[::-1]
-                        out[j][i, c] = dice_from_counts(inter, pred, tsum[i, c], empty)
+                        out[j][i, c] = score_counts(inter, pred, tsum[i, c], metric)
                 else:
                     m = binarize(torch.from_numpy(p), task, torch.zeros(c1 - c0)).numpy().view(bool)
-                    fm = m.reshape(c1 - c0, -1)
+                    fm = m.reshape(c1 - c0, -1) if keep is None else m.reshape(c1 - c0, -1) & keep
                     inter = np.array([np.count_nonzero(fm[k] & flat_t[c0 + k]) for k in range(c1 - c0)])
-                    out[j][i, c0:c1, 0] = dice_from_counts(inter, np.count_nonzero(fm, 1), tsum[i, c0:c1], empty)
+                    out[j][i, c0:c1, 0] = score_counts(inter, np.count_nonzero(fm, 1), tsum[i, c0:c1], metric)
         if i == 0 or (i + 1) % 50 == 0:
             log(f"  native thresholds: image {i + 1}/{N} ({time.time() - t0:.1f}s)")
     return out, tsum
@@ -192,7 +205,8 @@ def components(images: Images, configs: list[tuple[np.ndarray, np.ndarray]], tas
         size = truth.shape[1:]
         if shared is None:
             # (blend, class, level) -> stats lists; a config reads its (blend, c, level[c]) entry.
-            shared = {(blend_of[j], c, int(configs[j][1][c])): ([], [], []) for j in range(len(configs)) for c in range(C)}
+            shared = {(blend_of[j], c, int(configs[j][1][c])): ([], [], [], []) for j in range(len(configs)) for c in range(C)}
+        keep = images.keep(i)
         for b, w in blend_w.items():
             wanted = sorted({(c, lv) for (bb, c, lv) in shared if bb == b})
             if not wanted:
@@ -204,20 +218,23 @@ def components(images: Images, configs: list[tuple[np.ndarray, np.ndarray]], tas
                     if not c0 <= c < c1:
                         continue
                     m = (p[c - c0] >= np.float32(threshold_value(lv))).view(np.uint8)
-                    _add_components(shared[(b, c, lv)], m, truth[c], i)
+                    _add_components(shared[(b, c, lv)], m, truth[c], i, keep)
     C = len(configs[0][1]) if configs else 0
-    return [[_joined(shared[(blend_of[j], c, int(configs[j][1][c]))]) if shared else _joined(([], [], []))
+    return [[_joined(shared[(blend_of[j], c, int(configs[j][1][c]))]) if shared else _joined(([], [], [], []))
              for c in range(C)] for j in range(len(configs))]
 
 
-def _add_components(acc, mask: np.ndarray, truth: np.ndarray, i: int) -> None:
+def _add_components(acc, mask: np.ndarray, truth: np.ndarray, i: int, keep: np.ndarray | None = None) -> None:
+    """Append each component's image, area, true pixels and scored pixels (those in ``keep``: the
+    metric's; a rule still judges the whole area, as the submission's post-processing does)."""
     if not mask.any():
         return
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    img, area, inter = acc
+    img, area, inter, scored = acc
     img.append(np.full(n - 1, i, np.int64))
     area.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
     inter.append(np.bincount(labels[truth], minlength=n)[1:].astype(np.int64))
+    scored.append(area[-1] if keep is None else np.bincount(labels[keep], minlength=n)[1:].astype(np.int64))
 
 
 def _joined(acc) -> pp.Components:
@@ -231,11 +248,12 @@ def _components_whole(images: Images, configs, task: str) -> list[list[pp.Compon
     for i, rows, truth in images:
         C = truth.shape[0]
         if acc is None:
-            acc = [[([], [], []) for _ in range(C)] for _ in configs]
+            acc = [[([], [], [], []) for _ in range(C)] for _ in configs]
+        keep = images.keep(i)
         for j, w in enumerate(ws):
             masks = native_masks(rows, w, t, [None] * C, task, truth.shape[1:])
             for c in range(C):
-                _add_components(acc[j][c], masks[c], truth[c], i)
+                _add_components(acc[j][c], masks[c], truth[c], i, keep)
     C = len(acc[0]) if acc else 0
     return [[_joined(acc[j][c]) for c in range(C)] for j in range(len(configs))]
 
@@ -267,7 +285,7 @@ def _key(w: np.ndarray, *more) -> bytes:
     return b"|".join([member_weights(w).numpy().tobytes(), *(np.ascontiguousarray(a).tobytes() for a in more)])
 
 
-def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, empty: float, *,
+def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metric: "PairMetric | float", *,
              postprocess: bool, rules: list[PostProcess], candidates=("search", "single", "equal"),
              log=print) -> NativeOutcome:
     """Re-choose thresholds and post-processing at native size for every plan's weights, and score.
@@ -283,7 +301,7 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, empt
     for w in weights.values():
         distinct.setdefault(_key(w), w)
     log(f"native resolution: {N} images, {len(distinct)} distinct blend(s)")
-    curve_list, tsum = curves(images, list(distinct.values()), task, empty, log)
+    curve_list, tsum = curves(images, list(distinct.values()), task, metric, log)
     curve_of = dict(zip(distinct, curve_list))
     levels = {pk: choose_levels(curve_of[_key(w)], subsets[pk[1]]) for pk, w in weights.items()}
     dice = {pk: at_levels(curve_of[_key(w)], levels[pk]) for pk, w in weights.items()}
@@ -295,9 +313,9 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, empt
         log(f"native resolution: components of {len(configs)} configuration(s)")
         comps = dict(zip(configs, components(images, list(configs.values()), task)))
         for pk, w in weights.items():
-            r, inter, pred = pp.choose(comps[_key(w, levels[pk])], tsum, subsets[pk[1]], rules, np.ones(N), empty)
+            r, inter, pred = pp.choose(comps[_key(w, levels[pk])], tsum, subsets[pk[1]], rules, np.ones(N), metric)
             chosen[pk] = r
-            dice[pk] = dice_from_counts(inter, pred, tsum, empty)
+            dice[pk] = score_counts(inter, pred, tsum, metric)
     out = NativeOutcome({pk: NativePlan(w, levels[pk], chosen[pk], dice[pk]) for pk, w in weights.items()})
     procs = list(candidates) + ["ensemble"]
     for k in keys:  # "ensemble": the candidate best on the images its selection set may look at
@@ -350,7 +368,11 @@ def write_truth_csv(path, adapter, ids: list[str], comp) -> int:
         for i in ids:
             m = native_truth(adapter, i, comp.task)
             sid = adapter.submission_id(i, "train")
-            for c, name in enumerate(comp.classes):
-                out.writerow([sid, name, rle.encode(m[c] > 0, spec.pixel_order), m.shape[1], m.shape[2]])
+            for c, value in enumerate(comp.class_values):  # the competition's class values, as submissions
+                out.writerow([sid, value, rle.encode(m[c] > 0, spec.pixel_order), m.shape[1], m.shape[2]])
+                n += 1
+            if comp.ignore is not None:  # the void region, one row per image, as the scorer reads it
+                ign = adapter.load_ignore(i)
+                out.writerow([sid, str(comp.ignore.value), rle.encode(ign, spec.pixel_order), *ign.shape])
                 n += 1
     return n

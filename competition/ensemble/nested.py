@@ -22,7 +22,7 @@ from competition.config import PostProcess
 from competition.ensemble import postprocess as pp
 from competition.ensemble import search as srch
 from competition.ensemble.thresholds import at_levels, choose_levels, curves
-from competition.metrics import dice_from_counts
+from competition.metrics import PairMetric, score_counts
 
 PROCEDURES = ("ensemble", "search", "single", "equal")
 CANDIDATES = ("search", "single", "equal")  # "ensemble" picks the best of these
@@ -54,7 +54,7 @@ def _key(w: np.ndarray, *more) -> bytes:
                       *(np.ascontiguousarray(x).tobytes() for x in more)])
 
 
-def evaluate(ev, members: list, truth, fold_of: np.ndarray, empty: float, *, method: str = "caruana",
+def evaluate(ev, members: list, truth, fold_of: np.ndarray, metric: "PairMetric | float", *, method: str = "caruana",
              per_class: bool = False, steps: int = 50, trials: int = 100, postprocess: bool = True,
              rules: list[PostProcess] | None = None, scale: np.ndarray | None = None, nested: bool = True,
              budget_bytes: int = 128 << 20, log=print) -> Outcome:
@@ -67,21 +67,21 @@ def evaluate(ev, members: list, truth, fold_of: np.ndarray, empty: float, *, met
     for k in keys:
         sub = subsets[k]
         if method == "caruana":
-            res = srch.caruana(ev, sub, empty, per_class=per_class, steps=steps)
+            res = srch.caruana(ev, sub, metric, per_class=per_class, steps=steps)
         elif method == "optuna":
-            res = srch.optuna_weights(ev, sub, empty, per_class=per_class, trials=trials)
+            res = srch.optuna_weights(ev, sub, metric, per_class=per_class, trials=trials)
         else:
             raise ValueError(f"unknown search method {method!r}; expected caruana or optuna")
         in_sample_search = res if k is None else in_sample_search
         weights[("search", k)] = res.weights
-        weights[("single", k)] = srch.best_single(ev, sub, empty).weights
+        weights[("single", k)] = srch.best_single(ev, sub, metric).weights
         weights[("equal", k)] = np.ones((ev.n_classes, ev.n_members), np.int64)
     log(f"weights chosen for {len(keys)} selection set(s) (in-sample + {len(keys) - 1} nested folds)")
 
     distinct = {}
     for w in weights.values():
         distinct.setdefault(_key(w), w)
-    curve_list = curves(members, truth, list(distinct.values()), task, empty, budget_bytes)
+    curve_list = curves(members, truth, list(distinct.values()), task, metric, budget_bytes)
     curve_of = dict(zip(distinct, curve_list))
     levels = {pk: choose_levels(curve_of[_key(w)], subsets[pk[1]]) for pk, w in weights.items()}
     dice = {pk: at_levels(curve_of[_key(w)], levels[pk]) for pk, w in weights.items()}
@@ -96,9 +96,9 @@ def evaluate(ev, members: list, truth, fold_of: np.ndarray, empty: float, *, met
         rules = rules if rules is not None else []
         scale = np.ones(N) if scale is None else scale
         for pk, w in weights.items():
-            r, inter, pred = pp.choose(comps[_key(w, levels[pk])], ev.truth_sum, subsets[pk[1]], rules, scale, empty)
+            r, inter, pred = pp.choose(comps[_key(w, levels[pk])], ev.truth_sum, subsets[pk[1]], rules, scale, metric)
             chosen_rules[pk] = r
-            dice[pk] = dice_from_counts(inter, pred, ev.truth_sum, empty)
+            dice[pk] = score_counts(inter, pred, ev.truth_sum, metric)
         log(f"post-processing evaluated for {len(configs)} configuration(s)")
 
     plans = {pk: Plan(weights[pk], pk[0], levels[pk], chosen_rules[pk], dice[pk]) for pk in weights}
@@ -106,7 +106,7 @@ def evaluate(ev, members: list, truth, fold_of: np.ndarray, empty: float, *, met
         best = max(CANDIDATES, key=lambda p: (plans[(p, k)].dice[subsets[k]].mean(), p == "search"))
         plans[("ensemble", k)] = plans[(best, k)]
     out = Outcome(plans, fold_of, in_sample_search,
-                  srch.singles(ev, np.ones(N, bool), empty).mean(1))
+                  srch.singles(ev, np.ones(N, bool), metric).mean(1))
     for proc in PROCEDURES:
         out.in_sample[proc] = float(plans[(proc, None)].dice.mean())
         if len(keys) > 1:

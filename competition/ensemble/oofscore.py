@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from competition.metrics import pair_metric
 from competition import locks, paths
 from competition.config import ConfigError, atomic_write_text
 from competition.ensemble.blend import blend_labels, threshold_level, threshold_value, truth_labels
 from competition.ensemble.compact import chunk_images
-from competition.metrics import dice_per_class
+from competition.metrics import PairMetric, scores_per_class
 
 
 def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identity",), scales=(1.0,),
@@ -40,21 +41,56 @@ def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identi
     return made
 
 
-def per_image(view, truth, task: str, level: int, empty: float, budget_bytes: int = 128 << 20) -> np.ndarray:
-    """(N, C) Dice of one experiment's OOF at ``probs >= level`` (multilabel) or argmax (multiclass)."""
+def per_image(view, truth, task: str, level: int, metric: "PairMetric | float", budget_bytes: int = 128 << 20,
+              ignore=None) -> np.ndarray:
+    """(N, C) scores of one experiment's OOF at ``probs >= level`` (multilabel) or argmax (multiclass),
+    by the competition's per-pair metric. ``ignore``: :func:`competition.oof.ignore_view` - pixels no
+    prediction counts at (the truth has none there), i.e. left out of the score."""
+    out = np.empty((len(view), len(view.classes)))
+    for s, e, pred, T in _masks(view, truth, task, level, budget_bytes, ignore):
+        out[s:e] = scores_per_class(pred, T, metric)
+    return out
+
+
+def report_metrics(view, truth, task: str, level: int, spec, budget_bytes: int = 128 << 20, ignore=None) -> dict:
+    """``metric.report`` at the OOF size: name -> mean (f1_at_iou: over classes of the per-class F1)."""
+    from competition import metrics
+    wanted = [n for n in spec.report if n != spec.name]
+    if not wanted:
+        return {}
+    N, C = len(view), len(view.classes)
+    counts = [np.empty((N, C), np.int64) for _ in range(3)]
+    hd = np.empty((N, C))
+    for s, e, pred, T in _masks(view, truth, task, level, budget_bytes, ignore):
+        for arr, v in zip(counts, metrics._pair_counts(pred, T)):
+            arr[s:e] = v
+        if "hausdorff95" in wanted:
+            hd[s:e] = [[metrics.hausdorff95(pred[i, c], T[i, c]) for c in range(C)] for i in range(e - s)]
+    out = {}
+    for name in wanted:
+        if name == "f1_at_iou":
+            out[name] = metrics.f1_at_iou(*counts, spec.iou_threshold, spec.empty_score)["mean"]
+        elif name == "hausdorff95":
+            out[name] = float(hd.mean())
+        else:
+            out[name] = float(metrics.metric_info(name).from_counts(*counts, spec.empty_score).mean())
+    return out
+
+
+def _masks(view, truth, task: str, level: int, budget_bytes: int, ignore):
+    """(start, end, predicted masks, truth masks) per chunk of images, both (n, C, h, w) bool-like."""
     N, C = len(view), len(view.classes)
     B = chunk_images(C, int(np.prod(view.size)), 4, budget_bytes)
-    out = np.empty((N, C))
     for s in range(0, N, B):
         e = min(N, s + B)
         P, T = view.read(s, e), truth.read(s, e)
+        keep = None if ignore is None else ~ignore.read(s, e)[:, None]
         if task == "multilabel":
-            out[s:e] = dice_per_class(P >= level, T, empty)
+            yield s, e, (P >= level if keep is None else (P >= level) & keep), T
         else:
             k = np.arange(1, C + 1, dtype=np.uint8).reshape(1, C, 1, 1)
             lab = blend_labels([P], np.ones((C, 1), np.int64))[:, None]
-            out[s:e] = dice_per_class(lab == k, truth_labels(T)[:, None] == k, empty)
-    return out
+            yield s, e, (lab == k if keep is None else (lab == k) & keep), truth_labels(T)[:, None] == k
 
 
 def report(exp_name: str, view, scores: np.ndarray, level: int, task: str, native: np.ndarray | None,
@@ -97,7 +133,7 @@ def native_scores(exp, comp, adapter, view, csv: str | None = None) -> np.ndarra
     thresholds = [exp.train.threshold] * len(comp.classes)
     if csv:
         native.write_csv(csv, images, w, thresholds, {}, comp)
-    return native.score_plan(images, w, thresholds, {}, comp.task, comp.metric.empty_score)
+    return native.score_plan(images, w, thresholds, {}, comp.task, pair_metric(comp.metric))
 
 
 def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = False, top: int = 20,
@@ -126,7 +162,9 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
     truth = store.truth_cache(comp, adapter, view.ids, view.size, file_hash(paths.folds_file(comp.name)), log=log)
     # The same binarisation as training's OOF score in metrics.json (one threshold -> level rule).
     level = threshold_level(exp.train.threshold)
-    scores = per_image(view, truth, comp.task, level, comp.metric.empty_score)
+    from competition.oof import ignore_view
+    scores = per_image(view, truth, comp.task, level, pair_metric(comp.metric),
+                       ignore=ignore_view(comp, adapter, view.ids, view.size))
     nat = native_scores(exp, comp, adapter, view, csv) if (native_cv or csv) else None
     if truth_csv:
         from competition.ensemble.native import write_truth_csv

@@ -24,7 +24,7 @@ import numpy as np
 from competition.config import PostProcess
 from competition.ensemble.blend import blend_labels, blend_levels, truth_labels
 from competition.ensemble.compact import chunk_images
-from competition.metrics import dice_from_counts
+from competition.metrics import PairMetric, score_counts
 
 AREA_FRACTIONS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
@@ -43,6 +43,7 @@ class Components:
     image: np.ndarray
     area: np.ndarray
     inter: np.ndarray
+    scored: np.ndarray | None = None  # pixels the metric counts (ignore.metric exclude); None: the area
 
 
 def components(members: list, truth, configs: list[tuple[np.ndarray, np.ndarray]], task: str,
@@ -88,7 +89,8 @@ def rule_counts(comp: Components, rule: PostProcess | None, scale: np.ndarray, n
     if rule is not None and rule.min_area:
         keep &= comp.area >= rule.min_area * scale[comp.image]
     inter = np.bincount(comp.image[keep], weights=comp.inter[keep], minlength=n_images)
-    pred = np.bincount(comp.image[keep], weights=comp.area[keep], minlength=n_images)
+    counted = comp.area if comp.scored is None else comp.scored
+    pred = np.bincount(comp.image[keep], weights=counted[keep], minlength=n_images)
     return inter.astype(np.int64), pred.astype(np.int64)
 
 
@@ -103,20 +105,20 @@ def accept(before: np.ndarray, after: np.ndarray, c: int, tol: float = 1e-12) ->
 
 
 def choose(comps: list[Components], truth_sum: np.ndarray, subset: np.ndarray, rules: list[PostProcess],
-           scale: np.ndarray, empty: float) -> tuple[dict[int, PostProcess], np.ndarray, np.ndarray]:
+           scale: np.ndarray, metric: "PairMetric | float") -> tuple[dict[int, PostProcess], np.ndarray, np.ndarray]:
     """Pick each class's best accepted rule on the subset; -> (rules by class, inter, pred (N, C) after)."""
     N, C = truth_sum.shape
     inter, pred = np.zeros((N, C), np.int64), np.zeros((N, C), np.int64)
     for c in range(C):
         inter[:, c], pred[:, c] = rule_counts(comps[c], None, scale, N)
-    before = dice_from_counts(inter, pred, truth_sum, empty)[subset].mean(0)
+    before = score_counts(inter, pred, truth_sum, metric)[subset].mean(0)
     chosen = {}
     for c in range(C):
         best = None
         for rule in rules:
             ic, pc = rule_counts(comps[c], rule, scale, N)
             after = before.copy()
-            after[c] = dice_from_counts(ic, pc, truth_sum[:, c], empty)[subset].mean()
+            after[c] = score_counts(ic, pc, truth_sum[:, c], metric)[subset].mean()
             if accept(before, after, c) and (best is None or after[c] > best[0] + 1e-12):
                 best = (after[c], rule, ic, pc)
         if best is not None:

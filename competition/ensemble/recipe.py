@@ -95,6 +95,7 @@ def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict,
         else [0.5] * len(comp.classes),
         "postprocess": {comp.classes[c]: r.model_dump(exclude_defaults=True) for c, r in sorted(plan.rules.items())},
         "oof_size": list(oof_size), "scores": scores,
+        "pseudo_labels": sorted({exps[m].data.pseudo.name for m in used if exps[m].data.pseudo is not None}),
     }
     return validate(Recipe, data, f"ensemble {name}")
 
@@ -137,8 +138,8 @@ def markdown(rec: Recipe) -> str:
         return "—" if x is None else f"{x:.4f}"
     lines = [f"# Ensemble `{rec.name}`", "",
              f"Competition `{rec.competition}` ({rec.task}) · members: {_members_text(rec)} · "
-             f"{'per-class' if per_class_w else 'global'} weights by {srch['method']} at threshold "
-             f"{srch['threshold']} on the OOF at {s['oof_size'][0]}x{s['oof_size'][1]} · {s['images']} images, "
+             f"{'per-class' if per_class_w else 'global'} weights by {srch['method']} "
+             f"{_binarised(rec, srch)} on the OOF at {s['oof_size'][0]}x{s['oof_size'][1]} · {s['images']} images, "
              f"{s['folds']} folds · folds file sha256 {rec.folds_sha256}", "",
              f"**Chosen: {CANDIDATE_NAMES[s['chosen']]}** — {s['chosen_because']}.", "",
              "| candidate | native in-sample | native nested CV | OOF-size in-sample | OOF-size nested |",
@@ -176,6 +177,11 @@ def write(rec: Recipe) -> tuple[Path, Path]:
     return y, m
 
 
+def _binarised(rec: Recipe, search: dict) -> str:
+    """How the OOF was binarised: multiclass tasks take the argmax, whatever threshold was passed."""
+    return "by argmax" if rec.task == "multiclass" else f"at threshold {search['threshold']}"
+
+
 def summary(rec: Recipe) -> list[str]:
     s = rec.scores
 
@@ -186,8 +192,8 @@ def summary(rec: Recipe) -> list[str]:
         return "   —   " if x is None else f"{x:+.4f}"
     lines = ["candidate members (experiment x TTA variant):"]
     for v in s["variants"]:
-        lines.append(f"  variant {v['member']:<32} OOF {f(v['oof_at_threshold'])} at threshold "
-                     f"{s['search']['threshold']} -> {'kept, weight ' + format(v['weight'], '.3f') if v['weight'] else 'not kept'}")
+        lines.append(f"  variant {v['member']:<32} OOF {f(v['oof_at_threshold'])} {_binarised(rec, s['search'])} "
+                     f"-> {'kept, weight ' + format(v['weight'], '.3f') if v['weight'] else 'not kept'}")
     lines += [f"members: {_members_text(rec)}",
               "                              native in-sample  native nested   OOF-size in-sample  OOF-size nested"]
     for p, label, nums in _candidate_rows(s):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from competition.metrics import dice_from_counts
+from competition.metrics import PairMetric, score_counts
 
 
 @dataclass
@@ -29,33 +29,33 @@ class SearchResult:
     path: list = field(default_factory=list)  # Caruana: one dict per step
 
 
-def scores(ev, inter: np.ndarray, pred: np.ndarray, subset: np.ndarray, empty: float) -> np.ndarray:
+def scores(ev, inter: np.ndarray, pred: np.ndarray, subset: np.ndarray, metric: "PairMetric | float") -> np.ndarray:
     """Mean Dice per class over the subset's images: (..., N, C) counts -> (..., C)."""
-    d = dice_from_counts(inter[..., subset, :], pred[..., subset, :], ev.truth_sum[subset], empty)
+    d = score_counts(inter[..., subset, :], pred[..., subset, :], ev.truth_sum[subset], metric)
     return d.mean(axis=-2)
 
 
-def singles(ev, subset: np.ndarray, empty: float) -> np.ndarray:
+def singles(ev, subset: np.ndarray, metric: "PairMetric | float") -> np.ndarray:
     """(M, C): each member alone, mean Dice per class over the subset."""
     inter, pred = ev.candidates(np.zeros((ev.n_classes, ev.n_members), np.int64))
-    return scores(ev, inter, pred, subset, empty)
+    return scores(ev, inter, pred, subset, metric)
 
 
-def best_single(ev, subset: np.ndarray, empty: float) -> SearchResult:
-    s = singles(ev, subset, empty)
+def best_single(ev, subset: np.ndarray, metric: "PairMetric | float") -> SearchResult:
+    s = singles(ev, subset, metric)
     m = int(s.mean(1).argmax())
     w = np.zeros((ev.n_classes, ev.n_members), np.int64)
     w[:, m] = 1
     return SearchResult(w, float(s[m].mean()), s[m])
 
 
-def equal(ev, subset: np.ndarray, empty: float) -> SearchResult:
+def equal(ev, subset: np.ndarray, metric: "PairMetric | float") -> SearchResult:
     w = np.ones((ev.n_classes, ev.n_members), np.int64)
-    per_class = scores(ev, *ev.counts(w), subset, empty)
+    per_class = scores(ev, *ev.counts(w), subset, metric)
     return SearchResult(w, float(per_class.mean()), per_class)
 
 
-def caruana(ev, subset: np.ndarray, empty: float, per_class: bool = False, steps: int = 50,
+def caruana(ev, subset: np.ndarray, metric: "PairMetric | float", per_class: bool = False, steps: int = 50,
             patience: int = 10) -> SearchResult:
     """Greedy selection with replacement; ``per_class`` runs an independent selection for every class."""
     if per_class and ev.task == "multiclass":
@@ -65,7 +65,7 @@ def caruana(ev, subset: np.ndarray, empty: float, per_class: bool = False, steps
     best_n, best = n.copy(), np.full(C, -np.inf)
     path, stale = [], 0
     for step in range(1, steps + 1):
-        cand = scores(ev, *ev.candidates(n), subset, empty)  # (M, C)
+        cand = scores(ev, *ev.candidates(n), subset, metric)  # (M, C)
         if per_class:
             pick = cand.argmax(0)
             n[np.arange(C), pick] += 1
@@ -88,7 +88,7 @@ def caruana(ev, subset: np.ndarray, empty: float, per_class: bool = False, steps
     return SearchResult(best_n, float(best.mean()), best, path)
 
 
-def optuna_weights(ev, subset: np.ndarray, empty: float, per_class: bool = False, trials: int = 100,
+def optuna_weights(ev, subset: np.ndarray, metric: "PairMetric | float", per_class: bool = False, trials: int = 100,
                    seed: int = 0) -> SearchResult:
     """TPE over weights in [0, 1]^M (normalised per class); equal and one-hot weights are tried first."""
     import optuna
@@ -109,7 +109,7 @@ def optuna_weights(ev, subset: np.ndarray, empty: float, per_class: bool = False
         w = np.array([[t.suggest_float(f"w{m}", 0.0, 1.0) for m in range(M)] for t in asked])
         w[w.sum(1) <= 0] = 1.0  # all zero: treat as equal weights
         W = w if per_class else np.repeat(w, C, 0)
-        per = scores(ev, *ev.counts(W), subset, empty)
+        per = scores(ev, *ev.counts(W), subset, metric)
         for g, (study, t) in enumerate(zip(studies, asked)):
             study.tell(t, float(per[g] if per_class else per.mean()))
         if per_class:

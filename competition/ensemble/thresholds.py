@@ -14,12 +14,12 @@ import numpy as np
 
 from competition.ensemble.blend import LEVELS, blend_labels, blend_levels, truth_labels
 from competition.ensemble.compact import chunk_images
-from competition.metrics import dice_from_counts
+from competition.metrics import PairMetric, score_counts
 
 HALF = 128  # the level that stands for the threshold 0.5
 
 
-def curves(members: list, truth, blends: list[np.ndarray], task: str, empty: float,
+def curves(members: list, truth, blends: list[np.ndarray], task: str, metric: "PairMetric | float",
            budget_bytes: int = 128 << 20) -> list[np.ndarray]:
     """Dice per image x class x level for each blend: (N, C, 256) float64 (multilabel; level k means
     "blend >= (k - 0.5)/255"), or (N, C, 1) (multiclass argmax)."""
@@ -41,7 +41,7 @@ def curves(members: list, truth, blends: list[np.ndarray], task: str, empty: flo
                 h = np.bincount(key.ravel(), minlength=b * C * 2 * LEVELS).reshape(b, C, LEVELS, 2)
                 inter = np.cumsum(h[..., ::-1, 1], axis=-1)[..., ::-1]  # pixels >= level k with truth 1
                 pred = np.cumsum(h[..., ::-1, :].sum(-1), axis=-1)[..., ::-1]
-                out[j][s:e] = dice_from_counts(inter, pred, tsum, empty)
+                out[j][s:e] = score_counts(inter, pred, tsum, metric)
         else:
             tl = truth_labels(T)
             img = np.arange(b)[:, None] * (C + 1)
@@ -51,7 +51,7 @@ def curves(members: list, truth, blends: list[np.ndarray], task: str, empty: flo
                 key = (img + lab).ravel()
                 pred = np.bincount(key, minlength=b * (C + 1)).reshape(b, C + 1)[:, 1:]
                 inter = np.bincount(key[(lab == tl).ravel()], minlength=b * (C + 1)).reshape(b, C + 1)[:, 1:]
-                out[j][s:e, :, 0] = dice_from_counts(inter, pred, tsum, empty)
+                out[j][s:e, :, 0] = score_counts(inter, pred, tsum, metric)
     return out
 
 

@@ -5,10 +5,14 @@
     DIR/competition.yaml              the competition config
     DIR/checkpoints/<exp>-fold<k>.pt  weights only: {"model": state_dict, "config": the resolved run config}
     DIR/README.md
+    DIR/wheels/                       with --wheels: the package and every runtime dependency but torch and
+                                      torchvision (--wheels-torch adds them); run.py pip-installs from it
+                                      with --no-index
 
-The folder runs on a machine with no internet and only the package installed: models are rebuilt
-from the configs inside the checkpoints, no pretrained weights are fetched, and the CSV is produced by
-the same code as ``competition submit`` (so it is byte-identical on the same device).
+The folder runs on a machine with no internet: models are rebuilt from the configs inside the
+checkpoints, no pretrained weights are fetched, and the CSV is produced by the same code as
+``competition submit`` (so it is byte-identical on the same device). Without ``wheels/`` the package
+must be installed there already.
 """
 from __future__ import annotations
 
@@ -16,8 +20,11 @@ from competition.errors import UserError
 
 import argparse
 import shutil
+import subprocess
 import tempfile
 import sys
+import zipfile
+from email.parser import Parser
 from pathlib import Path
 
 from competition.config import (CompetitionConfig, ConfigError, RecipeCheckpoint, dump_yaml, load_competition,
@@ -28,17 +35,36 @@ from competition.train import checkpoint as ckpt
 RUN_PY = '''#!/usr/bin/env python3
 """Offline inference for ensemble {name!r}, made by `competition bundle`.
 
-    python run.py --data-root /kaggle/input/<competition> [--out submission.csv] [--device auto]
+    python run.py --data-root /kaggle/input/<competition> [--out submission.csv] [--device auto] [--no-install]
 
-Needs only the `competition` package installed (no internet, no project folder).
+With a wheels/ folder beside this file, the package and its dependencies are first pip-installed from
+it with --no-index (no internet needed; what is already installed and satisfies them, such as Kaggle's
+torch, is kept). Without one, the `competition` package must be installed already.
 """
+import importlib
+import subprocess
 import sys
 from pathlib import Path
 
-from competition.predict.bundle import main
+HERE = Path(__file__).resolve().parent
+
+
+def install() -> None:
+    wheels = HERE / "wheels"
+    if not wheels.is_dir() or "--no-install" in sys.argv:
+        return
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "--no-index", "--find-links", str(wheels), "competition=={version}"])
+    if r.returncode != 0:
+        sys.exit("error: pip could not install the bundle from wheels/ (its message is above); torch and "
+                 "torchvision come from the machine unless the bundle was made with --wheels-torch")
+    importlib.invalidate_caches()
+
 
 if __name__ == "__main__":
-    raise SystemExit(main(Path(__file__).resolve().parent, sys.argv[1:]))
+    install()
+    from competition.predict.bundle import main
+    raise SystemExit(main(HERE, sys.argv[1:]))
 '''
 
 README = """# Inference bundle: {name}
@@ -53,11 +79,24 @@ resolved run config only; `recipe.yaml` lists their sha256, checked before use.
 
 Members: {members}
 TTA: {tta} at scales {scales}
+{wheels}"""
+
+WHEELS_README = """
+`wheels/` holds the package and every runtime dependency ({n} wheels, {mib:.0f} MiB{torch_note}); `run.py`
+installs them with `pip install --no-index --find-links wheels` before it runs (`--no-install` skips that).
 """
+TORCH = frozenset({"torch", "torchvision"})  # preinstalled on Kaggle's GPU images, and GBs
 
 
-def make_bundle(ensemble: str | None, out: Path, log=print) -> Path:
-    """Pack the recipe's checkpoints (weights only), the recipe, the competition config and run.py."""
+def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False, wheels_torch: bool = False,
+                wheels_python: str | None = None) -> Path:
+    """Pack the recipe's checkpoints (weights only), the recipe, the competition config and run.py;
+    with ``wheels`` also wheels/ (see :func:`build_wheels`; ``wheels_torch`` or ``wheels_python`` imply it)."""
+    import re
+    from importlib.metadata import version
+    wheels = wheels or wheels_torch or wheels_python is not None
+    if wheels_python is not None and not re.fullmatch(r"3\.\d+", wheels_python):
+        raise ConfigError(f"--wheels-python {wheels_python!r}: expected a Python version such as 3.11")
     from competition.ledger import describe_members
     from competition.predict.run import resolve_recipe
     source = resolve_recipe(ensemble)
@@ -88,19 +127,71 @@ def make_bundle(ensemble: str | None, out: Path, log=print) -> Path:
         bundled = recipe.model_copy(update={"members": members})
         dump_yaml(bundled, tmp / "recipe.yaml")
         dump_yaml(to_plain(comp), tmp / "competition.yaml")
-        (tmp / "run.py").write_text(RUN_PY.format(name=recipe.name))
+        (tmp / "run.py").write_text(RUN_PY.format(name=recipe.name, version=version("competition")))
+        note = ""
+        if wheels:
+            found = build_wheels(tmp / "wheels", wheels_torch, wheels_python, log)
+            note = WHEELS_README.format(n=len(found), mib=_mib(tmp / "wheels"), torch_note=(
+                ", torch and torchvision included" if wheels_torch else
+                "; not torch and torchvision: they must be installed where it runs, as on Kaggle's images"))
         (tmp / "README.md").write_text(README.format(
             name=recipe.name, source=source, competition=comp.name, members=describe_members(recipe),
             tta="; ".join(f"{m.experiment}: {', '.join(m.tta)}" for m in recipe.members),
-            scales="; ".join(f"{m.experiment}: {', '.join(f'{s:g}' for s in m.tta_scales)}" for m in recipe.members)))
+            scales="; ".join(f"{m.experiment}: {', '.join(f'{s:g}' for s in m.tta_scales)}" for m in recipe.members),
+            wheels=note))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(p.stat().st_size for p in (out / "checkpoints").iterdir())
-    log(f"wrote bundle {out}: {len(used)} checkpoints ({size / 2**20:.1f} MiB), recipe.yaml, competition.yaml, run.py")
+    extra = f", wheels/ ({len(list((out / 'wheels').glob('*.whl')))} wheels, {_mib(out / 'wheels'):.0f} MiB)" if wheels else ""
+    log(f"wrote bundle {out}: {len(used)} checkpoints ({_mib(out / 'checkpoints'):.1f} MiB), recipe.yaml, "
+        f"competition.yaml, run.py{extra}; {_mib(out):.0f} MiB in all")
     return out
+
+
+def _mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def _pip(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = "; ".join(ln.strip() for ln in (r.stderr or r.stdout).strip().splitlines()[-4:])
+        raise UserError(f"pip {args[0]} failed while building wheels/ (it needs the package index): {tail}")
+
+
+def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None, log=print) -> dict[str, str]:
+    """``dest``: the package's wheel, built from its source tree, and one wheel per runtime dependency at
+    the version installed here (the versions the checkpoints were made and checked with), downloaded
+    with ``pip download`` (needs the index now). torch and torchvision, and what only they need, are
+    left out unless ``with_torch``. ``python`` ("3.12"): wheels for that Python instead of this one.
+    Returns {distribution: version} of the dependencies."""
+    import competition
+    from competition.installs import closure
+    root = Path(competition.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise ConfigError(f"--wheels builds the package from its source, and {root} has no pyproject.toml: "
+                          "run it from a clone (pip install -e .)")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="competition-wheel-") as t:
+        src = Path(t) / "src"  # a clean copy: the build writes nothing into the working tree
+        shutil.copytree(root / "competition", src / "competition", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for f in ("pyproject.toml", "README.md"):
+            shutil.copy2(root / f, src / f)
+        log("building the package's wheel")
+        _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), str(src))
+    own = sorted(dest.glob("competition-*.whl"))[-1]
+    with zipfile.ZipFile(own) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        requires = Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+    env = {"python_version": python, "python_full_version": f"{python}.0"} if python else None
+    pins = closure(requires, skip=frozenset() if with_torch else TORCH, env=env)
+    log(f"downloading {len(pins)} wheels (pip download)")
+    target = ["--python-version", python] if python else []
+    _pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(dest), *target,
+         *(f"{n}=={v}" for n, v in pins.items()))
+    return pins
 
 
 def run_bundle(folder: Path, data_root: str | None = None, out: Path = Path("submission.csv"),
@@ -128,6 +219,7 @@ def main(folder: Path, argv: list[str]) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-install", action="store_true", help="do not pip-install wheels/ first (run.py reads it)")
     args = ap.parse_args(argv)
     try:
         r = run_bundle(folder, args.data_root, Path(args.out), args.device, args.batch_size, args.workers,

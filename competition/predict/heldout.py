@@ -38,7 +38,7 @@ def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], vi
     ds = TestInputs(adapter, val_ids, {"in0": exp}, comp.task, split="train")
     loader = DataLoader(ds, batch_size=batch_size_for([exp]), shuffle=False, num_workers=exp.data.workers,
                         pin_memory=dev.type == "cuda")
-    batches = ((b["index"].tolist(), member(b["inputs"]["in0"]).cpu().numpy()) for b in loader)
+    batches = ((b["index"].tolist(), member(b["inputs"]["in0"], b["size"]).cpu().numpy()) for b in loader)
     return oof.write(rp.oof(variant), val_ids, batches, comp.classes, size, {
         "experiment": exp_name, "fold": fold, "task": comp.task, "checkpoint": ckpt_path.name,
         "checkpoint_sha256": file_hash(ckpt_path), "tta": list(views), "tta_scales": [float(s) for s in scales],

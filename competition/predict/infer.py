@@ -3,7 +3,8 @@ native-resolution CV, so that CV measures exactly what the leaderboard scores:
 
     member probabilities   each member (one experiment's fold models x one TTA variant): TTA views and
                            scales (sliding windows for images larger than the model input), averaged
-                           over its fold models, resized to the store size, quantised to uint8
+                           over its fold models, unpadded (``data.resize: letterbox``) and resized to
+                           the store size, quantised to uint8
                            -- exactly what an OOF store holds for a held-out image;
     blend                  members' uint8 probabilities weighted per class (float32);
     to the original size   bilinear resize to each image's original (H, W);
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from competition.data.base import Adapter
-from competition.data.dataset import Geometry, SegDataset
+from competition.data.dataset import Geometry, SegDataset, unletterbox
 from competition.oof import probabilities, quantize_tensor
 from competition.predict.members import LoadedModel
 from competition.predict.sliding import sliding_window
@@ -67,7 +68,9 @@ class MemberPredictor:
 
     ``__call__`` maps a network-input batch to uint8 (B, C, h, w) probabilities at ``store_size``:
     the mean over the models of their TTA (and sliding-window) probabilities, resized to the store
-    size and quantised. For a held-out image (one fold model) this IS the OOF row.
+    size and quantised. For a held-out image (one fold model) this IS the OOF row. With
+    ``data.resize: letterbox`` each image's padding is cropped off first, which needs its native
+    (H, W) (``sizes``): a row always holds the whole image, never padding.
     """
 
     def __init__(self, models: list[LoadedModel], task: str, views, scales, store_size, device: torch.device):
@@ -75,17 +78,25 @@ class MemberPredictor:
         self.views, self.scales = list(views), list(scales)
         self.store_size = tuple(store_size)
         self.experiment = models[0].experiment
+        self.geometry = Geometry.from_config(self.experiment)
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sizes=None) -> torch.Tensor:
+        """``sizes``: each image's native (H, W) ((B, 2) tensor or list); needed for letterbox inputs."""
         x = x.to(self.device, non_blocking=True)
         total = None
         for m in self.models:
             p = self._model_probs(m, x)
             total = p if total is None else total.add_(p)
         total = total.div_(len(self.models))
-        if tuple(total.shape[-2:]) != self.store_size:
+        if self.geometry.resize == "letterbox":
+            if sizes is None:
+                raise ValueError("a letterbox member needs each image's native size to remove its padding")
+            canvas = tuple(total.shape[-2:])
+            total = torch.cat([unletterbox(total[i:i + 1], self.geometry.content(tuple(int(v) for v in hw), canvas),
+                                           self.store_size) for i, hw in enumerate(sizes)])
+        elif tuple(total.shape[-2:]) != self.store_size:
             total = F.interpolate(total, size=self.store_size, mode="bilinear", align_corners=False)
         return quantize_tensor(total)
 
@@ -100,8 +111,9 @@ class MemberPredictor:
         def with_tta(batch: torch.Tensor) -> torch.Tensor:
             return tta_predict(forward, batch, self.views, self.scales)
 
-        window = m.experiment.data.input_size
-        if x.shape[-2] > window or x.shape[-1] > window:
+        wh, ww = m.experiment.data.input_hw
+        window = wh if wh == ww else (wh, ww)
+        if x.shape[-2] > wh or x.shape[-1] > ww:
             return sliding_window(with_tta, x, window, OVERLAP, batch=max(1, m.experiment.data.batch_size))
         return with_tta(x)
 
@@ -154,9 +166,10 @@ class EnsemblePredictor:
                                           dtype=torch.float32, device=device).view(c, 1, 1)
 
     @torch.no_grad()
-    def member_probs(self, inputs: dict) -> list[torch.Tensor]:
-        """Each member's uint8 (B, C, h, w) probabilities at the store size."""
-        return [m(inputs[name]) for m, name in zip(self.members, self.member_input)]
+    def member_probs(self, inputs: dict, sizes=None) -> list[torch.Tensor]:
+        """Each member's uint8 (B, C, h, w) probabilities at the store size (``sizes``: the images'
+        native (H, W), for letterbox members)."""
+        return [m(inputs[name], sizes) for m, name in zip(self.members, self.member_input)]
 
     @torch.no_grad()
     def probabilities(self, member_probs: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:

@@ -141,7 +141,7 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
         on_probs = _both(on_probs, saver)
     def member_probs(batch) -> list[torch.Tensor]:
         if not from_probs:
-            return predictor.member_probs(batch["inputs"])
+            return predictor.member_probs(batch["inputs"], batch["size"])
         rows = batch["index"].numpy()
         return [torch.from_numpy(np.ascontiguousarray(st[rows])).to(dev) for st in stores]
 
@@ -196,7 +196,7 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
         result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
                             str(source), device, batch_size, workers, progress=progress, save_probs=save_probs,
                             from_probs=from_probs)
-    _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name))
+    _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name), recipe, source)
     return result
 
 
@@ -211,27 +211,37 @@ def recipe_runs(recipe: Recipe) -> list:
     return out
 
 
+# What `predict --set` may change: how the trained folds are applied, never what they learned.
+PREDICT_KEYS = ("train.threshold", "oof.tta", "oof.tta_scales", "data.batch_size", "data.workers")
+
+
 def predict_experiment(experiment: str, out: Path | None = None, device: str = "auto",
-                       batch_size: int | None = None, workers: int | None = None, progress: bool = True) -> SubmitResult:
-    """``competition predict --exp E``: all folds' best.pt, equal weights, the experiment's threshold."""
+                       batch_size: int | None = None, workers: int | None = None, progress: bool = True,
+                       overrides: dict | None = None) -> SubmitResult:
+    """``competition predict --exp E``: all folds' best.pt, equal weights, the experiment's threshold
+    (``overrides``: ``--set`` of the :data:`PREDICT_KEYS`)."""
     from competition import ledger
-    recipe, comp = experiment_recipe(experiment)
+    recipe, comp = experiment_recipe(experiment, overrides)
+    overrides = overrides or {}  # the flags win over --set data.batch_size / data.workers
+    batch_size = overrides.get("data.batch_size") if batch_size is None else batch_size
+    workers = overrides.get("data.workers") if workers is None else workers
     result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(experiment),
                         f"runs/{experiment}", device, batch_size, workers, progress=progress)
-    _record(ledger.row_for(result, recipe, "", comp.name))
+    _record(ledger.row_for(result, recipe, "", comp.name), recipe, None)
     return result
 
 
-def _record(row: dict) -> None:
-    """The ledger row, and the same row as a W&B run so teammates see submissions beside training."""
+def _record(row: dict, recipe: Recipe, source: Path | None) -> None:
+    """The ledger row, and the same row as a W&B run (the CSV an artifact made from the recipe's)."""
     from competition import ledger, tracking
     ledger.append(row)
-    tracking.log_submission(row)
+    tracking.log_submission(row, recipe, source)
 
 
-def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:
+def experiment_recipe(experiment: str, overrides: dict | None = None) -> tuple[Recipe, CompetitionConfig]:
     """A one-member recipe over every fold of ``runs/<experiment>/`` (every fold of the folds file
-    must have its best.pt), thresholds from the run's own ``train.threshold``, the competition's TTA."""
+    must have its best.pt), thresholds from the run's own ``train.threshold``, the competition's TTA
+    (or ``oof.tta``/``oof.tta_scales`` when ``--set`` gives them)."""
     run_root = paths.experiment_dir(experiment)
     runs = paths.trained_folds(experiment)
     found = {k: rp.best for k, rp in runs.items()}
@@ -245,6 +255,14 @@ def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:
         raise CheckpointError(f"{first}: no config.competition.name / config.experiment in the checkpoint")
     comp = load_competition(comp_name)
     exp = validate(ExperimentConfig, cfg["experiment"], f"{first} (config.experiment)")
+    if overrides:
+        from competition.config import apply_overrides
+        bad = sorted(k for k in overrides if k not in PREDICT_KEYS)
+        if bad:
+            raise ConfigError(f"predict --set {', '.join(bad)}: the trained models fix every other key; "
+                              f"predict may change {', '.join(PREDICT_KEYS)}")
+        exp = validate(ExperimentConfig, apply_overrides(cfg["experiment"], overrides),
+                       f"{first} (config.experiment) with --set {', '.join(overrides)}")
     folds_file = paths.folds_file(comp.name)
     wanted = sorted(set(pd.read_csv(folds_file)["fold"])) if folds_file.is_file() else sorted(found)
     missing = [k for k in wanted if k not in found]
@@ -262,7 +280,9 @@ def experiment_recipe(experiment: str) -> tuple[Recipe, CompetitionConfig]:
     recipe = Recipe(
         name=experiment, competition=comp.name, task=comp.task, classes=comp.classes,
         folds_sha256=ckpt.file_hash(folds_file) if folds_file.is_file() else "",
-        members=[RecipeMember(experiment=experiment, folds=wanted, weights=[1.0], tta=comp.tta,
+        members=[RecipeMember(experiment=experiment, folds=wanted, weights=[1.0],
+                              tta=comp.tta if not overrides or exp.oof.tta is None else exp.oof.tta,
+                              tta_scales=exp.oof.tta_scales if overrides else [1.0],
                               checkpoints=[RecipeCheckpoint(path=rel[k], sha256=ckpt.file_hash(found[k]))
                                            for k in wanted])],
         thresholds=[exp.train.threshold] * comp.num_classes,

@@ -45,35 +45,37 @@ def window_starts(length: int, window: int, overlap: float) -> list[int]:
 
 
 @torch.no_grad()
-def sliding_window(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int,
+def sliding_window(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int | tuple[int, int],
                    overlap: float = 0.5, batch: int = 4, sigma_scale: float = SIGMA_SCALE) -> torch.Tensor:
-    """Gaussian-weighted average of ``fn`` over overlapping ``window``² crops of (N, C, H, W) ``x``.
+    """Gaussian-weighted average of ``fn`` over overlapping ``window`` crops of (N, C, H, W) ``x``.
 
-    ``fn`` maps (B, C, window, window) to (B, K, window*s, window*s) (s: the model's output scale);
-    ``batch`` windows (of all N images each) go through one call. An image smaller than the window
-    is zero-padded (0 is the mean of a normalised input) and the padding cropped off the result.
+    ``window``: an int (square) or (h, w). ``fn`` maps (B, C, h, w) windows to (B, K, h*s, w*s) (s: the
+    model's output scale); ``batch`` windows (of all N images each) go through one call. An image
+    smaller than the window is zero-padded (0 is the mean of a normalised input) and the padding
+    cropped off the result.
     """
+    win_h, win_w = (window, window) if isinstance(window, int) else (int(window[0]), int(window[1]))
     n, _, h, w = x.shape
-    ph, pw = max(0, window - h), max(0, window - w)
+    ph, pw = max(0, win_h - h), max(0, win_w - w)
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph))
     hh, ww = x.shape[-2:]
-    coords = [(y, x0) for y in window_starts(hh, window, overlap) for x0 in window_starts(ww, window, overlap)]
+    coords = [(y, x0) for y in window_starts(hh, win_h, overlap) for x0 in window_starts(ww, win_w, overlap)]
     acc = norm = g = None
     s = 1
     for i in range(0, len(coords), max(1, batch)):
         chunk = coords[i:i + max(1, batch)]
-        out = fn(torch.cat([x[:, :, y:y + window, x0:x0 + window] for y, x0 in chunk]))
+        out = fn(torch.cat([x[:, :, y:y + win_h, x0:x0 + win_w] for y, x0 in chunk]))
         if acc is None:
-            s = out.shape[-1] // window
-            if out.shape[-1] != window * s or out.shape[-2] != window * s:
-                raise ValueError(f"the model maps a {window}² window to {tuple(out.shape[-2:])}: not a whole "
+            s = out.shape[-1] // win_w
+            if out.shape[-1] != win_w * s or out.shape[-2] != win_h * s:
+                raise ValueError(f"the model maps a {win_h}x{win_w} window to {tuple(out.shape[-2:])}: not a whole "
                                  f"multiple of the window")
             acc = torch.zeros((n, out.shape[1], hh * s, ww * s), dtype=torch.float32, device=out.device)
             norm = torch.zeros((hh * s, ww * s), dtype=torch.float32, device=out.device)
-            g = gaussian_importance(window * s, window * s, sigma_scale, out.device)
+            g = gaussian_importance(win_h * s, win_w * s, sigma_scale, out.device)
         for k, (y, x0) in enumerate(chunk):
-            ys, xs = slice(y * s, (y + window) * s), slice(x0 * s, (x0 + window) * s)
+            ys, xs = slice(y * s, (y + win_h) * s), slice(x0 * s, (x0 + win_w) * s)
             acc[:, :, ys, xs].add_(out[k * n:(k + 1) * n].float() * g)
             norm[ys, xs].add_(g)
     return acc.div_(norm)[:, :, :h * s, :w * s]

@@ -98,7 +98,7 @@ class SubmissionWriter:
     def _write_head(self) -> None:
         sid, fut = self.pending.popleft()
         texts = fut.result()
-        self._csv.writerows([sid, c, t] for c, t in zip(self.cfg.classes, texts))
+        self._csv.writerows([sid, c, t] for c, t in zip(self.cfg.class_values, texts))  # the competition's values
         self.rows += len(texts)
 
     def close(self) -> int:
@@ -141,7 +141,7 @@ def expected_rows(cfg: CompetitionConfig, adapter: Adapter) -> tuple[list[str], 
     sample = adapter.sample_submission()
     if sample is None:
         ids = list(test_ids)
-        rows = pd.DataFrame([(adapter.submission_id(i, "test"), c) for i in ids for c in cfg.classes],
+        rows = pd.DataFrame([(adapter.submission_id(i, "test"), c) for i in ids for c in cfg.class_values],
                             columns=[spec.id_column, spec.class_column])
     else:
         where = f"sample submission {spec.sample_submission}"
@@ -152,9 +152,9 @@ def expected_rows(cfg: CompetitionConfig, adapter: Adapter) -> tuple[list[str], 
         if unknown:
             raise DataError(f"{where}: image(s) {unknown[:5]} are not in the test set "
                             f"({len(unknown)} in all; submission.id_format is {spec.id_format!r})")
-        bad = sorted(set(sample[spec.class_column]) - set(cfg.classes))
+        bad = sorted(set(sample[spec.class_column]) - set(cfg.class_values))
         if bad:
-            raise DataError(f"{where}: unknown class(es) {bad[:5]}; classes are {cfg.classes}")
+            raise DataError(f"{where}: unknown class(es) {bad[:5]}; classes are {cfg.class_values}")
         rows = sample[[spec.id_column, spec.class_column]].copy()
         ids = [by_sub_id[s] for s in dict.fromkeys(rows[spec.id_column])]
     sizes = {adapter.submission_id(i, "test"): adapter.image_size(i, "test") for i in ids}

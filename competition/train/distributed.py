@@ -1,4 +1,8 @@
-"""torchrun/DDP helpers: rank-0 writes, reductions, barriers. World size 1 needs no process group."""
+"""torchrun/DDP helpers: rank-0 writes, reductions, barriers. World size 1 needs no process group.
+
+One machine or many: torchrun sets RANK (global), LOCAL_RANK (the GPU on this machine) and WORLD_SIZE;
+rank 0 (on node 0) is the only writer, so on several machines the run's files appear on node 0.
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from competition.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,21 @@ def same_on_all_ranks(t: torch.Tensor, d: Dist) -> bool:
     allfp = [torch.zeros_like(fp) for _ in range(d.world)]
     dist.all_gather(allfp, fp)
     return all(torch.equal(allfp[0], x) for x in allfp[1:])
+
+
+def require_same(value, d: Dist, what: str) -> None:
+    """Stop every rank, naming ``what``, unless all ranks hold the same ``value`` (small, picklable).
+
+    On several machines each node reads its own disk: a rank that saw another run folder (no last.pt
+    there, or an older one) would otherwise train a different schedule and hang at the next collective.
+    """
+    if not d.enabled:
+        return
+    values = [None] * d.world
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise UserError(f"DDP ranks disagree on {what}: {values} (by rank); on several machines every node must "
+                        "see the same project folder (runs/ on a shared filesystem), or run from a fresh start")
 
 
 def barrier(d: Dist) -> None:

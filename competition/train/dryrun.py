@@ -135,8 +135,10 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
         f"({n_train:,} trainable; built in {time.time() - t:.1f}s)")
 
     train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
-    train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d)
-    loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids))
+    train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d, fold)
+    from competition.losses import ignore_index_for
+    loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
+                         ignore_index_for(comp))
     engine = Engine(model, loss_fn, exp, comp, device, d)
     engine.optimizer = build_optimizer(engine.model, exp.optimizer)
     steps = math.ceil(len(train_loader) / exp.train.grad_accum)

@@ -13,9 +13,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from competition.config import CompetitionConfig, ExperimentConfig
+from competition.config import IGNORE_INDEX, CompetitionConfig, ExperimentConfig
 from competition.data import mixing
-from competition.metrics import dice_from_counts
+from competition.metrics import pair_metric, score_counts
 from competition.train import checkpoint as ckpt
 from competition.train import distributed as dd
 
@@ -161,20 +161,27 @@ class Engine:
                 logits = model(x)
             pred, truth = self._binarize(logits.float(), y)
             inter = (pred & truth).flatten(2).sum(-1)
-            scores = dice_from_counts(inter, pred.flatten(2).sum(-1), truth.flatten(2).sum(-1),
-                                      self.comp.metric.empty_score)
+            scores = score_counts(inter, pred.flatten(2).sum(-1), truth.flatten(2).sum(-1),
+                                  pair_metric(self.comp.metric))
             sums += scores.double().sum(0)
         sums = dd.all_reduce_sum(sums, self.dist)
         return (sums / max(n_images, 1)).cpu().numpy()
 
     def _binarize(self, logits: torch.Tensor, y: torch.Tensor):
+        """(pred, truth) (N, C, h, w) bool. Ignored pixels (IGNORE_INDEX in ``y``) are never truth; with
+        ``ignore.metric: exclude`` they are no prediction either, i.e. out of the Dice counts."""
         if logits.shape[-2:] != y.shape[-2:]:
             logits = torch.nn.functional.interpolate(logits, size=y.shape[-2:], mode="bilinear")
         if self.comp.task == "multilabel":
-            return logits > math.log(self.exp.train.threshold / (1 - self.exp.train.threshold)), y.bool()
-        C = self.comp.num_classes
-        k = torch.arange(1, C + 1, device=y.device).view(1, C, 1, 1)
-        return logits.argmax(1, keepdim=True) == k, y.unsqueeze(1) == k
+            pred, truth = logits > math.log(self.exp.train.threshold / (1 - self.exp.train.threshold)), y == 1
+        else:
+            C = self.comp.num_classes
+            k = torch.arange(1, C + 1, device=y.device).view(1, C, 1, 1)
+            pred, truth = logits.argmax(1, keepdim=True) == k, y.unsqueeze(1) == k
+        ignore = self.comp.ignore
+        if ignore is not None and ignore.metric == "exclude":
+            pred &= (y != IGNORE_INDEX) if self.comp.task == "multilabel" else (y != IGNORE_INDEX).unsqueeze(1)
+        return pred, truth
 
     # -- state ------------------------------------------------------------------------------------
     def full_state(self, run_cfg: dict, state: dict) -> dict:

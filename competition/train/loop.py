@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from competition.metrics import pair_metric
 from competition import paths, tracking, viz
 from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text,
                                 dump_yaml, to_plain)
@@ -44,14 +45,17 @@ def _loader(ds, exp: ExperimentConfig, sampler=None, shuffle_free: bool = True) 
                       persistent_workers=False, prefetch_factor=2 if workers else None)
 
 
-def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, train_ids: list[str], d):
+def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, train_ids: list[str], d, fold: int):
     """(dataset, sampler, loader) of a fold's training images: augmentations, rare-class oversampling,
-    DDP shards; what ``train`` and ``--dry-run`` both use."""
+    fold ``fold``'s pseudo-labelled test images (``data.pseudo``), DDP shards; what ``train`` and
+    ``--dry-run`` both use."""
+    from competition.pseudo import add_pseudo
     train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
     weights = None
     if exp.data.rare_class_oversample > 0:
         pres = presence_matrix(adapter)[[adapter.ids.index(i) for i in train_ids]]
         weights = rare_class_weights(pres, exp.data.rare_class_oversample, exp.data.rare_class_quantile)
+    train_ds, weights = add_pseudo(train_ds, weights, exp, comp, adapter, fold)
     sampler = EpochSampler(len(train_ds), exp.train.seed, weights, d.rank, d.world)
     return train_ds, sampler, _loader(train_ds, exp, sampler)
 
@@ -119,13 +123,18 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     device = dd.device_for(d)
     train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
     val_ids = folds.loc[folds["fold"] == fold, "id"].tolist()
-    train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d)
+    train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d, fold)
+    if exp.data.pseudo is not None:
+        log(f"data.pseudo: {len(train_ds) - len(train_ids)} pseudo-labelled test images of {exp.data.pseudo.name!r} "
+            f"(fold {fold}'s, drawn with weight {exp.data.pseudo.weight:g}) beside {len(train_ids)} training images")
     val_ds = SegDataset(adapter, val_ids, exp, comp.task, "val")
     # Validation shards are disjoint (no padding), so reduced sums count every image exactly once.
     val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
     val_loader = _loader(val_shard, exp)
 
-    loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids))
+    from competition.losses import ignore_index_for
+    loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
+                         ignore_index_for(comp))
     engine = Engine(model, loss_fn, exp, comp, device, d)
     engine.optimizer = build_optimizer(engine.model, exp.optimizer)
     steps = math.ceil(len(train_loader) / exp.train.grad_accum)
@@ -146,6 +155,7 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
             atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
             log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
 
+    dd.require_same(state["epoch"], d, "the epoch to start from (last.pt)")
     from competition.train.averaging import Swa, TopK
     topk = TopK(exp.train.average_top_k, rp, state.get("top_k")) if exp.train.average_top_k else None
     swa = Swa(exp.train.swa, engine.raw, device) if exp.train.swa else None
@@ -270,8 +280,10 @@ def _stopped_early(exp: ExperimentConfig, state: dict) -> bool:
 
 
 EXTENDABLE = ("experiment.train.epochs", "experiment.train.early_stopping")  # schedule length only
-# Keys that change how fast a run goes, never what it computes: a resumed run may change them.
+# Keys that change how fast a run goes or where it is reported, never what it computes: a resumed
+# run may change them (``experiment.tracking.*``: W&B project, entity, on/off).
 NEUTRAL = ("experiment.data.cache", "experiment.data.workers", "experiment.train.progress")
+NEUTRAL_PREFIXES = ("experiment.tracking.",)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -292,7 +304,8 @@ def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | 
     if restart or not rp.last.is_file() or not rp.config.is_file():
         return None
     old, new = _flat(read_yaml(rp.config)), _flat(yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in NEUTRAL)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in NEUTRAL
+                     and not k.startswith(NEUTRAL_PREFIXES))
     if not changed:
         return None
     e_old, e_new = old.get("experiment.train.epochs"), new.get("experiment.train.epochs")
@@ -337,7 +350,10 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
     view = store.open_experiment(exp.name, pd.DataFrame({"id": val_ids, "fold": fold}), comp.classes, comp.task)
     truth = store.MemoryTruth(adapter, view.ids, comp.classes, view.size)
     level = threshold_level(exp.train.threshold)
-    scores = oofscore.per_image(view, truth, comp.task, level, comp.metric.empty_score)
+    from competition.oof import ignore_view
+    ignore = ignore_view(comp, adapter, view.ids, view.size)
+    scores = oofscore.per_image(view, truth, comp.task, level, pair_metric(comp.metric), ignore=ignore)
+    also = oofscore.report_metrics(view, truth, comp.task, level, comp.metric, ignore=ignore)
     native = oofscore.native_scores(exp, comp, adapter, view)
     summ, nsumm = summarize(scores, comp.classes), summarize(native, comp.classes)
     size = view.size[0]
@@ -350,6 +366,7 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
                "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": size,
                "oof_dice_native": nsumm["mean"], "oof_dice_native_per_class": nsumm["per_class"],
                "oof_variants": [variant_name(v, s) or "plain" for v, s in variants],
+               "metric": comp.metric.name, "oof_report": also,  # metric.report at the OOF size
                "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
                "train_seconds": round(train_seconds, 2),
                "predict_images_per_s": round(len(val_ids) * len(variants) / max(pred_seconds, 1e-9), 2),
@@ -365,7 +382,9 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
     # After the last log: W&B commits the last epoch's row (and its val_dice) on the next log call,
     # which would overwrite a summary written earlier with the last epoch's values.
     tracker.summary({**{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
-                     **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()}})
+                     **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()},
+                     **{f"oof_report/{k}": v for k, v in also.items()}})
+    tracking.log_fold(tracker, exp, fold, metrics)  # best.pt + metrics.json + OOF summary as a W&B artifact
     log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
         f"OOF dice {metrics['oof_dice']:.4f} at {size}px, {metrics['oof_dice_native']:.4f} at native size "
         f"-> {store_dir.parent}")

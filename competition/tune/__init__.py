@@ -18,25 +18,27 @@ from competition import paths
 from competition.config import ConfigError
 from competition.tune import space as sp
 from competition.tune.report import report
-from competition.tune.study import Job, count_finished, open_storage, prepare, run, studies_dir
+from competition.tune.study import Job, count_finished, open_storage, prepare, run, shown, studies_dir
 
 __all__ = ["tune", "show_report", "Job"]
 
 
 def tune(exp: str, space: str, trials: int | None = None, folds: list[int] | None = None, workers: int = 1,
-         storage: str | None = None, study: str | None = None, log=print) -> dict:
+         storage: str | None = None, study: str | None = None, log=print, overrides: dict | None = None) -> dict:
     """Run (or resume) the study until it holds ``trials`` finished trials; write the tuned config
-    and the report. Returns the report dict plus ``tuned`` (the config path, or None)."""
+    and the report. Returns the report dict plus ``tuned`` (the config path, or None). ``overrides``
+    (``--set``) change the base experiment of every trial and are written into the tuned config."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    job, search, _ = prepare(exp, space, trials, folds, storage, study, workers)
+    job, search, _ = prepare(exp, space, trials, folds, storage, study, workers, overrides)
     st = run(job, workers, log)
     out = report(st, studies_dir() / job.study, log)
     out["tuned"] = None
     if out.get("best"):
         b = st.best_trial
-        values = {k: sp.config_value(search.params[k], v) for k, v in b.params.items() if k in search.params}
+        values = {**dict(job.overrides),
+                  **{k: sp.config_value(search.params[k], v) for k, v in b.params.items() if k in search.params}}
         comment = (f"Written by `competition tune` ({datetime.now():%Y-%m-%d %H:%M}) from study {job.study!r}\n"
-                   f"({job.storage}): best of {count_finished(st)} finished trials = trial {b.number}, mean best\n"
+                   f"({shown(job.storage)}): best of {count_finished(st)} finished trials = trial {b.number}, mean best\n"
                    f"val Dice {b.value:.4f} on fold(s) {list(job.folds)} after at most {search.budget.epochs} "
                    f"epochs.\nThe epoch budget and the search's `fixed` values are not carried over. Train it:\n"
                    f"  make train-all EXP={sp.tuned_config_path(exp).stem}")
@@ -58,5 +60,5 @@ def show_report(exp: str, space: str, storage: str | None = None, study: str | N
     try:
         st = optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
-        raise ConfigError(f"no study {name!r} in {url}; run `make tune EXP={exp}` first") from None
+        raise ConfigError(f"no study {name!r} in {shown(url)}; run `make tune EXP={exp}` first") from None
     return report(st, paths.study_dir(name), log)

@@ -1,7 +1,9 @@
 """One trial = a real training run (``train.fit``) on each budget fold, named ``<study>-t<k>`` so its
 run folder and W&B run (grouped by study) are its own. Validation Dice is reported every epoch; the
 pruner may stop the trial there. A diverged or out-of-memory trial counts as pruned (bad
-hyperparameters), not as a crash."""
+hyperparameters), not as a crash. Each trial records who ran it (``worker``: host:PID, and its
+``sampler_seed``) and which completed trials the pruner last judged it against (``compared_with``):
+with many workers on one study, that is how to see that they share one search."""
 from __future__ import annotations
 
 import shutil
@@ -9,11 +11,13 @@ import shutil
 import numpy as np
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from competition import paths
 from competition.config import SearchSpace, load_experiment, to_plain
 from competition.train.engine import TrainingDiverged
 from competition.tune import space as sp
+from competition.tune.study import worker_name
 
 
 def trial_experiment_name(study: str, number: int) -> str:
@@ -21,9 +25,9 @@ def trial_experiment_name(study: str, number: int) -> str:
 
 
 class Objective:
-    def __init__(self, job, space: SearchSpace, worker: int = 0):
-        self.job, self.space, self.worker = job, space, worker
-        self.base = to_plain(load_experiment(job.exp))
+    def __init__(self, job, space: SearchSpace, worker: int = 0, seed: int | None = None):
+        self.job, self.space, self.worker, self.seed = job, space, worker, seed
+        self.base = to_plain(load_experiment(job.exp, dict(job.overrides)))
 
     def __call__(self, trial: optuna.Trial) -> float:
         from competition.train.loop import fit
@@ -32,9 +36,12 @@ class Objective:
         name = trial_experiment_name(job.study, trial.number)
         # Progress bars from parallel workers would interleave; the per-epoch log lines remain.
         overrides = {"train.epochs": epochs, "train.progress": False, **self.space.fixed, **values,
-                     "name": name, "tracking.group": job.study}
+                     "name": name, "tracking.group": job.study, "tracking.job_type": "tune"}
         exp = sp.build(self.base, overrides, f"trial {trial.number} of study {job.study!r}")
         trial.set_user_attr("experiment", name)
+        trial.set_user_attr("worker", worker_name())
+        if self.seed is not None:
+            trial.set_user_attr("sampler_seed", self.seed)
         tag = f"[trial {trial.number}{f' w{self.worker}' if self.worker else ''}]"
         log = lambda msg: print(f"{tag} {msg}", flush=True)  # noqa: E731
         log("params: " + ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()))
@@ -60,6 +67,9 @@ class Objective:
         def on_epoch(epoch: int, val_dice: float) -> None:
             # One step per epoch across folds, so trials are compared at the same amount of training.
             trial.report(val_dice, i * epochs + epoch)
+            # What the pruner compares against (completed trials, whichever worker ran them).
+            done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            trial.set_user_attr("compared_with", [t.number for t in done])
             if trial.should_prune():
                 trial.set_user_attr("stopped", f"pruned at fold {fold}, epoch {epoch}")
                 log(f"pruned at fold {fold}, epoch {epoch}: val Dice {val_dice:.4f} is below the pruner's bar")
