@@ -15,21 +15,19 @@ First the loading work in one process (``data.workers: 0``) at two geometries: 1
 (``handbone-unet3plus-2048``: the 2048 head, so the working size and the mask are 2048², the image
 shrunk to 512² for the network). Then the same at 1024² through a DataLoader with **one worker**
 process (persistent, batch 1), with a third side handing over ready-made samples: what moving a
-34 MiB sample (29 x 1024² uint8 mask + float32 image) from the worker to the trainer costs alone,
+33 MiB sample (29 x 1024² uint8 mask + float32 image) from the worker to the trainer costs alone,
 the floor of any cached loader. The samples are asserted bit-identical on every side. Beside them,
 the PNG decode alone: the most an uncached loader could reach.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.harness import Side, compare, measure
+from benchmarks.harness import Side, cached_vs_uncached, compare, measure, rates, temp_project
 from competition.config import CompetitionConfig, ExperimentConfig, validate
 from competition.data.adapters import make_adapter
 from competition.data.dataset import SegDataset
@@ -90,20 +88,9 @@ def through_worker(loader: DataLoader, keep: int):
     return out
 
 
-def rates(res, samples: int) -> str:
-    r = {k: samples / res.min(k) for k in res.labels}
-    return "samples/s (best round): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items())
-
-
 def main() -> None:
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        os.chdir(root)  # the cache lives in <project>/runs/_cache: here, the temp project
-        try:
-            _main(make_adapter(make_competition(root)))
-        finally:
-            os.chdir(cwd)
+    with temp_project() as root:  # the cache lives in <project>/runs/_cache: here, the temp project
+        _main(make_adapter(make_competition(root)))
 
 
 def _main(adapter) -> None:
@@ -121,18 +108,17 @@ def _main(adapter) -> None:
     for input_size, scale in ((1024, 1), (512, 4)):
         work = input_size * scale
         cached, plain = dataset(adapter, input_size, scale, True), dataset(adapter, input_size, scale, False)
-        res = compare(f"loading work in one process (data.workers 0): 2048² PNG + 29 polygons -> {input_size}² "
-                      f"input, {work}² work size and mask",
-                      Side(lambda: in_process(cached), note="memory-mapped rows, filled in the warm-up"),
-                      {"uncached": Side(lambda: in_process(plain), note="decode + resize + rasterise")},
-                      ours_label="cached", rounds=5)
-        ratio = res.speedup("uncached", "cached")
-        print(f"   {rates(res, samples)}; cached/uncached {ratio:.2f}x (target >= 3x); cached vs the PNG-decode "
-              f"floor {samples / res.min('cached') / floor:.1f}x", flush=True)
+        res, ratio = cached_vs_uncached(
+            f"loading work in one process (data.workers 0): 2048² PNG + 29 polygons -> {input_size}² input, "
+            f"{work}² work size and mask",
+            Side(lambda: in_process(cached), note="memory-mapped rows, filled in the warm-up"),
+            Side(lambda: in_process(plain), note="decode + resize + rasterise"), samples)
+        print(f"   (target >= 3x); cached vs the PNG-decode floor {samples / res.min('cached') / floor:.1f}x", flush=True)
         summary.append(f"{input_size}² input / {work}² work: {ratio:.1f}x in one process")
 
     # One DataLoader worker process at 1024² input: a sample (29 x 1024² uint8 mask + float image,
-    # 34 MiB) must also cross from the worker to the trainer; the third side is that cost alone.
+    # 33 MiB) must also cross from the worker to the trainer; the third side is that cost alone. (On a
+    # CUDA device training's loaders hand over compact samples instead: competition.data.transfer.)
     cached, plain = dataset(adapter, 1024, 1, True, 1), dataset(adapter, 1024, 1, False, 1)
     ready = Ready([cached[i] for i in range(n)])
     loaders = {k: worker_loader(d) for k, d in (("cached", cached), ("uncached", plain), ("transfer only", ready))}

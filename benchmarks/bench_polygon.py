@@ -18,15 +18,13 @@ outputs are asserted identical on every side.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from benchmarks.harness import Side, compare
+from benchmarks.harness import Side, cached_vs_uncached, compare, temp_project
 from competition.config import CompetitionConfig, ExperimentConfig
 from competition.data.cache import cache_root
 from competition.data.dataset import SegDataset
@@ -83,22 +81,12 @@ def dataset(adapter) -> SegDataset:
     return SegDataset(adapter, adapter.ids, exp, adapter.cfg.task, "train")
 
 
-def rates(res, n: int) -> str:
-    return "samples/s (best round): " + ", ".join(f"{k} {n / res.min(k):.1f}" for k in res.labels)
-
-
 def main() -> None:
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        os.chdir(root)  # the cache lives in <project>/runs/_cache: here, the temp project
-        try:
-            make_case(root / "data")
-            cfg = CompetitionConfig(name="bench-polygons", data_root=str(root / "data"), format="polygon_json",
-                                    classes=CLASSES)
-            _main(PolygonJsonAdapter(cfg), Uncached(cfg))
-        finally:
-            os.chdir(cwd)
+    with temp_project() as root:  # the cache lives in <project>/runs/_cache: here, the temp project
+        make_case(root / "data")
+        cfg = CompetitionConfig(name="bench-polygons", data_root=str(root / "data"), format="polygon_json",
+                                classes=CLASSES)
+        _main(PolygonJsonAdapter(cfg), Uncached(cfg))
 
 
 def _main(cached, plain) -> None:
@@ -108,22 +96,16 @@ def _main(cached, plain) -> None:
           f"({label.stat().st_size / 1024:.0f} KiB of JSON per image); every image once per round", flush=True)
     summary = []
     for size, what in ((WORK, f"{WORK[0]}² working size"), ((H, W), f"native {H}x{W}")):
-        res = compare(f"polygon masks at the {what}: {N_POLYGONS} polygons per image",
-                      Side(lambda: masks(cached, size), note="label hashed + packed mask read"),
-                      {"uncached": Side(lambda: masks(plain, size), note="label parsed + polygons rasterised")},
-                      ours_label="cached", rounds=5)
-        ratio = res.speedup("uncached", "cached")
-        print(f"   {rates(res, n)}; cached/uncached {ratio:.1f}x", flush=True)
+        _, ratio = cached_vs_uncached(f"polygon masks at the {what}: {N_POLYGONS} polygons per image",
+                                      Side(lambda: masks(cached, size), note="label hashed + packed mask read"),
+                                      Side(lambda: masks(plain, size), note="label parsed + polygons rasterised"), n)
         summary.append(f"masks at {what} {ratio:.0f}x")
 
     ds_cached, ds_plain = dataset(cached), dataset(plain)
-    res = compare(f"training samples, {W}x{H} PNG + {N_POLYGONS} polygons -> {WORK[0]}² (baseline augment, "
-                  f"data.workers 0)",
-                  Side(lambda: samples(ds_cached), note="decode + resize + augment; mask from the cache"),
-                  {"uncached": Side(lambda: samples(ds_plain), note="+ parse and rasterise every epoch")},
-                  ours_label="cached", rounds=5)
-    ratio = res.speedup("uncached", "cached")
-    print(f"   {rates(res, n)}; cached/uncached {ratio:.1f}x", flush=True)
+    _, ratio = cached_vs_uncached(f"training samples, {W}x{H} PNG + {N_POLYGONS} polygons -> {WORK[0]}² "
+                                  f"(baseline augment, data.workers 0)",
+                                  Side(lambda: samples(ds_cached), note="decode + resize + augment; mask from the cache"),
+                                  Side(lambda: samples(ds_plain), note="+ parse and rasterise every epoch"), n)
     summary.append(f"training samples {ratio:.1f}x")
 
     folder = cache_root() / FOLDER

@@ -13,8 +13,10 @@ are the result, absolute times are context.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import tempfile
 import statistics
 import sys
 import threading
@@ -318,3 +320,29 @@ def measure(name: str, fn: Callable[[], Any], *, rounds: int = MIN_ROUNDS, warmu
     print(f"   {name}: min {_fmt(min(times)).strip()}, median {_fmt(statistics.median(times)).strip()} "
           f"({rounds} rounds; no peer) [{load()}]", flush=True)
     return times
+
+
+def rates(res: Result, n: int) -> str:
+    """Each side's items per second in its best round (``n`` items per call)."""
+    return "samples/s (best round): " + ", ".join(f"{k} {n / res.min(k):.1f}" for k in res.labels)
+
+
+@contextlib.contextmanager
+def temp_project():
+    """A temporary project folder as the current directory (the project's caches live in its runs/)."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(cwd)
+
+
+def cached_vs_uncached(name: str, cached: Side, uncached: Side, n: int) -> tuple[Result, float]:
+    """:func:`compare` of a cache against the work it saves (5 rounds); prints the rates -> (result,
+    uncached/cached ratio of the mins)."""
+    res = compare(name, cached, {"uncached": uncached}, ours_label="cached", rounds=5)
+    ratio = res.speedup("uncached", "cached")
+    print(f"   {rates(res, n)}; cached/uncached {ratio:.2f}x", flush=True)
+    return res, ratio

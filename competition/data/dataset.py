@@ -31,9 +31,10 @@ from torch.utils.data import Dataset, Sampler
 
 from competition.config import IGNORE_INDEX, ExperimentConfig
 from competition.data.base import Adapter
+from competition.data.transfer import MEAN as _MEAN
+from competition.data.transfer import STD as _STD
+from competition.data.transfer import pack
 from competition.data.transforms import build_pipeline
-
-_MEAN, _STD = {1: [0.449], 3: [0.485, 0.456, 0.406]}, {1: [0.226], 3: [0.229, 0.224, 0.225]}
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,8 @@ class SegDataset(Dataset):
         self.ignore = getattr(adapter.cfg, "ignore", None) is not None
         self.seed = exp.train.seed
         self.epoch = 0
+        # Compact samples (competition.data.transfer) for loaders with worker processes: set by the loader.
+        self.compact = False
         self.pre = build_pipeline(exp.augment.preprocess, "augment.preprocess")
         self.aug = build_pipeline(exp.augment.train, "augment.train") if mode == "train" else None
         # data.cache: decoded + resized images and rasterised masks at the working size, memory-mapped
@@ -193,9 +196,12 @@ class SegDataset(Dataset):
             if self.geo.policy == "crop":
                 img, mask = self._crop(img, mask, np.random.default_rng(seed + [2]))
         out_hw = (img.shape[0] // s, img.shape[1] // s)
+        target = to_target(mask, self.task) if mask is not None else None
+        if self.compact:  # for a worker process: competition.data.transfer
+            return {**pack(resize_image(img, out_hw), target, self.task), "index": index}
         out = {"image": to_tensor(resize_image(img, out_hw)), "index": index}
-        if mask is not None:
-            out["mask"] = to_target(mask, self.task)
+        if target is not None:
+            out["mask"] = target
         return out
 
     def _work_size(self, image_id: str) -> tuple[int, int]:

@@ -71,6 +71,6 @@ class Swa:
         """The averaged model with BatchNorm statistics recomputed, or None before any update."""
         if int(self.avg.n_averaged) == 0:
             return None
-        loader = ({"image": b["image"]} for b in train_loader)
-        update_bn((b["image"].to(device) for b in loader), self.avg, device=device)
+        from competition.data.transfer import images
+        update_bn((images(b, device) for b in train_loader), self.avg, device=device)
         return self.avg.module

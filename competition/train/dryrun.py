@@ -158,7 +158,7 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
     batch = next(it)
     del it  # stops any worker processes
     load_s = time.time() - t
-    x, y = batch["image"], batch["mask"]
+    x, y = engine._to_device(batch)  # compact samples from workers expanded, as training does
     crop = f", crops of the image at {exp.data.crop_from or 'native'} px" if exp.data.policy == "crop" else ""
     log(f"loader: {len(train_ids)} training images, batch {exp.data.batch_size}, {exp.data.workers} workers"
         f"{crop}; first batch in {load_s:.1f}s")

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from competition.config import IGNORE_INDEX, CompetitionConfig, ExperimentConfig
-from competition.data import mixing
+from competition.data import mixing, transfer
 from competition.metrics import pair_metric, score_counts
 from competition.train import checkpoint as ckpt
 from competition.train import distributed as dd
@@ -116,6 +116,9 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if "image_raw" in batch:  # compact samples from worker processes, expanded here
+            x, y = transfer.unpack(batch, self.device, self.comp.task)
+            return x.contiguous(memory_format=self.memory_format), y
         x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         y = batch.get("mask")
         return x, (y.to(self.device, non_blocking=True) if y is not None else None)

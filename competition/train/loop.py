@@ -38,8 +38,17 @@ def _run_config(exp: ExperimentConfig, comp: CompetitionConfig, fold: int) -> di
     return {"experiment": to_plain(exp), "competition": to_plain(comp), "fold": fold}
 
 
+def compact_samples(workers: int) -> bool:
+    """Worker processes feeding a GPU hand over compact samples, expanded there (competition.data.transfer);
+    on the CPU the trainer would do the expansion itself, which measured no faster than the hand-over."""
+    return workers > 0 and torch.cuda.is_available()
+
+
 def _loader(ds, exp: ExperimentConfig, sampler=None, shuffle_free: bool = True) -> DataLoader:
     workers = exp.data.workers
+    if compact_samples(workers):
+        for d in getattr(ds, "datasets", None) or [getattr(ds, "dataset", ds)]:
+            d.compact = True
     return DataLoader(ds, batch_size=exp.data.batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False,
                       persistent_workers=False, prefetch_factor=2 if workers else None)
