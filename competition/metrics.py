@@ -120,7 +120,7 @@ def score_counts(inter, pred_sum, truth_sum, metric: "PairMetric | float" = 1.0)
 
 def scores_per_class(pred: np.ndarray, truth: np.ndarray, metric: "PairMetric | float" = 1.0) -> np.ndarray:
     """:func:`dice_per_class` for any per-pair metric."""
-    return score_counts(*_pair_counts(pred, truth), metric)
+    return score_counts(*pair_counts(pred, truth), metric)
 
 
 def f1_at_iou(inter, pred_sum, truth_sum, iou_threshold: float = 0.5, empty_score: float = 1.0) -> dict:
@@ -163,10 +163,10 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, empty_score: float = 0.0) -
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, empty_score: float = 1.0) -> np.ndarray:
     """Dice per class of (C, H, W) -> (C,) or (N, C, H, W) -> (N, C) binary masks (nonzero = 1)."""
-    return dice_from_counts(*_pair_counts(pred, truth), empty_score)
+    return dice_from_counts(*pair_counts(pred, truth), empty_score)
 
 
-def _pair_counts(pred: np.ndarray, truth: np.ndarray):
+def pair_counts(pred: np.ndarray, truth: np.ndarray):
     """(intersection, prediction, truth) pixel counts per class of (C, H, W) or (N, C, H, W) masks."""
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape:

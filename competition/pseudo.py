@@ -17,7 +17,6 @@ timm and albumentations have no pseudo-labelling.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -47,11 +46,10 @@ def confidence(u: np.ndarray, task: str) -> float:
 
 def produce(ensemble: str | None, name: str | None = None, min_confidence: float = 0.0, device: str = "auto",
             log=print) -> list[Path]:
-    """Write ``runs/pseudo/<name>/fold<k>/`` for every fold all the recipe's members cover."""
+    """Write ``runs/_pseudo/<name>/fold<k>/`` for every fold all the recipe's members cover."""
     from competition import oof
     from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for
-    from competition.predict.members import check_recipe, load_models, member_weights
-    from competition.predict.run import pick_device, recipe_runs, resolve_recipe
+    from competition.predict.run import build_predictor, pick_device, recipe_runs, resolve_recipe
     from competition.predict.submit import expected_rows
     from competition.train.checkpoint import file_hash
 
@@ -61,23 +59,20 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
     recipe = load_recipe(source)
     name = paths.check_name("pseudo-label set", name or recipe.name)
     comp = load_competition(recipe.competition)
-    check_recipe(recipe, comp.classes, comp.task, str(source))
     folds = sorted(set.intersection(*(set(m.folds) for m in recipe.members)))
     if not folds:
         raise ConfigError(f"{source}: its members share no fold, so no fold's pseudo-labels can be made")
     dev = pick_device(device)
     adapter = make_adapter(comp)
     ids, _ = expected_rows(comp, adapter)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
-    weights = member_weights(recipe, str(source))
     with locks.hold_runs(recipe_runs(recipe)):
-        models = load_models(recipe, Path.cwd(), str(source), dev, in_ch)
-        size = tuple(recipe.oof_size) if recipe.oof_size else oof.store_size(models[0][0].experiment)
+        full = build_predictor(recipe, comp, Path.cwd(), str(source), dev)  # the submission's members
+        size = full.members[0].store_size
         per_fold = {}
-        for k in folds:  # fold k: every member's fold-k model, the recipe's weights
-            members = [MemberPredictor([ms[m.folds.index(k)]], comp.task, m.tta, m.tta_scales, size, dev)
-                       for ms, m in zip(models, recipe.members)]
-            per_fold[k] = EnsemblePredictor(members, weights, comp.task, recipe.thresholds, dev)
+        for k in folds:  # fold k: every member's fold-k model alone, the recipe's weights
+            members = [MemberPredictor([mp.models[m.folds.index(k)]], comp.task, mp.views, mp.scales, size, dev)
+                       for mp, m in zip(full.members, recipe.members)]
+            per_fold[k] = EnsemblePredictor(members, full.weights, comp.task, recipe.thresholds, dev)
         first = per_fold[folds[0]]
         loader = DataLoader(TestInputs(adapter, ids, first.inputs, comp.task),
                             batch_size=batch_size_for([m.experiment for m in first.members]), shuffle=False,
@@ -203,11 +198,3 @@ def add_pseudo(train_ds, weights: np.ndarray | None, exp: ExperimentConfig, comp
     pseudo_ds.seed = exp.train.seed + 7_919  # augmentation draws of their own, not the labelled images'
     base = np.ones(len(train_ds)) if weights is None else np.asarray(weights, np.float64)
     return TrainingSet([train_ds, pseudo_ds]), np.concatenate([base, np.full(len(pseudo_ds), spec.weight)])
-
-
-def summary(name: str) -> dict:
-    """What a run records of the pseudo-labels it used (its metrics.json and the ledger)."""
-    d = paths.pseudo_dir(name)
-    metas = [json.loads((p / "meta.json").read_text()) for p in sorted(d.glob("fold*")) if (p / "meta.json").is_file()]
-    return {"name": name, "recipe": metas[0]["recipe"] if metas else None,
-            "recipe_sha256": metas[0]["recipe_sha256"] if metas else None}

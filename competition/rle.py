@@ -240,7 +240,13 @@ def decode(rle: str | None, shape: tuple[int, int], order: str = "row-major") ->
     (no full-size transpose) when the mask has few edges, as real masks do.
     """
     _check_order(order)
-    starts, ends = runs(rle, shape)
+    return from_runs(*runs(rle, shape), shape, order)
+
+
+def from_runs(starts: np.ndarray, ends: np.ndarray, shape: tuple[int, int], order: str = "row-major") -> np.ndarray:
+    """The (H, W) uint8 {0, 1} C-contiguous mask of sorted, non-overlapping runs (0-indexed flat
+    ``starts``, exclusive ``ends``, as :func:`runs` gives them) in pixel ``order``."""
+    _check_order(order)
     h, w = (int(v) for v in shape)
     if order == "row-major":
         return _fill(starts, ends, h * w).reshape(h, w)

@@ -198,19 +198,9 @@ def _report_metric(name: str, cfg, per_row, inter, pred_sum, truth_sum, pred_run
                                           cfg.metric.iou_threshold, cfg.metric.empty_score)["mean"] for c in classes}
         return {"mean": float(np.mean(list(per_class.values()))), "per_class": per_class}
     order = cfg.submission.pixel_order
-    hd = np.array([metrics.hausdorff95(_runs_mask(p, s, order), _runs_mask(t, s, order))
+    hd = np.array([metrics.hausdorff95(rle.from_runs(*p, s, order), rle.from_runs(*t, s, order))
                    for p, t, s in zip(pred_runs, truth_runs, shapes)])
     return {"mean": float(hd.mean()), "per_class": {c: float(hd[by[c]].mean()) for c in classes}}
-
-
-def _runs_mask(runs, shape, order: str) -> np.ndarray:
-    """(starts, ends) runs -> an (H, W) bool mask in the submission's pixel order."""
-    h, w = shape
-    flat = np.zeros(h * w, np.int8)
-    np.add.at(flat, runs[0], 1)
-    np.add.at(flat, runs[1][runs[1] < h * w], -1)
-    flat = np.cumsum(flat).astype(bool)
-    return flat.reshape(h, w) if order == "row-major" else flat.reshape(w, h).T
 
 
 def _check_truth(t_id, t_cls, t_rle, shapes, classes, name, label) -> list:

@@ -184,6 +184,11 @@ def test_changed_config_refuses_to_resume(folded):
     write_exp(folded, "tiny", train={"epochs": 1}, optimizer={"lr": 0.02})
     with pytest.raises(ConfigError, match=r"different configuration \(changed: \['optimizer.lr'\]\)"):
         fit(load_experiment("tiny"), fold=0, log=lambda *_: None)
+    # Where a run is reported (tracking.*) and how fast it loads (data.workers) are not its configuration.
+    write_exp(folded, "tiny", train={"epochs": 1}, tracking={"wandb": False, "project": "elsewhere", "entity": "team"},
+              data={"workers": 1})
+    m = fit(load_experiment("tiny"), fold=0, log=lambda *_: None)
+    assert m["epochs_run"] == 1
 
 
 @pytest.mark.slow
@@ -201,3 +206,15 @@ def test_ddp_two_processes_gloo(folded):
     run = folded / "runs/ddp/fold0"
     assert (run / "best.pt").is_file() and (run / "metrics.json").is_file()
     assert not list(run.glob(".*.tmp"))
+
+
+def test_precision_on_the_cpu(monkeypatch):
+    """auto and fp16 stay fp32 on the CPU; bf16 autocasts only where the CPU runs bf16 natively."""
+    from competition.train import engine
+    cpu = torch.device("cpu")
+    assert engine.autocast_dtype("auto", cpu) is None and engine.autocast_dtype("fp16", cpu) is None
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    assert engine.autocast_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert engine.autocast_dtype("bf16", cpu) is None

@@ -31,9 +31,7 @@ from torch.utils.data import Dataset, Sampler
 
 from competition.config import IGNORE_INDEX, ExperimentConfig
 from competition.data.base import Adapter
-from competition.data.transfer import MEAN as _MEAN
-from competition.data.transfer import STD as _STD
-from competition.data.transfer import pack
+from competition.data.transfer import normalize, pack
 from competition.data.transforms import build_pipeline
 
 
@@ -112,12 +110,8 @@ def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8/uint16 (H, W[, 3]) -> normalised float32 (C, H, W)."""
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(scale)
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-    c = x.shape[0]
-    return (x - torch.tensor(_MEAN[c]).view(c, 1, 1)) / torch.tensor(_STD[c]).view(c, 1, 1)
+    """uint8/uint16 (H, W[, 3]) -> normalised float32 (C, H, W) (:func:`competition.data.transfer.normalize`)."""
+    return normalize(torch.from_numpy(np.ascontiguousarray(img))[None])[0]
 
 
 def with_ignore(mask: np.ndarray, ignore: np.ndarray | None) -> np.ndarray:

@@ -51,16 +51,22 @@ def _unpackbits(packed: torch.Tensor, width: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :width].bool()
 
 
-def images(batch: dict, device: torch.device) -> torch.Tensor:
-    """The batch's normalised float32 (B, C, H, W) network input on ``device``, compact or plain."""
-    if "image_raw" not in batch:
-        return batch["image"].to(device, non_blocking=True)
-    raw = batch["image_raw"].to(device, non_blocking=True)
+def normalize(raw: torch.Tensor) -> torch.Tensor:
+    """uint8/uint16 (B, H, W[, 3]) images -> the normalised float32 (B, C, H, W) network input, on
+    their device: the one normalisation (``SegDataset``'s samples and compact batches alike)."""
     scale = 65535.0 if raw.dtype == torch.uint16 else 255.0
     x = raw.float().div_(scale)
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     c = x.shape[1]
-    return (x - torch.tensor(MEAN[c], device=device).view(1, c, 1, 1)) / torch.tensor(STD[c], device=device).view(1, c, 1, 1)
+    mean = torch.tensor(MEAN[c], device=x.device).view(1, c, 1, 1)
+    return (x - mean) / torch.tensor(STD[c], device=x.device).view(1, c, 1, 1)
+
+
+def images(batch: dict, device: torch.device) -> torch.Tensor:
+    """The batch's normalised float32 (B, C, H, W) network input on ``device``, compact or plain."""
+    if "image_raw" not in batch:
+        return batch["image"].to(device, non_blocking=True)
+    return normalize(batch["image_raw"].to(device, non_blocking=True))
 
 
 def unpack(batch: dict, device: torch.device, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:

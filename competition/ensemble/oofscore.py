@@ -62,7 +62,7 @@ def report_metrics(view, truth, task: str, level: int, spec, budget_bytes: int =
     counts = [np.empty((N, C), np.int64) for _ in range(3)]
     hd = np.empty((N, C))
     for s, e, pred, T in _masks(view, truth, task, level, budget_bytes, ignore):
-        for arr, v in zip(counts, metrics._pair_counts(pred, T)):
+        for arr, v in zip(counts, metrics.pair_counts(pred, T)):
             arr[s:e] = v
         if "hausdorff95" in wanted:
             hd[s:e] = [[metrics.hausdorff95(pred[i, c], T[i, c]) for c in range(C)] for i in range(e - s)]

@@ -7,6 +7,7 @@ from competition.errors import UserError
 import contextlib
 import math
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -43,7 +44,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if precision != "bf16":
             return None
         if not cpu_has_bf16():
-            _warn_once("train.precision: bf16: this CPU has no native bf16 (AVX512-BF16/AMX); using fp32")
+            # Python's default warning filter shows this once, however many models are built.
+            warnings.warn("train.precision: bf16: this CPU has no native bf16 (AVX512-BF16/AMX); using fp32")
             return None
         return torch.bfloat16
     if device.type != "cuda":
@@ -58,16 +60,6 @@ def cpu_has_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN, or an older torch
         return False
-
-
-_WARNED: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        import warnings
-        warnings.warn(msg)
 
 
 def use_sync_bn(exp: ExperimentConfig, d: dd.Dist, device: torch.device) -> bool:
