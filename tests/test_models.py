@@ -57,6 +57,27 @@ def test_unet3plus_deep_supervision_train_list_eval_tensor(encoder):
     assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in model.heads)
 
 
+def test_unet3plus_upsample_last_same_parameters_coarse_branches_at_their_own_size():
+    def build(upsample_last):
+        torch.manual_seed(0)
+        return build_model(ModelConfig(arch="unet3plus", encoder="tu-test_resnet", deep_supervision=True,
+                                       kwargs={"cat_channels": 8, "upsample_last": upsample_last}), 3, 1)
+    paper, fast = build(False), build(True)
+    assert [(k, v.shape) for k, v in paper.state_dict().items()] == \
+        [(k, v.shape) for k, v in fast.state_dict().items()]
+    fast.load_state_dict(paper.state_dict())  # checkpoints move between the two orders
+    seen = {}
+    finest = fast.stages[-1]  # the stride-2 stage: every input but the first is coarser
+    for i, branch in enumerate(finest.branches):
+        branch.register_forward_pre_hook(lambda m, inp, i=i: seen.update({i: tuple(inp[0].shape[-2:])}))
+    x = torch.randn(2, 1, 64, 64)
+    outs = out_of(fast, x, train=True)
+    assert len(outs) == 5 and all(o.shape == (2, 3, 64, 64) for o in outs)
+    assert seen[0] == (32, 32) and seen[1] == (16, 16) and seen[len(seen) - 1] == (2, 2)
+    # The same weights compute a different (not merely re-ordered) function.
+    assert not torch.allclose(out_of(paper, x), out_of(fast, x))
+
+
 def test_unet3plus_without_deep_supervision_returns_tensor_in_training():
     model = build_model(ModelConfig(arch="unet3plus", encoder="tu-test_resnet", kwargs={"cat_channels": 8}), 2, 1)
     assert out_of(model, torch.randn(1, 1, 64, 64), train=True).shape == (1, 2, 64, 64)

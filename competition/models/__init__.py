@@ -88,7 +88,7 @@ def _unet3plus(cfg: ModelConfig, num_classes: int, in_channels: int, weights) ->
     if cfg.decoder_channels is not None:
         raise ConfigError("model.decoder_channels does not apply to unet3plus; set model.kwargs.cat_channels "
                           "(channels per full-scale skip, default 64)")
-    allowed = {"cat_channels", "interpolation"}
+    allowed = {"cat_channels", "interpolation", "upsample_last"}
     if set(cfg.kwargs) - allowed:
         raise ConfigError(f"model.kwargs for unet3plus: unknown {sorted(set(cfg.kwargs) - allowed)}; "
                           f"valid: {', '.join(sorted(allowed))}")

@@ -33,9 +33,10 @@ def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 class _DecoderStage(nn.Module):
     """One decoder stage at level ``level``: resamples all ``n_levels`` inputs to its size, fuses them."""
 
-    def __init__(self, level: int, in_channels: list[int], cat_channels: int, interpolation: str):
+    def __init__(self, level: int, in_channels: list[int], cat_channels: int, interpolation: str,
+                 upsample_last: bool = False):
         super().__init__()
-        self.level, self.interpolation = level, interpolation
+        self.level, self.interpolation, self.upsample_last = level, interpolation, upsample_last
         self.branches = nn.ModuleList(conv_bn_relu(c, cat_channels) for c in in_channels)
         self.fuse = conv_bn_relu(cat_channels * len(in_channels), cat_channels * len(in_channels))
 
@@ -51,6 +52,9 @@ class _DecoderStage(nn.Module):
                 if x.shape[-2:] != size:
                     x = F.adaptive_max_pool2d(x, size)
             elif lvl > self.level:
+                if self.upsample_last:
+                    parts.append(_resize(branch(x), size, self.interpolation))
+                    continue
                 x = _resize(x, size, self.interpolation)
             parts.append(branch(x))
         return self.fuse(torch.cat(parts, 1))
@@ -69,13 +73,17 @@ class UNet3Plus(nn.Module):
         cat_channels: channels of each resampled input of a decoder stage (paper: 64); a stage fuses
             ``n_levels * cat_channels`` channels.
         interpolation: ``bilinear`` (paper) or ``nearest`` (deterministic backward on CUDA).
+        upsample_last: a coarser input goes through its conv3x3-BN-ReLU at its own resolution and is
+            upsampled afterwards (the paper upsamples first). Same shapes and parameters; the branch
+            convs of the finest stage cost up to 2**(2*levels) less, which makes the decoder about
+            twice as fast at 128 px.
         deep_supervision: training-mode forward returns one output per decoder stage (see module doc).
         encoder_weights: passed to smp (None = random init); local files are loaded by ``build_model``.
     """
 
     def __init__(self, encoder_name: str = "resnet18", in_channels: int = 3, classes: int = 1,
                  encoder_depth: int = 5, encoder_weights: str | bool | None = None, cat_channels: int = 64,
-                 interpolation: str = "bilinear", deep_supervision: bool = False):
+                 interpolation: str = "bilinear", deep_supervision: bool = False, upsample_last: bool = False):
         super().__init__()
         if interpolation not in ("bilinear", "nearest"):
             raise ValueError(f"unet3plus interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
@@ -96,7 +104,7 @@ class UNet3Plus(nn.Module):
         self.stages = nn.ModuleList()
         for k in range(n - 2, -1, -1):
             in_ch = [out_ch[lvl] for lvl in self.levels[:k + 1]] + [up] * (n - 2 - k) + [out_ch[self.levels[-1]]]
-            self.stages.append(_DecoderStage(self.levels[k], in_ch, cat_channels, interpolation))
+            self.stages.append(_DecoderStage(self.levels[k], in_ch, cat_channels, interpolation, upsample_last))
         # Heads finest first: one per decoder stage, then the bottleneck. Without deep supervision only
         # the final head exists: parameters no loss reaches would break DDP (unused parameters).
         self.heads = nn.ModuleList([nn.Conv2d(up, classes, 3, padding=1)])
