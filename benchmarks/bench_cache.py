@@ -14,10 +14,13 @@ First the loading work in one process (``data.workers: 0``) at two geometries: 1
 ``eff`` / SegFormer recipes: image and mask at 1024²) and 512² input with ``output_scale: 4``
 (``handbone-unet3plus-2048``: the 2048 head, so the working size and the mask are 2048², the image
 shrunk to 512² for the network). Then the same at 1024² through a DataLoader with **one worker**
-process (persistent, batch 1), with a third side handing over ready-made samples: what moving a
-33 MiB sample (29 x 1024² uint8 mask + float32 image) from the worker to the trainer costs alone,
-the floor of any cached loader. The samples are asserted bit-identical on every side. Beside them,
-the PNG decode alone: the most an uncached loader could reach.
+process (persistent, batch 1) as a GPU run uses it: compact samples (``competition.data.transfer``:
+the 8-bit image and the bit-packed mask, 4.6 MiB instead of 33 MiB), which the trainer unpacks on its
+device (here the CPU, inside the timing). A cached row without transforms goes out as stored, bits
+and all; an uncached sample is decoded, rasterised and packed in the worker. A third side hands over
+ready-made compact samples: the hand-over and unpack alone, the floor of any loader. The samples are
+asserted bit-identical to in-process loading on every side. Beside them, the PNG decode alone: the
+most an uncached loader could reach.
 """
 from __future__ import annotations
 
@@ -27,13 +30,16 @@ import cv2
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
+import torch
 from benchmarks.harness import Side, cached_vs_uncached, compare, measure, rates, temp_project
 from competition.config import CompetitionConfig, ExperimentConfig, validate
 from competition.data.adapters import make_adapter
 from competition.data.dataset import SegDataset
+from competition.data.transfer import unpack
 
 REPO = Path(__file__).resolve().parent.parent
 REPEAT = 3  # draws of each image per round
+CPU = torch.device("cpu")
 
 
 def make_competition(root: Path) -> CompetitionConfig:
@@ -43,11 +49,13 @@ def make_competition(root: Path) -> CompetitionConfig:
     return validate(CompetitionConfig, data, "bench: synthetic-hands-2048, 4 subjects")
 
 
-def dataset(adapter, input_size: int, scale: int, cache: bool, workers: int = 0) -> SegDataset:
+def dataset(adapter, input_size: int, scale: int, cache: bool, compact: bool = False) -> SegDataset:
     exp = ExperimentConfig.model_validate({
         "name": "bench-cache", "competition": adapter.cfg.name, "model": {"output_scale": scale},
-        "data": {"input_size": input_size, "batch_size": 1, "workers": workers, "cache": cache}})
-    return SegDataset(adapter, adapter.ids, exp, adapter.cfg.task, "train")
+        "data": {"input_size": input_size, "batch_size": 1, "workers": int(compact), "cache": cache}})
+    ds = SegDataset(adapter, adapter.ids, exp, adapter.cfg.task, "train")
+    ds.compact = compact  # what the training loader sets when its workers feed a GPU
+    return ds
 
 
 def in_process(ds: SegDataset):
@@ -80,11 +88,13 @@ def worker_loader(ds) -> DataLoader:
 
 
 def through_worker(loader: DataLoader, keep: int):
-    """One pass of a one-worker DataLoader; the first ``keep`` samples (every image once) for the check."""
+    """One pass of a one-worker DataLoader of compact samples, each unpacked as the trainer does (on
+    its device: here the CPU); the first ``keep`` samples (every image once) for the check."""
     out = []
     for k, batch in enumerate(loader):
+        x, y = unpack(batch, CPU, "multilabel")
         if k < keep:
-            out.append((batch["image"][0], batch["mask"][0]))
+            out.append((x[0], y[0]))
     return out
 
 
@@ -116,22 +126,25 @@ def _main(adapter) -> None:
         print(f"   (target >= 3x); cached vs the PNG-decode floor {samples / res.min('cached') / floor:.1f}x", flush=True)
         summary.append(f"{input_size}² input / {work}² work: {ratio:.1f}x in one process")
 
-    # One DataLoader worker process at 1024² input: a sample (29 x 1024² uint8 mask + float image,
-    # 33 MiB) must also cross from the worker to the trainer; the third side is that cost alone. (On a
-    # CUDA device training's loaders hand over compact samples instead: competition.data.transfer.)
-    cached, plain = dataset(adapter, 1024, 1, True, 1), dataset(adapter, 1024, 1, False, 1)
+    # One DataLoader worker process at 1024² input, compact samples as on a GPU (see the docstring).
+    cached, plain = dataset(adapter, 1024, 1, True, compact=True), dataset(adapter, 1024, 1, False, compact=True)
     ready = Ready([cached[i] for i in range(n)])
     loaders = {k: worker_loader(d) for k, d in (("cached", cached), ("uncached", plain), ("transfer only", ready))}
-    res = compare("one DataLoader worker (batch 1, persistent): 2048² PNG + 29 polygons -> 1024² input and mask",
-                  Side(lambda: through_worker(loaders["cached"], n), workers=1, note="cache filled in the warm-up"),
+    res = compare("one DataLoader worker (batch 1, persistent, compact samples unpacked in the trainer): "
+                  "2048² PNG + 29 polygons -> 1024² input and mask",
+                  Side(lambda: through_worker(loaders["cached"], n), workers=1,
+                       note="cache filled in the warm-up; rows go out as stored"),
                   {"uncached": Side(lambda: through_worker(loaders["uncached"], n), workers=1),
                    "transfer only": Side(lambda: through_worker(loaders["transfer only"], n), workers=1,
-                                         note="ready-made samples: the worker-to-trainer hand-over alone")},
+                                         note="ready-made compact samples: hand-over + unpack alone")},
                   ours_label="cached", rounds=5)
+    reference = in_process(dataset(adapter, 1024, 1, False))[:n]
+    for (x, y), (rx, ry) in zip(through_worker(loaders["cached"], n), reference):
+        assert torch.equal(x, rx) and torch.equal(y, ry), "compact samples differ from in-process loading"
     ratio = res.speedup("uncached", "cached")
     print(f"   {rates(res, samples)}; cached/uncached {ratio:.2f}x; the hand-over alone is "
           f"{res.min('transfer only') / res.min('cached'):.0%} of the cached time", flush=True)
-    summary.append(f"1024² through one worker: {ratio:.1f}x")
+    summary.append(f"1024² through one worker (compact): {ratio:.1f}x")
     print("   cache speed-up: " + "; ".join(summary), flush=True)
 
 

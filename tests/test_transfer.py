@@ -64,13 +64,13 @@ def test_dataset_samples_compact_or_plain_give_the_same_batch(tiny_project, task
     assert torch.equal(x, ref["image"]) and torch.equal(y, ref["mask"]) and y.shape[-1] == 2 * x.shape[-1]
 
 
-def test_training_with_a_worker_process_equals_training_without(tiny_project, monkeypatch):
-    """Compact samples forced on (on a GPU machine they are the default with workers): same scores."""
+def test_training_with_a_worker_process_equals_training_without(tiny_project):
+    """A worker hands over compact samples (the default with workers), in-process loading plain ones:
+    the same scores."""
     from competition.cli import main
     from competition.config import load_experiment
-    from competition.train import loop
-    from competition.train.loop import fit
-    monkeypatch.setattr(loop, "compact_samples", lambda workers: workers > 0)
+    from competition.train.loop import compact_samples, fit
+    assert compact_samples(1) and not compact_samples(0)
     assert main(["folds", "--comp", "tiny-hands"]) == 0
     base = {"competition": "tiny-hands", "model": {"arch": "Unet", "encoder": "tu-test_resnet",
                                                    "decoder_channels": [16, 16, 8, 8, 8]},
@@ -84,3 +84,47 @@ def test_training_with_a_worker_process_equals_training_without(tiny_project, mo
         m = fit(load_experiment(name), 0, log=lambda *_: None)
         scores[workers] = (m["val_dice"], m["oof_dice"])
     assert scores[0] == scores[1]
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_cached_rows_pass_through_as_stored_bits_and_equal_the_packed_sample(tiny_project, scale):
+    """Without transforms a cached compact sample is the cache row's bits (no unpack + re-pack), and
+    it is exactly what packing the unpacked sample gives; with an augmentation the row is unpacked."""
+    from competition.config import load_competition, load_experiment
+    from competition.data import transfer
+    from competition.data.adapters import make_adapter
+    from competition.data.dataset import SegDataset
+    (tiny_project / "configs/experiments/c.yaml").write_text(yaml.safe_dump(
+        {"competition": "tiny-hands", "model": {"output_scale": scale},
+         "data": {"input_size": 32, "cache": True}, "augment": {"train": []}}))
+    comp, exp = load_competition("tiny-hands"), load_experiment("c")
+    adapter = make_adapter(comp)
+    ids = adapter.ids[:3]
+    packed = SegDataset(adapter, ids, exp, comp.task, "val")
+    packed.compact = True
+    first = [packed[i] for i in range(3)]  # fills the cache rows (the packing path)
+    calls = []
+    real_pack = transfer.pack
+    ds = SegDataset(adapter, ids, exp, comp.task, "val")
+    ds.compact = True
+    assert ds._passthrough()
+    import competition.data.dataset as dataset_mod
+    orig = dataset_mod.pack
+    dataset_mod.pack = lambda *a, **k: calls.append(1) or real_pack(*a, **k)
+    try:
+        again = [ds[i] for i in range(3)]
+    finally:
+        dataset_mod.pack = orig
+    assert calls == []  # served from the stored bits
+    for a, b in zip(first, again):
+        assert a.keys() == b.keys() and a.pop("index") == b.pop("index") and all(torch.equal(a[k], b[k]) for k in a)
+    plain = SegDataset(adapter, ids, exp, comp.task, "val")
+    ref = default_collate([plain[i] for i in range(3)])
+    x, y = unpack(default_collate(again), CPU, comp.task)
+    assert torch.equal(x, ref["image"]) and torch.equal(y, ref["mask"])
+    (tiny_project / "configs/experiments/a.yaml").write_text(yaml.safe_dump(
+        {"competition": "tiny-hands", "data": {"input_size": 32, "cache": True},
+         "augment": {"train": [{"name": "HorizontalFlip", "p": 1.0}]}}))
+    aug = SegDataset(adapter, ids, load_experiment("a"), comp.task, "train")
+    aug.compact = True
+    assert not aug._passthrough()

@@ -305,6 +305,13 @@ class SampleCache:
             return None
         return unpack_mask(a["masks"].array[row], self.work[1])
 
+    def mask_bits(self, row: int) -> np.ndarray | None:
+        """A private copy of the row's bit-packed (C, H, ceil(W/8)) mask, or None if not filled."""
+        a = self._arrays()
+        if not a["filled"].array[row, 1]:
+            return None
+        return np.array(a["masks"].array[row])
+
     def put_image(self, row: int, img: np.ndarray) -> bool:
         """Store the row's image; False (nothing written) when it does not fit the cache's layout."""
         if img.shape != self.image_shape or img.dtype != self.image_dtype:

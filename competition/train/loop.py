@@ -39,9 +39,10 @@ def _run_config(exp: ExperimentConfig, comp: CompetitionConfig, fold: int) -> di
 
 
 def compact_samples(workers: int) -> bool:
-    """Worker processes feeding a GPU hand over compact samples, expanded there (competition.data.transfer);
-    on the CPU the trainer would do the expansion itself, which measured no faster than the hand-over."""
-    return workers > 0 and torch.cuda.is_available()
+    """Worker processes hand over compact samples, expanded on the trainer's device
+    (competition.data.transfer): on a CPU trainer too, where unpacking measured 2.4x faster than
+    receiving the plain sample (one worker, cached 1024² hand-bone samples: 79.5 vs 33.0 samples/s)."""
+    return workers > 0
 
 
 def _loader(ds, exp: ExperimentConfig, sampler=None, shuffle_free: bool = True) -> DataLoader:
