@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from benchmarks.harness import load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +70,18 @@ def hidden_score(score_output: str) -> float:
     return float(m.group(1))
 
 
+def recipe_line(path: Path) -> str:
+    """The recipe's native CV (in-sample and nested) and each experiment's share of the weights."""
+    recipe = yaml.safe_load(path.read_text())
+    share: dict[str, float] = {}
+    for m in recipe["members"]:
+        share[m["experiment"]] = share.get(m["experiment"], 0.0) + sum(m["weights"]) / len(m["weights"])
+    cv = recipe["scores"]
+    weights = ", ".join(f"{e} {w:.2f}" for e, w in share.items())
+    return (f"recipe {path.name}: native CV in-sample {cv['in_sample']:.4f}, nested {cv['nested']:.4f}; "
+            f"weights {weights} (an experiment not listed has weight 0)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks pipeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rev", default="HEAD", help="the commit to measure (default: HEAD; uncommitted edits are not seen)")
@@ -89,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:<32} {seconds:7.1f} s   [{load()}]", flush=True)
         print(f"  {'total':<32} {total:7.1f} s  ({total / 60:.1f} min)")
         print(f"  hidden-test score of the submission: {hidden_score(out):.4f}   [{load()}]")
+        print("  " + recipe_line(cwd / "ensembles" / "blend.yaml"))
         return 0
     finally:
         if not args.keep:
