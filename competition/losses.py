@@ -99,6 +99,20 @@ def _smp_term(cls):
     return build
 
 
+class _Dice(smp_losses.DiceLoss):
+    """smp's DiceLoss, with the sigmoid of multilabel logits taken here (``torch.sigmoid``) and smp
+    given probabilities. smp's own from-logits path computes ``logsigmoid(x).exp()``, the same values,
+    and torch's CPU ``log_sigmoid`` kernel made that 4x slower (15.0 vs 3.8 ms forward + backward on
+    8 x 12 x 128², a quarter of the loss of a deep-supervised UNet 3+ step). Multiclass is unchanged."""
+
+    def __init__(self, mode: str, **kw):
+        self.sigmoid_here = mode != "multiclass"
+        super().__init__(mode=mode, from_logits=not self.sigmoid_here, **kw)
+
+    def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.sigmoid(y_pred) if self.sigmoid_here else y_pred, y_true)
+
+
 def _lovasz(mode, num_classes, w, ignore_index=None, **kw):
     return _Lovasz(mode, w, ignore_index=ignore_index, **kw)
 
@@ -163,7 +177,9 @@ def _lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
 
 _lovasz.cls = _Lovasz  # the class whose signature lists the valid kwargs in errors
 LOSS_TERMS.register("bce", _bce, cls="SoftBCEWithLogitsLoss | torch CrossEntropyLoss (multiclass)")
-LOSS_TERMS.register("dice", _smp_term(smp_losses.DiceLoss), cls="smp DiceLoss")
+_dice = _smp_term(_Dice)
+_dice.cls = smp_losses.DiceLoss  # the class whose signature lists the valid kwargs in errors
+LOSS_TERMS.register("dice", _dice, cls="smp DiceLoss")
 LOSS_TERMS.register("jaccard", _smp_term(smp_losses.JaccardLoss), cls="smp JaccardLoss")
 LOSS_TERMS.register("tversky", _smp_term(smp_losses.TverskyLoss), cls="smp TverskyLoss")
 LOSS_TERMS.register("focal", _smp_term(_Focal), cls="smp FocalLoss")

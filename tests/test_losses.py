@@ -49,6 +49,25 @@ def test_bce_is_torch_bce_and_multiclass_bce_is_cross_entropy(ml, mc):
     assert loss("bce", mode="multiclass", C=4)(x, y).item() == pytest.approx(F.cross_entropy(x, y).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("ignore", [False, True])
+def test_dice_equals_smp_dice_from_logits_value_and_gradient(ml, mc, ignore):
+    """Our dice takes the sigmoid itself (speed); the loss and its gradient are smp's from-logits Dice."""
+    x, y = ml
+    if ignore:
+        y = y.clone()
+        y[:, :, 3:7, 2:9] = 255
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = build_loss(LossConfig(terms=[LossTerm(name="dice")]), "multilabel", 3, ignore_index=255 if ignore else None)
+    ref = smp_losses.DiceLoss("multilabel", from_logits=True, ignore_index=255 if ignore else None)
+    a, b = ours(ours_x, y), ref(ref_x, y)
+    a.backward(), b.backward()
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=1e-5, atol=1e-7)
+    x, y = mc
+    assert loss("dice", mode="multiclass", C=4)(x, y).item() == \
+        pytest.approx(smp_losses.DiceLoss("multiclass", from_logits=True)(x, y).item(), rel=1e-6)
+
+
 def test_weighted_sum_equals_sum_of_parts(ml):
     x, y = ml
     cfg = LossConfig(terms=[LossTerm(name="bce", weight=0.3), LossTerm(name="dice", weight=2.0),
