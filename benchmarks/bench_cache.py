@@ -18,7 +18,8 @@ process (persistent, batch 1) as a GPU run uses it: compact samples (``competiti
 the 8-bit image and the bit-packed mask, 4.6 MiB instead of 33 MiB), which the trainer unpacks on its
 device (here the CPU, inside the timing). A cached row without transforms goes out as stored, bits
 and all; an uncached sample is decoded, rasterised and packed in the worker. A third side hands over
-ready-made compact samples: the hand-over and unpack alone, the floor of any loader. The samples are
+ready-made compact samples: the hand-over and unpack alone, the floor of any loader; a fourth the
+cached rows as plain samples (float image, uint8 mask: torch's default hand-over). The samples are
 asserted bit-identical to in-process loading on every side. Beside them, the PNG decode alone: the
 most an uncached loader could reach.
 """
@@ -87,6 +88,15 @@ def worker_loader(ds) -> DataLoader:
     return DataLoader(ds, batch_size=1, sampler=order, num_workers=1, persistent_workers=True, prefetch_factor=2)
 
 
+def plain_through_worker(loader: DataLoader, keep: int):
+    """The same pass with plain samples (float image, uint8 mask): torch's default hand-over."""
+    out = []
+    for k, batch in enumerate(loader):
+        if k < keep:
+            out.append((batch["image"][0], batch["mask"][0]))
+    return out
+
+
 def through_worker(loader: DataLoader, keep: int):
     """One pass of a one-worker DataLoader of compact samples, each unpacked as the trainer does (on
     its device: here the CPU); the first ``keep`` samples (every image once) for the check."""
@@ -129,14 +139,18 @@ def _main(adapter) -> None:
     # One DataLoader worker process at 1024² input, compact samples as on a GPU (see the docstring).
     cached, plain = dataset(adapter, 1024, 1, True, compact=True), dataset(adapter, 1024, 1, False, compact=True)
     ready = Ready([cached[i] for i in range(n)])
-    loaders = {k: worker_loader(d) for k, d in (("cached", cached), ("uncached", plain), ("transfer only", ready))}
+    cached_plain = dataset(adapter, 1024, 1, True)
+    loaders = {k: worker_loader(d) for k, d in (("cached", cached), ("uncached", plain), ("transfer only", ready),
+                                                ("cached, plain samples", cached_plain))}
     res = compare("one DataLoader worker (batch 1, persistent, compact samples unpacked in the trainer): "
                   "2048² PNG + 29 polygons -> 1024² input and mask",
                   Side(lambda: through_worker(loaders["cached"], n), workers=1,
                        note="cache filled in the warm-up; rows go out as stored"),
                   {"uncached": Side(lambda: through_worker(loaders["uncached"], n), workers=1),
                    "transfer only": Side(lambda: through_worker(loaders["transfer only"], n), workers=1,
-                                         note="ready-made compact samples: hand-over + unpack alone")},
+                                         note="ready-made compact samples: hand-over + unpack alone"),
+                   "cached, plain samples": Side(lambda: plain_through_worker(loaders["cached, plain samples"], n),
+                                                 workers=1, note="torch's default hand-over of the 33 MiB sample")},
                   ours_label="cached", rounds=5)
     reference = in_process(dataset(adapter, 1024, 1, False))[:n]
     for (x, y), (rx, ry) in zip(through_worker(loaders["cached"], n), reference):

@@ -87,10 +87,11 @@ def test_training_with_a_worker_process_equals_training_without(tiny_project):
 
 
 @pytest.mark.parametrize("scale", [1, 2])
-def test_cached_rows_pass_through_as_stored_bits_and_equal_the_packed_sample(tiny_project, scale):
+def test_cached_rows_pass_through_as_stored_bits_and_equal_the_packed_sample(tiny_project, scale, monkeypatch):
     """Without transforms a cached compact sample is the cache row's bits (no unpack + re-pack), and
     it is exactly what packing the unpacked sample gives; with an augmentation the row is unpacked."""
     from competition.config import load_competition, load_experiment
+    import competition.data.dataset as dataset_mod
     from competition.data import transfer
     from competition.data.adapters import make_adapter
     from competition.data.dataset import SegDataset
@@ -104,17 +105,11 @@ def test_cached_rows_pass_through_as_stored_bits_and_equal_the_packed_sample(tin
     packed.compact = True
     first = [packed[i] for i in range(3)]  # fills the cache rows (the packing path)
     calls = []
-    real_pack = transfer.pack
     ds = SegDataset(adapter, ids, exp, comp.task, "val")
     ds.compact = True
     assert ds._passthrough()
-    import competition.data.dataset as dataset_mod
-    orig = dataset_mod.pack
-    dataset_mod.pack = lambda *a, **k: calls.append(1) or real_pack(*a, **k)
-    try:
-        again = [ds[i] for i in range(3)]
-    finally:
-        dataset_mod.pack = orig
+    monkeypatch.setattr(dataset_mod, "pack", lambda *a, **k: calls.append(1) or transfer.pack(*a, **k))
+    again = [ds[i] for i in range(3)]
     assert calls == []  # served from the stored bits
     for a, b in zip(first, again):
         assert a.keys() == b.keys() and a.pop("index") == b.pop("index") and all(torch.equal(a[k], b[k]) for k in a)

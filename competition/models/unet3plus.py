@@ -51,12 +51,9 @@ class _DecoderStage(nn.Module):
                 x = F.max_pool2d(x, r, r, ceil_mode=True)
                 if x.shape[-2:] != size:
                     x = F.adaptive_max_pool2d(x, size)
-            elif lvl > self.level:
-                if self.upsample_last:
-                    parts.append(_resize(branch(x), size, self.interpolation))
-                    continue
+            elif not self.upsample_last:
                 x = _resize(x, size, self.interpolation)
-            parts.append(branch(x))
+            parts.append(_resize(branch(x), size, self.interpolation))  # a no-op unless upsample_last
         return self.fuse(torch.cat(parts, 1))
 
 
@@ -74,9 +71,9 @@ class UNet3Plus(nn.Module):
             ``n_levels * cat_channels`` channels.
         interpolation: ``bilinear`` (paper) or ``nearest`` (deterministic backward on CUDA).
         upsample_last: a coarser input goes through its conv3x3-BN-ReLU at its own resolution and is
-            upsampled afterwards (the paper upsamples first). Same shapes and parameters; the branch
-            convs of the finest stage cost up to 2**(2*levels) less, which makes the decoder about
-            twice as fast at 128 px.
+            upsampled afterwards (the paper upsamples first). Same shapes and parameters; a coarse
+            branch conv costs 4**(levels apart) less, and training steps measured 1.5x faster at
+            128 px (ResNet-10-T encoder, 32 channels per branch, batch 8, CPU).
         deep_supervision: training-mode forward returns one output per decoder stage (see module doc).
         encoder_weights: passed to smp (None = random init); local files are loaded by ``build_model``.
     """
