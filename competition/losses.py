@@ -33,7 +33,7 @@ from torch import nn
 from competition.config import ConfigError, LossConfig
 from competition.registry import Registry
 
-__all__ = ["LOSS_TERMS", "build_loss", "inverse_frequency_weights", "SegLoss"]
+__all__ = ["LOSS_TERMS", "build_loss", "downsample_target", "inverse_frequency_weights", "SegLoss"]
 
 LOSS_TERMS = Registry("loss term")
 
@@ -190,7 +190,10 @@ _RESERVED = {"mode", "from_logits", "ignore_index"}
 
 class SegLoss(nn.Module):
     """sum_t weight_t * term_t(logits, target); a list of logits (deep supervision, finest first) gives
-    sum_i ds_weight_i * that, with logits resized bilinearly to the target's size where they differ."""
+    sum_i ds_weight_i * that. Logits coarser than the target (deep supervision's auxiliary outputs) are
+    scored against the target brought down to their size by nearest-neighbour sampling (nnU-Net's
+    deep supervision): labels, class indices and ``IGNORE_INDEX`` stay exact. Logits of any other
+    size are resized bilinearly to the target's."""
 
     def __init__(self, terms: list[tuple[str, float, nn.Module]], ds_weights: list[float] | None = None,
                  ignore_index: int | None = None):
@@ -202,8 +205,11 @@ class SegLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        size, tsize = tuple(logits.shape[-2:]), tuple(target.shape[-2:])
+        if size != tsize and size[0] <= tsize[0] and size[1] <= tsize[1]:
+            target = downsample_target(target, size)
+        elif size != tsize:
+            logits = F.interpolate(logits, size=tsize, mode="bilinear", align_corners=False)
         if self.ignore_index is not None and not (target != self.ignore_index).any():
             return logits.sum() * 0.0  # nothing labelled: a mean over no pixel would be NaN
         return sum(w * term(logits, target) for w, term in zip(self.weights, self.terms))
@@ -221,6 +227,15 @@ class SegLoss(nn.Module):
                               f"{len(pred)} outputs (finest first)")
         total = sum(ds)
         return sum((w / total) * self.single(p, target) for w, p in zip(ds, pred))
+
+
+def downsample_target(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A multilabel (N, C, H, W) or multiclass (N, H, W) target at ``size``: the pixel nearest each
+    output pixel's centre (``nearest-exact``; plain ``nearest`` takes each block's top-left pixel,
+    shifting the target by half a block)."""
+    t = target if target.dim() == 4 else target.unsqueeze(1)
+    out = F.interpolate(t.float(), size=size, mode="nearest-exact").to(target.dtype)
+    return out if target.dim() == 4 else out.squeeze(1)
 
 
 def build_loss(cfg: LossConfig, mode: str, num_classes: int,

@@ -168,6 +168,7 @@ def test_dry_run_every_recipe_on_the_twin(recipe, in_twin, capsys):
     assert f"input:  1x1x{size}x{size} float32" in out
     o = size * exp.model.output_scale
     assert f"target: 1x29x{o}x{o} uint8" in out
-    assert (f"each 1x29x{o}x{o}" if exp.model.deep_supervision else f"output: 1x29x{o}x{o}") in out
+    assert (f"finest first: 1x29x{o}x{o}, 1x29x{size // 4}x{size // 4}," if exp.model.deep_supervision
+            else f"output: 1x29x{o}x{o}") in out
     assert "parameters" in out and "step (forward + loss + backward + optimizer step" in out
     assert "peak memory:" in out and "dry run ok: nothing was written" in out

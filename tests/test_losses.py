@@ -122,12 +122,33 @@ def test_deep_supervision_weighting(ml):
     la, lb = single(a, y).item(), single(b, y).item()
     assert loss("bce", "dice")([a, b], y).item() == pytest.approx((la + lb) / 2, rel=1e-6)
     assert loss("bce", "dice", ds=[3.0, 1.0])([a, b], y).item() == pytest.approx((3 * la + lb) / 4, rel=1e-6)
-    # A coarser output is upsampled to the target's size.
+    # A coarser output is scored against the target at its size: each 2x2 block's pixel nearest the
+    # block centre (index 1 of 0..1), not its top-left one.
     half = F.avg_pool2d(b, 2)
-    expected = (la + single(F.interpolate(half, size=(16, 16), mode="bilinear"), y).item()) / 2
+    expected = (la + single(half, y[..., 1::2, 1::2]).item()) / 2
     assert loss("bce", "dice")([a, half], y).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ConfigError, match="deep_supervision_weights has 3 values but the model returns 2"):
         loss("bce", ds=[1.0, 1.0, 1.0])([a, b], y)
+
+
+def test_deep_supervision_target_keeps_classes_and_void_exact(mc):
+    from competition.config import IGNORE_INDEX
+    from competition.losses import downsample_target
+    t = torch.randint(0, 4, (2, 16, 16))
+    t[:, :8, :8] = IGNORE_INDEX
+    d = downsample_target(t, (4, 4))
+    # Each 4x4 block's pixel nearest its centre (index 2 of 0..3); class indices and void unchanged.
+    assert d.dtype == t.dtype and torch.equal(d, t[:, 2::4, 2::4]) and (d[:, :2, :2] == IGNORE_INDEX).all()
+    y = (torch.rand(2, 3, 16, 16) > 0.5).float()
+    y[0, :, :4] = IGNORE_INDEX
+    assert torch.equal(downsample_target(y, (8, 8)), y[..., 1::2, 1::2])
+    # A coarse multiclass output with void in its target: the void pixels count nothing there too.
+    x, _ = mc
+    coarse = x[..., ::4, ::4].clone().requires_grad_()
+    cfg = LossConfig(terms=[LossTerm(name="bce"), LossTerm(name="dice")])
+    total = build_loss(cfg, "multiclass", 4, ignore_index=IGNORE_INDEX)([x, coarse], t)
+    total.backward()
+    assert torch.isfinite(total) and coarse.grad[:, :, :2, :2].abs().sum() == 0
 
 
 def test_gradients_flow_for_every_term(ml, mc):

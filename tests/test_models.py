@@ -48,8 +48,10 @@ def test_unet3plus_deep_supervision_train_list_eval_tensor(encoder):
                                     kwargs={"cat_channels": 8}), 3, 1)
     x = torch.randn(2, 1, 64, 64)
     outs = out_of(model, x, train=True)
-    levels = 5 if encoder == "tu-test_resnet" else 4  # convnext has no stride-2 stage
-    assert isinstance(outs, list) and len(outs) == levels and all(o.shape == (2, 3, 64, 64) for o in outs)
+    # The final output at the input size, then one per coarser stage at its own stride (convnext has
+    # no stride-2 stage; its finest decoder stage is at stride 4 and still ends at the input size).
+    strides = [1, 4, 8, 16, 32] if encoder == "tu-test_resnet" else [1, 8, 16, 32]
+    assert isinstance(outs, list) and [o.shape for o in outs] == [(2, 3, 64 // s, 64 // s) for s in strides]
     assert out_of(model, x).shape == (2, 3, 64, 64)
     # The loss takes the list and trains every head.
     y = (torch.rand(2, 3, 64, 64) > 0.5).float()
@@ -72,7 +74,7 @@ def test_unet3plus_upsample_last_same_parameters_coarse_branches_at_their_own_si
         branch.register_forward_pre_hook(lambda m, inp, i=i: seen.update({i: tuple(inp[0].shape[-2:])}))
     x = torch.randn(2, 1, 64, 64)
     outs = out_of(fast, x, train=True)
-    assert len(outs) == 5 and all(o.shape == (2, 3, 64, 64) for o in outs)
+    assert [o.shape[-1] for o in outs] == [64, 16, 8, 4, 2]
     assert seen[0] == (32, 32) and seen[1] == (16, 16) and seen[len(seen) - 1] == (2, 2)
     # The same weights compute a different (not merely re-ordered) function.
     assert not torch.allclose(out_of(paper, x), out_of(fast, x))
@@ -100,7 +102,9 @@ def test_high_res_head_passes_deep_supervision_lists():
     model = build_model(ModelConfig(arch="unet3plus", encoder="tu-test_resnet", deep_supervision=True,
                                     output_scale=2, kwargs={"cat_channels": 8}), 3, 1)
     outs = out_of(model, torch.randn(1, 1, 64, 64), train=True)
-    assert len(outs) == 5 and all(o.shape == (1, 3, 128, 128) for o in outs)
+    # The final output through the head; the auxiliary ones as the network gave them (the loss brings
+    # the target down to them).
+    assert [o.shape for o in outs] == [(1, 3, 128, 128)] + [(1, 3, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
     assert out_of(model, torch.randn(1, 1, 64, 64)).shape == (1, 3, 128, 128)
 
 

@@ -5,7 +5,8 @@ Forward contract (every architecture): (N, in_channels, H, W) -> logits (N, num_
 with ``s = model.output_scale``. ``num_classes`` is the number of OUTPUT CHANNELS: the caller passes
 ``C`` for multilabel and ``C + 1`` for multiclass (channel 0 = background). With
 ``model.deep_supervision`` (unet3plus only) the training-mode forward returns a list of logits, finest
-(the final output) first, all already at (H*s, W*s); eval mode returns the final logits tensor only.
+(the final output, at (H*s, W*s)) first, then the auxiliary outputs at their own, coarser resolutions
+(the loss brings the target down to them); eval mode returns the final logits tensor only.
 
 Encoder weights: null -> random init; a weights name (``imagenet``, ``ssl``, ...) -> downloaded by
 smp/timm through the Hugging Face hub, failing within about a second when offline; a path -> random

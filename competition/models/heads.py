@@ -20,7 +20,8 @@ class HighResHead(nn.Module):
     """``HighResHead(model, num_classes, scale)``: (N, in, H, W) -> logits (N, C, H*scale, W*scale).
 
     A deep-supervision list (training mode, finest first) keeps its contract: the final output goes
-    through the head, the auxiliary outputs are upsampled bilinearly, all to H*scale x W*scale.
+    through the head to H*scale x W*scale, the auxiliary outputs pass as they are (at their own
+    resolution: the loss brings the target down to them).
     """
 
     def __init__(self, model: nn.Module, num_classes: int, scale: int):
@@ -42,5 +43,5 @@ class HighResHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         out = self.model(x)
         if isinstance(out, (list, tuple)):
-            return [self.head(out[0])] + [self._upsample(o) for o in out[1:]]
+            return [self.head(out[0]), *out[1:]]
         return self.head(out)

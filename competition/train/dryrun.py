@@ -180,8 +180,7 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
     step_s = time.time() - t
     out = outputs[0]
     if len(out) > 1:
-        log(f"output: {len(out)} deep-supervision outputs, each {_fmt_shape(out[0])}"
-            if len(set(out)) == 1 else f"output: {', '.join(map(_fmt_shape, out))}")
+        log(f"output: {len(out)} deep-supervision outputs, finest first: {', '.join(map(_fmt_shape, out))}")
     else:
         log(f"output: {_fmt_shape(out[0])}")
     log(f"step (forward + loss + backward + optimizer step, the first of the run): {step_s:.2f}s, "
