@@ -1,12 +1,14 @@
 """The training loss of the default UNet 3+ step: ours against smp's own loss terms, in one process.
 
 The case: ``configs/experiments/unet3plus.yaml``'s loss (BCE + Dice, five deep-supervision outputs
-weighted 1, 0.5, 0.25, 0.125, 0.0625) on 8 x 12 x 128² logits, forward and backward, as the model
-hands them over (channels_last, from a bf16 autocast forward). Ours: ``competition.losses.build_loss``
-through the engine's ``_float`` (one fp32-contiguous copy per output; our ``dice`` takes the sigmoid
-itself). Peer: smp's ``SoftBCEWithLogitsLoss`` + ``DiceLoss(from_logits=True)``, the same weights, on
-the fp32 logits in the model's layout (what the loop did before). Loss values and input gradients
-must agree within 1e-5.
+weighted 1, 0.5, 0.25, 0.125, 0.0625) for a batch of 8 x 12 classes at 128², forward and backward, on
+the outputs as the model hands them over: the final one at 128², the auxiliary ones at strides 4, 8,
+16 and 32 (32² ... 4²), channels_last, from a bf16 autocast forward. Ours:
+``competition.losses.build_loss`` through the engine's ``_float`` (one fp32-contiguous copy per output;
+our ``dice`` takes the sigmoid itself; the target brought down to each auxiliary output). Peer: smp's
+``SoftBCEWithLogitsLoss`` + ``DiceLoss(from_logits=True)``, the same weights and the same downsampled
+targets, on the fp32 logits in the model's layout (what the loop did before). Loss values and input
+gradients must agree within 1e-5.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from segmentation_models_pytorch import losses as smp_losses
 
 from benchmarks.harness import allclose, compare
 from competition.config import load_experiment
-from competition.losses import build_loss
+from competition.losses import build_loss, downsample_target
 from competition.train.engine import _float
 
 SHAPE = (8, 12, 128, 128)
@@ -28,8 +30,10 @@ def main() -> None:
     bce, dice = smp_losses.SoftBCEWithLogitsLoss(), smp_losses.DiceLoss("multilabel", from_logits=True)
     g = torch.Generator().manual_seed(0)
     y = (torch.rand(SHAPE, generator=g) > 0.6).float()
-    logits = [torch.randn(SHAPE, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-              for _ in ds]
+    strides = [1, 4, 8, 16, 32][:len(ds)]  # UNet 3+'s outputs, finest first (competition.models.unet3plus)
+    shapes = [SHAPE[:2] + (SHAPE[2] // k, SHAPE[3] // k) for k in strides]
+    logits = [torch.randn(s, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+              for s in shapes]
 
     def ours():
         outs = [o.float().requires_grad_() for o in logits]  # leaves in the model's layout, as autograd sees them
@@ -39,13 +43,15 @@ def main() -> None:
 
     def peer():
         outs = [o.float().requires_grad_() for o in logits]
-        loss = sum(w * (bce(o, y) + dice(o, y)) for w, o in zip(ds, outs)) / sum(ds)
+        targets = [y if k == 1 else downsample_target(y, o.shape[-2:]) for k, o in zip(strides, outs)]
+        loss = sum(w * (bce(o, t) + dice(o, t)) for w, o, t in zip(ds, outs, targets)) / sum(ds)
         loss.backward()
         return torch.cat([loss.detach().view(1)] + [o.grad.flatten() for o in outs])  # loss, then gradients
 
     check = allclose(1e-5, why="the same sums in another order")
-    compare(f"UNet 3+ loss, forward + backward: bce + dice on {len(ds)} outputs of {'x'.join(map(str, SHAPE))}, "
-            f"channels_last bf16-computed logits", ours, {"smp terms as-is": peer}, check=check, rounds=7)
+    compare(f"UNet 3+ loss, forward + backward: bce + dice on {len(ds)} outputs "
+            f"({', '.join('x'.join(map(str, s)) for s in shapes)}), channels_last bf16-computed logits",
+            ours, {"smp terms as-is": peer}, check=check, rounds=7)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_mixup_loss_is_the_lam_weighted_sum_also_for_deep_supervision():
     assert torch.allclose(mixing.mixed_loss(loss_fn, out, t), want, rtol=0, atol=1e-7)
     # a single target of weight 1 is the plain loss, bit for bit
     assert torch.equal(mixing.mixed_loss(loss_fn, out, [(1.0, y.float())]), loss_fn(out, y.float()))
-    ds = [out, torch.randn(4, 3, 4, 4)]  # deep supervision: a list of outputs, coarser ones resized
+    ds = [out, torch.randn(4, 3, 4, 4)]  # deep supervision: a list of outputs, the target brought down to coarser ones
     want = 0.25 * loss_fn(ds, y.float()) + 0.75 * loss_fn(ds, y[perm].float())
     assert torch.allclose(mixing.mixed_loss(loss_fn, ds, t), want, rtol=0, atol=1e-7)
 

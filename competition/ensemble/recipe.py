@@ -194,10 +194,12 @@ def summary(rec: Recipe) -> list[str]:
     for v in s["variants"]:
         lines.append(f"  variant {v['member']:<32} OOF {f(v['oof_at_threshold'])} {_binarised(rec, s['search'])} "
                      f"-> {'kept, weight ' + format(v['weight'], '.3f') if v['weight'] else 'not kept'}")
+    rows = list(_candidate_rows(s))
+    width = max([27] + [len(label) for _, label, _ in rows])  # whole member names, e.g. "exp[identity+hflip]"
     lines += [f"members: {_members_text(rec)}",
-              "                              native in-sample  native nested   OOF-size in-sample  OOF-size nested"]
-    for p, label, nums in _candidate_rows(s):
-        lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<27.27}" +
+              " " * (width + 3) + "native in-sample  native nested   OOF-size in-sample  OOF-size nested"]
+    for p, label, nums in rows:
+        lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<{width}}" +
                      "".join(f"{f(x):>{w}}" for x, w in zip(nums, (10, 16, 20, 17))))
     lines += [f"chosen: {CANDIDATE_NAMES[s['chosen']]} ({s['chosen_because']})",
               f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}   "
