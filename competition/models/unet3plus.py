@@ -17,8 +17,8 @@ a list of logits tensors, one per feature level (``depth`` of them for CNN encod
 timm encoders have no stride-2 level), finest first: the final output at (H, W), then each auxiliary
 output at its own stage's resolution (stride 4, 8, ...: not upsampled). The loss brings the target
 down to each (``competition.losses.SegLoss``, nearest, as nnU-Net does): upsampling four auxiliary
-outputs to (H, W) and scoring them there made a 128 px ResNet-10-T training step 1.4x slower on the
-CPU (0.45 vs 0.33 s), and costs four full-resolution logit tensors of memory at 2048 px.
+outputs to (H, W) and scoring them there made a 128 px ResNet-10-T training step 1.3x slower on the
+CPU (``benchmarks/bench_step.py``), and costs four full-resolution logit tensors of memory at 2048 px.
 """
 from __future__ import annotations
 
