@@ -18,6 +18,7 @@ from segmentation_models_pytorch import losses as smp_losses
 from benchmarks.harness import allclose, compare
 from competition.config import load_experiment
 from competition.losses import build_loss, downsample_target
+from competition.models import build_model
 from competition.train.engine import _float
 
 SHAPE = (8, 12, 128, 128)
@@ -30,8 +31,9 @@ def main() -> None:
     bce, dice = smp_losses.SoftBCEWithLogitsLoss(), smp_losses.DiceLoss("multilabel", from_logits=True)
     g = torch.Generator().manual_seed(0)
     y = (torch.rand(SHAPE, generator=g) > 0.6).float()
-    strides = [1, 4, 8, 16, 32][:len(ds)]  # UNet 3+'s outputs, finest first (competition.models.unet3plus)
-    shapes = [SHAPE[:2] + (SHAPE[2] // k, SHAPE[3] // k) for k in strides]
+    model = build_model(exp.model, SHAPE[1], 1).train()
+    with torch.no_grad():  # the sizes the model hands over, finest first
+        shapes = [tuple(o.shape) for o in model(torch.zeros(SHAPE[0], 1, *SHAPE[2:]))]
     logits = [torch.randn(s, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
               for s in shapes]
 
@@ -43,7 +45,7 @@ def main() -> None:
 
     def peer():
         outs = [o.float().requires_grad_() for o in logits]
-        targets = [y if k == 1 else downsample_target(y, o.shape[-2:]) for k, o in zip(strides, outs)]
+        targets = [y if o.shape == y.shape else downsample_target(y, o.shape[-2:]) for o in outs]
         loss = sum(w * (bce(o, t) + dice(o, t)) for w, o, t in zip(ds, outs, targets)) / sum(ds)
         loss.backward()
         return torch.cat([loss.detach().view(1)] + [o.grad.flatten() for o in outs])  # loss, then gradients

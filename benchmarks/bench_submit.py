@@ -1,7 +1,7 @@
 """Batched TTA and submission writing, each against its usual peers, timed in the same run.
 
-(i) TTA on the project's real default model: ``configs/experiments/baseline.yaml`` (FPN, ResNet-10-T
-encoder, random init) at its input size and batch size (128 px, batch 8), with the default
+(i) TTA on the project's real default model: ``configs/experiments/baseline.yaml`` (UNet 3+ on a
+ResNet-10-T encoder at depth 4, random init) at its input size and batch size (128 px, batch 8), with the default
 competition's views (identity + hflip), in eval mode under ``torch.inference_mode`` on the CPU.
 Ours, ``competition.predict.tta.tta_predict``: both views of the batch through ONE forward (batch
 16). Peers: a loop of one forward per view, and ttach (installed with the ``bench`` extra)

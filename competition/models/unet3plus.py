@@ -125,7 +125,7 @@ class UNet3Plus(nn.Module):
             levels = self.levels[:k + 1] + self.levels[k + 1:]
             decoded.append(stage(inputs, levels))
         finest_first = decoded[::-1]
-        if not (self.training and self.deep_supervision):
-            return _resize(self.heads[0](finest_first[0]), size, "bilinear")
         final = _resize(self.heads[0](finest_first[0]), size, "bilinear")
+        if not (self.training and self.deep_supervision):
+            return final
         return [final] + [head(d) for head, d in zip(self.heads[1:], finest_first[1:])]
