@@ -223,8 +223,8 @@ def cmd_bundle(args) -> int:
 def cmd_oof(args) -> int:
     from competition.ensemble import oofscore
     from competition.config import parse_overrides
-    oofscore.run(args.exp, overrides=parse_overrides(args.set), suspects=args.suspects, top=args.top, tta=args.tta, scales=args.scales,
-                 native_cv=not args.no_native, csv=args.csv, truth_csv=args.truth_csv)
+    oofscore.run(args.exp, overrides=parse_overrides(args.set), suspects=args.suspects, top=args.top, tta=args.tta,
+                 scales=args.scales, csv=args.csv, truth_csv=args.truth_csv, workers=args.workers)
     return 0
 
 
@@ -232,7 +232,7 @@ def cmd_ensemble(args) -> int:
     from competition import ensemble
     ensemble.run(args.name, args.experiments, method=args.method, per_class=args.per_class, steps=args.steps,
                  trials=args.trials, postprocess_=not args.no_postprocess, nested_cv=not args.no_nested,
-                 threshold=args.threshold, budget_mb=args.memory_mb, force_blend=args.force_blend,
+                 threshold=args.threshold, workers=args.workers, force_blend=args.force_blend,
                  csv=args.csv, truth_csv=args.truth_csv)
     return 0
 
@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "`tta` list), runs/<exp>/fold<k>/oof-<variant>/; `competition ensemble` uses it")
     p.add_argument("--scales", nargs="+", type=float, default=None, metavar="S",
                    help="with --tta: multi-scale TTA, e.g. 1 1.25 (default 1)")
-    p.add_argument("--no-native", action="store_true", help="skip the native-resolution score")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for the passes over the images (default: every core)")
     _set_flag(p)
     p.add_argument("--csv", default=None, metavar="OUT.csv",
                    help="also write the OOF as a submission CSV at native size (the competition's format)")
@@ -383,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the recipe's OOF predictions of the training images as a submission CSV")
     p.add_argument("--truth-csv", default=None, metavar="TRUTH.csv",
                    help="also write the training truth in the competition's format (with height, width)")
-    p.add_argument("--memory-mb", type=int, default=128, help="memory per streamed chunk (default 128)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for the passes over the images (default: every core; memory grows with it)")
     p.set_defaults(fn=cmd_ensemble)
 
     p = sub.add_parser("submit", help="TTA inference with an ensemble recipe -> validated submission CSV + ledger row")

@@ -526,7 +526,8 @@ TTAView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]
 
 
 class OofConfig(Strict):
-    size: int | list[int] | None = None  # OOF resolution: int (square) or [h, w]; null = the model's output size
+    # Gone: the OOF is kept at each image's original size (the leaderboard's), whatever the model's.
+    size: None = Field(None, exclude=True)
     # The TTA variant written beside the plain OOF after training (views from the competition's
     # `tta`); null: the competition's whole `tta` list; [] or [identity]: the plain OOF only.
     tta: list[TTAView] | None = None
@@ -534,8 +535,11 @@ class OofConfig(Strict):
 
     @field_validator("size", mode="before")
     @classmethod
-    def _size(cls, v: Any) -> int | list[int] | None:
-        return None if v is None else _size_hw(v, "oof.size")
+    def _size(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError("oof.size is gone: OOF is kept at each image's original size (the leaderboard's), "
+                             "whatever the model's output size; remove the key")
+        return None
 
 
 class TrackingConfig(Strict):
@@ -681,9 +685,17 @@ class Recipe(Strict):
     members: list[RecipeMember] = Field(min_length=1)
     thresholds: list[float]  # per class (multilabel); ignored for multiclass (argmax)
     postprocess: dict[str, PostProcess] = Field(default_factory=dict)  # class name -> rule
-    # The resolution members' probabilities are quantised (uint8) and blended at, as in the OOF;
-    # null: each member's own OOF size. Then resized to each image's original size and binarised.
-    oof_size: list[int] | None = None
+    # Recipes before OOF moved to the original sizes blended at this size; such a recipe is refused.
+    oof_size: None = Field(None, exclude=True)
+
+    @field_validator("oof_size", mode="before")
+    @classmethod
+    def _oof_size(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError("a recipe from an earlier version, which blended members at an OOF size; build it "
+                             "again with `make ensemble` (after `competition oof EXP` re-predicts each member's "
+                             "OOF at the original sizes)")
+        return None
     scores: dict[str, Any] = Field(default_factory=dict)  # in_sample, nested, per_class, best_single, ...
     # The pseudo-label sets (data.pseudo) any member trained on: its test predictions lean on them.
     pseudo_labels: list[str] = Field(default_factory=list)

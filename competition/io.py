@@ -186,3 +186,15 @@ def read_text(path: Path | str, what: str = "file") -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise ReadError(f"{path}: {what} is not UTF-8 text (undecodable byte 0x{data[e.start]:02x} on line "
                         f"{line}); save it as UTF-8") from None
+
+
+def data_fingerprint(root: Path | str) -> str:
+    """A cheap hash of a data folder's file names, sizes and modification times (no file is read)."""
+    h = hashlib.sha256()
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]

@@ -6,7 +6,7 @@ folder, the cwd). No other module spells a file name of a run folder, a recipe o
                                                  best.pt, metrics.json, history.csv, oof[-<variant>]/, .lock
     runs/<exp>/oof_scores[-<variant>].csv        `competition oof`; runs/<exp>/suspects/
     runs/<exp>/test[-<variant>]/                 saved test probabilities of a member (submit --save-probs)
-    runs/_truth/<comp>-<h>x<w>-<key>.npy         the bit-packed truth cache
+    runs/_truth/<comp>-<key>/                    the truth store (original sizes, the store format)
     runs/studies/<study>.db, runs/studies/<study>/   Optuna storage and reports
     ensembles/<name>.yaml, .md                   committed: ensemble recipes
     submissions/<time>-<name>.csv                gitignored; submissions/ledger.csv committed
@@ -24,7 +24,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]*")
 NAME_RULE = "letters, digits, '_', '-', '.', '+', '@' (not starting with '.' or '-'; it names a folder or file)"
 
 # The files of one OOF store (runs/<exp>/fold<k>/oof[-<variant>]/).
-OOF_PROBS, OOF_IDS, OOF_META = "probs.npy", "ids.json", "meta.json"
+OOF_PROBS, OOF_IDS, OOF_META = "probs.npy", "ids.json", "meta.json"  # meta.json marks a published store
 
 
 def project() -> Path:
@@ -118,8 +118,8 @@ class RunPaths:
         """The variants whose OOF store exists ("" = plain), plain first."""
         if not self.root.is_dir():
             return []
-        found = [p.name[4:] for p in self.root.glob("oof-*") if (p / OOF_PROBS).is_file()]
-        return ([""] if (self.oof() / OOF_PROBS).is_file() else []) + sorted(found)
+        found = [p.name[4:] for p in self.root.glob("oof-*") if (p / OOF_META).is_file()]
+        return ([""] if (self.oof() / OOF_META).is_file() else []) + sorted(found)
 
     @classmethod
     def of(cls, folder: Path) -> "RunPaths | None":
@@ -198,6 +198,11 @@ def suspects_dir(experiment: str) -> Path:
 
 def truth_dir() -> Path:
     return runs_root() / "_truth"
+
+
+def truth_store(competition: str, key: str) -> Path:
+    """``runs/_truth/<comp>-<key>/``: the training truth at the original sizes, in the store format."""
+    return truth_dir() / f"{check_name('competition', competition)}-{check_name('truth key', key)}"
 
 
 def truth_cache(competition: str, size: tuple[int, int], key: str) -> Path:

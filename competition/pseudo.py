@@ -1,6 +1,6 @@
 """``competition pseudo``: pseudo-labels of the test images from a recipe, and their use in training.
 
-    runs/_pseudo/<name>/fold<k>/   probs.npy (N, C, h, w) uint8, ids.json, meta.json
+    runs/_pseudo/<name>/fold<k>/   a store (competition.cv.tiles): uint8 probabilities at the original sizes
 
 **One store per fold, from that fold's models only.** Fold k's store is the recipe's blend of each
 member's fold-k model: the models that never saw fold k's images. An experiment with
@@ -9,7 +9,7 @@ images only, so no information about fold k's held-out images reaches fold k's t
 pseudo-labels, and its validation score and OOF stay honest. The forward passes are the submission's
 (each fold model once per image and view); only the blending is per fold.
 
-The probabilities are stored soft (uint8, the OOF store's format, at the recipe's store size) with a
+The probabilities are stored soft (uint8, the OOF store's format, at each image's original size) with a
 per-image confidence; training reads them as hard labels, binarised exactly as the submission
 binarises (resized to the working size, then the recipe's thresholds or the argmax), so they flow
 through the same mask pipeline, augmentations and batch mixing as real labels. Written by hand: smp,
@@ -47,7 +47,7 @@ def confidence(u: np.ndarray, task: str) -> float:
 def produce(ensemble: str | None, name: str | None = None, min_confidence: float = 0.0, device: str = "auto",
             log=print) -> list[Path]:
     """Write ``runs/_pseudo/<name>/fold<k>/`` for every fold all the recipe's members cover."""
-    from competition import oof
+    from competition.cv import tiles
     from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for
     from competition.predict.run import build_predictor, pick_device, recipe_runs, resolve_recipe
     from competition.predict.submit import expected_rows
@@ -67,10 +67,9 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
     ids, _ = expected_rows(comp, adapter)
     with locks.hold_runs(recipe_runs(recipe)):
         full = build_predictor(recipe, comp, Path.cwd(), str(source), dev)  # the submission's members
-        size = full.members[0].store_size
         per_fold = {}
         for k in folds:  # fold k: every member's fold-k model alone, the recipe's weights
-            members = [MemberPredictor([mp.models[m.folds.index(k)]], comp.task, mp.views, mp.scales, size, dev)
+            members = [MemberPredictor([mp.models[m.folds.index(k)]], comp.task, mp.views, mp.scales, dev)
                        for mp, m in zip(full.members, recipe.members)]
             per_fold[k] = EnsemblePredictor(members, full.weights, comp.task, recipe.thresholds, dev)
         first = per_fold[folds[0]]
@@ -78,9 +77,12 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
                             batch_size=batch_size_for([m.experiment for m in first.members]), shuffle=False,
                             num_workers=0)
         meta = {"recipe": recipe.name, "recipe_sha256": file_hash(source), "task": comp.task,
-                "thresholds": list(recipe.thresholds), "split": "test", "min_confidence": min_confidence,
-                "original_sizes": {i: list(adapter.image_size(i, "test")) for i in ids}}
-        writers = {k: oof.StoreWriter(paths.pseudo_store(name, k), ids, comp.classes, size, {**meta, "fold": k})
+                "thresholds": list(recipe.thresholds), "split": "test", "min_confidence": min_confidence}
+        sizes = {i: tuple(adapter.image_size(i, "test")) for i in ids}
+        tiles.check_space(paths.pseudo_dir(name), len(folds) * tiles.estimate_sizes(list(sizes.values()),
+                                                                                  len(comp.classes)),
+                          f"pseudo-labels {name!r}", "competition pseudo")
+        writers = {k: tiles.StoreWriter(paths.pseudo_store(name, k), ids, comp.classes, sizes, {**meta, "fold": k})
                    for k in folds}
         conf = {k: {} for k in folds}
         t0 = time.time()
@@ -89,10 +91,10 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
                 rows = batch["index"].tolist()
                 for k, pred in per_fold.items():
                     member_probs = pred.member_probs(batch["inputs"], batch["size"])
-                    p = _quantized_blend(member_probs, pred.weights)
-                    writers[k].add(rows, p)
                     for j, r in enumerate(rows):
-                        conf[k][ids[r]] = round(confidence(p[j], comp.task), 6)
+                        p = _quantized_blend([mp[j] for mp in member_probs], pred.weights)
+                        writers[k].add(r, p)
+                        conf[k][ids[r]] = round(confidence(p, comp.task), 6)
             out = []
             for k, w in writers.items():
                 kept = [i for i in ids if conf[k][i] >= min_confidence]
@@ -110,7 +112,7 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
 
 
 def _quantized_blend(member_probs: list[torch.Tensor], weights: torch.Tensor) -> np.ndarray:
-    from competition.oof import quantize_tensor
+    from competition.cv.probs import quantize_tensor
     from competition.predict.infer import blend
     return quantize_tensor(blend(member_probs, weights)).cpu().numpy()
 
@@ -121,11 +123,12 @@ class PseudoLabels:
     requested size as the submission would. Every other attribute is the competition's adapter's."""
 
     def __init__(self, adapter, name: str, fold: int, classes: list[str], task: str):
-        from competition import oof
+        from competition.cv import tiles
         d = paths.pseudo_store(name, fold)
-        try:
-            probs, ids, meta = oof.read(d)
-        except FileNotFoundError:
+        if tiles.exists(d):
+            store = tiles.open_store(d)
+            probs, ids, meta = store, store.ids, store.meta
+        else:
             raise UserError(f"data.pseudo: no pseudo-labels {name!r} for fold {fold} ({d}); make them with "
                             f"`competition pseudo --ensemble RECIPE --name {name}` (a recipe covering fold {fold})") from None
         if meta.get("classes") != list(classes) or meta.get("task") != task:
@@ -157,7 +160,7 @@ class PseudoLabels:
 
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
         from competition.predict.infer import binarize, to_size
-        u = torch.from_numpy(np.array(self.probs[self.row[self._test_id(image_id)]]))
+        u = torch.from_numpy(self.probs.image(self.row[self._test_id(image_id)]))
         size = tuple(size) if size is not None else self.image_size(image_id)
         return binarize(to_size(u.float() / 255.0, size), self.task, self.thresholds).numpy()
 

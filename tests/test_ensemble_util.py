@@ -1,7 +1,8 @@
 """Helpers for the ensemble and OOF tests: OOF stores with constructed probabilities (no training).
 
-A member is a function truth (n, C, h, w) uint8 {0,1} + rng -> probabilities uint8 (n, C, h, w); it is
-written fold by fold with ``competition.oof.write``, exactly where training would put it.
+A member is a function truth (n, C, H, W) uint8 {0,1} + rng -> probabilities uint8 (n, C, H, W) at the
+images' original size; it is written fold by fold through the store's own writer
+(``competition.cv.tiles.StoreWriter``), exactly where training would put it.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import cv2
 import numpy as np
 import yaml
 
-from competition import oof, paths
+from competition import paths
+from competition.cv import tiles
 from competition.config import load_competition
 from competition.data.adapters import make_adapter
 from competition.folds import load_folds
@@ -30,7 +32,7 @@ def fold_project(project: Path):
 
 def write_member(project: Path, name: str, make, seed: int = 0, folds_only=None, size: int = SIZE,
                  checkpoint: bool = True) -> None:
-    """Experiment YAML + per-fold OOF (+ a stand-in best.pt) for member ``name``."""
+    """Experiment YAML (input ``size``) + per-fold OOF at the original size (+ a stand-in best.pt)."""
     comp = load_competition("tiny-hands")
     adapter = make_adapter(comp)
     folds = load_folds(comp, adapter)
@@ -42,11 +44,13 @@ def write_member(project: Path, name: str, make, seed: int = 0, folds_only=None,
         if folds_only is not None and k not in folds_only:
             continue
         ids = folds.loc[folds["fold"] == k, "id"].tolist()
-        truth = np.stack([adapter.load_mask(i, (size, size)) for i in ids])
+        truth = np.stack([adapter.load_mask(i) for i in ids])
         probs = np.asarray(make(truth, rng), np.uint8)
-        oof.write(paths.oof_dir(name, k), ids, [(list(range(len(ids))), probs)], comp.classes, (size, size),
-                  {"experiment": name, "fold": int(k), "task": comp.task,
-                   "original_sizes": {i: list(adapter.image_size(i)) for i in ids}})
+        w = tiles.StoreWriter(paths.oof_dir(name, k), ids, comp.classes, {i: adapter.image_size(i) for i in ids},
+                              {"experiment": name, "fold": int(k), "task": comp.task})
+        for r in range(len(ids)):
+            w.add(r, probs[r])
+        w.close()
         if checkpoint:
             (paths.run_dir(name, k) / "best.pt").write_bytes(f"{name}-{k}".encode())
 

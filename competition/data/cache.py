@@ -79,7 +79,7 @@ def _plain(cfg) -> dict:
 def cache_key(adapter, split: str, work: tuple[int, int], resize: str = "stretch") -> tuple[str, dict]:
     """(12 hex digits, the inputs they hash) for ``adapter``'s ``split`` at working size ``work``,
     images brought there by ``resize`` (``data.resize``)."""
-    from competition.ensemble.store import data_fingerprint
+    from competition.io import data_fingerprint
     comp = {k: v for k, v in _plain(adapter.cfg).items() if k not in _NOT_SHAPING}
     inputs = {"version": FORMAT_VERSION, "fingerprint": data_fingerprint(adapter.cfg.root()), "split": split,
               "work": list(work), "channels": adapter.cfg.image.channels, "bit_depth": adapter.cfg.image.bit_depth,

@@ -1,8 +1,8 @@
 """``competition ensemble``: weighted soft voting chosen on out-of-fold predictions.
 
-    store.py        every fold's OOF of an experiment as one (N, C, h, w) view; the cached truth
     blend.py        how members' uint8 probabilities are blended (shared by every stage below)
     compact.py      the search's view: only pixels whose blended prediction can change
+    native.py       thresholds, post-processing and scores at each image's original size
     search.py       Caruana's greedy selection with replacement; an Optuna alternative
     thresholds.py   per-class thresholds from one histogram per blend
     postprocess.py  keep-largest / minimum-area per class, nnU-Net's acceptance rule
@@ -24,7 +24,8 @@ from competition.metrics import pair_metric
 from competition import locks, paths
 from competition.config import ConfigError, load_competition, load_experiment
 from competition.data.adapters import make_adapter
-from competition.ensemble import compact, native, nested, postprocess, recipe, store
+from competition.cv import views as store
+from competition.ensemble import compact, native, nested, postprocess, recipe
 from competition.folds import load_folds
 
 def parse_member(spec: str) -> tuple[str, str | None]:
@@ -44,7 +45,7 @@ def complete_variants(experiment: str, folds) -> list[str]:
 
 
 def open_members(specs: list[str], log=print):
-    """(competition, adapter, folds, folds hash, per candidate: experiment config, OOF views, truth view).
+    """(competition, adapter, folds, folds hash, per candidate: experiment config, OOF views, truth store).
 
     Every (experiment, TTA variant) pair is a candidate member: the search decides whether a view
     helps exactly as it decides whether an experiment helps.
@@ -85,11 +86,7 @@ def open_members(specs: list[str], log=print):
             seen.add((exp.name, v))
             exps.append(exp)
             views.append(view)
-    sizes = {v.label: v.size for v in views}
-    if len(set(sizes.values())) != 1:
-        raise ConfigError(f"members' OOF sizes differ ({', '.join(f'{k} {h}x{w}' for k, (h, w) in sizes.items())}); "
-                          f"set the same oof.size in their experiment YAMLs")
-    truth = store.truth_cache(comp, adapter, views[0].ids, views[0].size, folds_sha, log=log)
+    truth = store.truth_store(comp, adapter, views[0].ids, folds_sha, log=log)
     return comp, adapter, folds, folds_sha, exps, views, truth
 
 
@@ -100,10 +97,11 @@ def original_areas(view, adapter) -> np.ndarray:
 
 def run(name: str, experiments: list[str], *, method: str = "caruana", per_class: bool = False,
         steps: int = 50, trials: int = 100, postprocess_: bool = True, nested_cv: bool = True,
-        threshold: float = 0.5, budget_mb: int = 128, force_blend: bool = False,
+        threshold: float = 0.5, force_blend: bool = False, workers: int | None = None,
         csv: str | None = None, truth_csv: str | None = None, log=print) -> tuple[Path, Path, dict]:
-    """Choose the ensemble on OOF, re-choose thresholds and post-processing at native resolution,
-    estimate it honestly, write ``ensembles/<name>.yaml`` and ``.md``."""
+    """Choose the ensemble on OOF at each image's original size (weights, thresholds, post-processing),
+    estimate it honestly, write ``ensembles/<name>.yaml`` and ``.md``. ``workers``: processes for the
+    passes over the images (default: every core)."""
     paths.check_name("ensemble", name)
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
@@ -117,28 +115,26 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
             raise ConfigError("--per-class: per-class weights are for multilabel tasks (the argmax of a multiclass "
                               "task couples the classes, so members take one weight each)")
         checkpoints = recipe.checkpoints(sorted({e.name for e in exps}), sorted(set(folds["fold"])))
-        budget = budget_mb << 20
-        N, C = len(truth), len(comp.classes)
-        log(f"OOF of {', '.join(v.label for v in views)}: {N} images x {C} classes at "
-            f"{truth.size[0]}x{truth.size[1]}, {len(set(folds['fold']))} folds")
-        ev = compact.build(views, truth, comp.task, threshold, budget)
-        total = N * C * int(np.prod(truth.size)) // (1 if comp.task == "multilabel" else C)
-        log(f"search view: {ev.uncertain / max(total, 1):.1%} of pixels can change with the weights")
+        images = store.Images(views, truth, adapter, comp.task)
+        N, C = len(images), len(comp.classes)
+        log(f"OOF of {', '.join(v.label for v in views)}: {N} images x {C} classes at their original sizes, "
+            f"{len(set(folds['fold']))} folds")
+        ev = compact.from_images(images, threshold, workers)
+        total = int(sum(h * w for h, w in truth.sizes)) * (C if comp.task == "multilabel" else 1)
+        log(f"search view: {ev.uncertain / max(total, 1):.3%} of pixels can change with the weights")
         areas = original_areas(views[0], adapter)
-        out = nested.evaluate(
-            ev, views, truth, views[0].fold_of, pair_metric(comp.metric), method=method, per_class=per_class,
-            steps=steps, trials=trials, postprocess=postprocess_, rules=postprocess.candidate_rules(areas),
-            scale=np.prod(truth.size) / areas, nested=nested_cv, budget_bytes=budget, log=log)
-        weights = {pk: plan.weights for pk, plan in out.plans.items() if pk[0] in nested.CANDIDATES}
-        images = native.Images(views, adapter, views[0].ids)
-        nat = native.evaluate(images, weights, views[0].fold_of, comp.task, pair_metric(comp.metric),
-                              postprocess=postprocess_, rules=postprocess.candidate_rules(areas), log=log)
+        out = nested.search_all(ev, views[0].fold_of, pair_metric(comp.metric), method=method, per_class=per_class,
+                                steps=steps, trials=trials, nested=nested_cv, log=log)
+        ev_uncertain = ev.uncertain
+        del ev
+        nat = native.evaluate(images, out.weights, views[0].fold_of, comp.task, pair_metric(comp.metric),
+                              postprocess=postprocess_, rules=postprocess.candidate_rules(areas), log=log,
+                              workers=workers)
         chosen, why = choose(nat, force_blend)
         rec = recipe.build(name, comp, folds_sha, exps, views, checkpoints, out, nat, chosen, why,
                            search={"method": method, "per_class": per_class, "threshold": threshold,
                                    "steps": len(out.search.path) if method == "caruana" else trials,
-                                   "uncertain_fraction": round(ev.uncertain / max(total, 1), 4)},
-                           oof_size=list(truth.size))
+                                   "uncertain_fraction": round(ev_uncertain / max(total, 1), 6)})
         yaml_path, md_path = recipe.write(rec)
         from competition import tracking  # W&B run (offline by default; never fatal) if any member tracks
         from competition.config import to_plain

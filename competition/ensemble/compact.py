@@ -294,3 +294,70 @@ def build(members: list, truth, task: str, threshold: float = 0.5, budget_bytes:
     tl = np.concatenate(tparts) if tparts else np.zeros(0, np.uint8)
     image = np.concatenate(iparts) if iparts else np.zeros(0, np.int32)
     return MulticlassCompact(vals, tl, image, uncertain=int(vals.shape[-1]), **args)
+
+
+# --------------------------------------------------------------------------------------------- #
+# From the stores at the original sizes, image by image
+# --------------------------------------------------------------------------------------------- #
+class _OneImage:
+    """One image's dense arrays read like a one-row view (``read``, ``classes``, ``size``, ``len``)."""
+
+    def __init__(self, arr: np.ndarray, classes: list[str]):
+        self.arr, self.classes, self.size = arr[None], classes, arr.shape[1:]
+
+    def read(self, s: int, e: int) -> np.ndarray:
+        return self.arr[s:e]
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _search_image(images, i: int, hi_level: int):
+    from competition.cv import sparse
+    return sparse.search_part(images.stack(i), hi_level)
+
+
+def from_images(images, threshold: float = 0.5, workers: int | None = None) -> Compact:
+    """The search view of every member's OOF against the truth, at each image's original size.
+
+    Multilabel: the uncertain tiles of each image (:func:`competition.cv.sparse.search_part`), on every
+    core; multiclass: each image's dense arrays through :func:`build`.
+    """
+    from competition.cv.views import map_images
+    N, M = len(images), len(images.members)
+    classes = images.members[0].classes
+    C = len(classes)
+    truth_sum, inter0, pred0 = (np.zeros((N, C), np.int64) for _ in range(3))
+    args = dict(n_members=M, truth_sum=truth_sum, inter0=inter0, pred0=pred0, threshold=threshold)
+    if images.task == "multilabel":
+        parts, counts = [None] * N, np.zeros((C, N, 2), np.int64)
+        for i, (vals, cnt, i0, p0, ts) in map_images(images, _search_image, (threshold_level(threshold),), workers):
+            parts[i], counts[:, i] = vals, cnt
+            inter0[i], pred0[i], truth_sum[i] = i0, p0, ts
+        starts = [np.concatenate([[0], np.cumsum(cnt.sum(1))]) for cnt in (counts[:, i] for i in range(N))]
+        vals, kept = [], 0
+        for c in range(C):  # class by class: the peak stays near the result
+            n_c = int(counts[c].sum())
+            v = np.empty((M, n_c), np.uint8)
+            at = 0
+            for i in range(N):
+                a, b = starts[i][c], starts[i][c + 1]
+                v[:, at:at + b - a] = parts[i][:, a:b]
+                at += b - a
+            vals.append(v)
+            kept += n_c
+        del parts
+        bounds = [np.concatenate([[0], np.cumsum(counts[c].reshape(-1))]) for c in range(C)]
+        return MultilabelCompact(vals, bounds, uncertain=kept, **args)
+    from competition.ensemble.native import exclusive
+    vparts, tparts, iparts = [], [], []
+    for i in range(N):
+        rows, truth = images.dense(i)
+        one = build([_OneImage(r, classes) for r in rows], _OneImage(exclusive(truth), classes), "multiclass",
+                    threshold, budget_bytes=1 << 62)
+        inter0[i], pred0[i], truth_sum[i] = one.inter0[0], one.pred0[0], one.truth_sum[0]
+        vparts.append(one.vals)
+        tparts.append(one.truth_label)
+        iparts.append(np.full(len(one.truth_label), i, np.int32))
+    return MulticlassCompact(np.concatenate(vparts, axis=2), np.concatenate(tparts), np.concatenate(iparts),
+                             uncertain=int(sum(len(t) for t in tparts)), **args)

@@ -1,20 +1,19 @@
-"""Native-resolution CV: a recipe scored as the leaderboard scores it.
+"""The ensemble's one resolution: every choice and score at each training image's ORIGINAL size.
 
-The weight search runs on the OOF at its stored size (fast). Everything the leaderboard sees is then
-redone at each training image's ORIGINAL size, through the submission's own functions
-(:func:`competition.predict.infer.blend`, ``to_size``, ``binarize`` and the writer's post-processing):
-members' uint8 OOF rows -> blended probabilities -> bilinear resize to (H, W) -> thresholds ->
-post-processing -> Dice against the truth decoded/rasterised at (H, W).
+The OOF stores hold each member's uint8 probabilities at the original size (what the submission
+blends), so the search, the thresholds, the post-processing and the nested CV all run at the size
+the leaderboard scores, through the submission's arithmetic (:func:`competition.predict.infer.blend`,
+``binarize`` and the writer's post-processing).
 
 Choices made here, for every plan (candidate x selection set: in-sample and each nested fold):
-1. thresholds, from one pass that histograms every blend's resized probabilities per image x class x
-   level (the Dice at all 255 thresholds at once, as ``thresholds.curves`` does at the OOF size);
-2. post-processing, from one pass that labels the components of each (blend, thresholds) at native
-   size; nnU-Net's acceptance rule then picks the rules on the selection set.
-Both passes stream image by image (classes in chunks), so memory is bounded by one image's
-probabilities whatever the number of images; the cost is linear in images x classes x pixels x blends.
-The per-image Dice that comes out equals what ``competition score`` computes from the CSV that
-:func:`write_csv` writes for the same plan (a test asserts it to 1e-9).
+1. thresholds, from one pass that histograms every blend's levels per image x class (the Dice at all
+   255 thresholds at once);
+2. post-processing, from one pass that labels the components of each (blend, thresholds); nnU-Net's
+   acceptance rule then picks the rules on the selection set.
+Multilabel passes work on the uncertain tiles only (:mod:`competition.cv.sparse`), on every core
+(:func:`competition.cv.views.map_images`); multiclass tasks (the argmax couples the classes) work on
+each image's dense arrays. The per-image Dice that comes out equals what ``competition score``
+computes from the CSV that :func:`write_csv` writes for the same plan (a test asserts it to 1e-9).
 """
 from __future__ import annotations
 
@@ -27,15 +26,15 @@ import torch
 
 from competition import rle
 from competition.config import PostProcess
+from competition.cv import sparse
+from competition.cv.sparse import levels_of, threshold_table
+from competition.cv.views import Images, map_images
 from competition.ensemble import postprocess as pp
-from competition.ensemble.blend import LEVELS, normalized, threshold_table, threshold_value, truth_labels
+from competition.ensemble.blend import LEVELS, normalized, threshold_value, truth_labels
 from competition.ensemble.thresholds import at_levels, choose_levels
 from competition.metrics import PairMetric, score_counts
-from competition.predict.infer import binarize, blend, to_size
+from competition.predict.infer import binarize, blend
 from competition.predict.submit import postprocess as apply_rule
-
-CHUNK_PIXELS = 8 << 20  # class x pixel elements per chunk: bounds memory at ~40 bytes per element
-
 
 def member_weights(w: np.ndarray) -> torch.Tensor:
     """(C, M) weights (counts or floats) -> the (M, C) float32 per-class simplex the submission uses."""
@@ -57,84 +56,40 @@ def native_truth(adapter, image_id: str, task: str) -> np.ndarray:
     return m
 
 
-class Images:
-    """Image by image, in canonical order: the members' uint8 OOF rows and the native truth."""
-
-    def __init__(self, members: list, adapter, ids: list[str], task: str | None = None):
-        self.members, self.adapter, self.ids = members, adapter, list(ids)
-        self.task = task or members[0].task
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __iter__(self):
-        for i, image_id in enumerate(self.ids):
-            rows = [torch.from_numpy(m.read(i, i + 1)[0]) for m in self.members]
-            yield i, rows, native_truth(self.adapter, image_id, self.task)
-
-    def keep(self, i: int) -> np.ndarray | None:
-        """(H, W) bool: the pixels of image ``i`` the metric counts, or None for all of them. With
-        ``ignore.metric: exclude`` the ignored pixels are left out (the truth has no class there, so
-        leaving them out = dropping the predictions there); the submission itself is not changed."""
-        ig = getattr(getattr(self.adapter, "cfg", None), "ignore", None)
-        if ig is None or ig.metric != "exclude":
-            return None
-        return ~self.adapter.load_ignore(self.ids[i])
-
-
-def _chunks(n_classes: int, hw: int, task: str) -> list[tuple[int, int]]:
-    if task == "multiclass":  # the argmax couples the classes
-        return [(0, n_classes)]
-    step = max(1, CHUNK_PIXELS // max(hw, 1))
-    return [(c, min(n_classes, c + step)) for c in range(0, n_classes, step)]
-
-
-def probs_chunk(blended: torch.Tensor, c0: int, c1: int, size) -> torch.Tensor:
-    """Classes [c0, c1) of the blended probabilities (at the OOF size) resized to the native size:
-    the submission's arithmetic (resizing is per channel, so chunks give the same values)."""
-    return to_size(blended[c0:c1], size)
-
-
-def levels_of(p: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 level of every float32 probability: the number of thresholds ``t`` with ``p >= t``
-    (exactly the submission's compare). ``floor(255 p + 0.5)`` is that count except within float
-    error of a threshold, where the exact search decides."""
-    x = p * np.float32(255.0) + np.float32(0.5)
-    lev = np.floor(x)
-    frac = x - lev
-    near = (frac < 1e-3) | (frac > 1 - 1e-3)
-    if near.any():
-        lev[near] = np.searchsorted(table, p[near], side="right")
-    return np.clip(lev, 0, LEVELS - 1).astype(np.uint8)
-
-
 # --------------------------------------------------------------------------------------------- #
 # The mask path: exactly what a submission writes
 # --------------------------------------------------------------------------------------------- #
+def exclusive(truth: np.ndarray) -> np.ndarray:
+    """Multiclass truth: where (C, H, W) masks overlap the last class wins, as in training's target."""
+    lab = truth_labels(truth[None])[0]
+    return lab[None] == np.arange(1, len(truth) + 1, dtype=np.uint8).reshape(-1, 1, 1)
+
+
+def _dense(images: Images, i: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    rows, truth = images.dense(i)
+    return [torch.from_numpy(r) for r in rows], (exclusive(truth) if images.task == "multiclass" else truth)
+
+
 def native_masks(rows: list[torch.Tensor], w: torch.Tensor, thresholds: torch.Tensor, rules: list,
-                 task: str, size) -> np.ndarray:
-    """(C, H, W) uint8 masks of one image: blend, resize, binarise, post-process (the writer's rule)."""
-    C = rows[0].shape[0]
-    out = np.empty((C, *size), np.uint8)
-    blended = blend(rows, w)
-    for c0, c1 in _chunks(C, size[0] * size[1], task):
-        p = probs_chunk(blended, c0, c1, size)
-        out[c0:c1] = binarize(p, task, thresholds[c0:c1]).numpy()
-    for c in range(C):
+                 task: str) -> np.ndarray:
+    """(C, H, W) uint8 masks of one image: blend, binarise, post-process (the writer's rule)."""
+    out = binarize(blend(rows, w), task, thresholds).numpy()
+    for c in range(len(out)):
         out[c] = apply_rule(out[c], rules[c])
     return out
 
 
 def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rules: dict, task: str,
                metric: "PairMetric | float") -> np.ndarray:
-    """(N, C) Dice of a plan through the mask path."""
+    """(N, C) Dice of a plan through the mask path (dense, image by image)."""
     w = member_weights(weights)
     t = torch.as_tensor(thresholds, dtype=torch.float32)
     C = len(thresholds)
     rl = [rules.get(c) for c in range(C)]
     out = np.empty((len(images), C))
-    for i, rows, truth in images:
-        m = native_masks(rows, w, t, rl, task, truth.shape[1:]).view(bool)
+    for i in range(len(images)):
+        rows, truth = _dense(images, i)
+        m = native_masks(rows, w, t, rl, task).view(bool)
         if (keep := images.keep(i)) is not None:
             m = m & keep
         flat_m, flat_t = m.reshape(C, -1), truth.reshape(C, -1)
@@ -146,82 +101,91 @@ def score_plan(images: Images, weights: np.ndarray, thresholds: list[float], rul
 # --------------------------------------------------------------------------------------------- #
 # Choosing at native resolution
 # --------------------------------------------------------------------------------------------- #
-def curves(images: Images, blends: list[np.ndarray], task: str, metric: "PairMetric | float", log=print):
+def _np_weights(w: np.ndarray) -> np.ndarray:
+    """(C, M) -> the (M, C) float32 simplex the submission blends with (as :func:`member_weights`)."""
+    return normalized(w).T.astype(np.float32)
+
+
+def _hist_image(images: Images, i: int, blends: list[np.ndarray], table: np.ndarray):
+    st = images.stack(i)
+    return sparse.histograms(st, blends, table), st.truth_sum
+
+
+def _mc_image(images: Images, i: int, ws: list[torch.Tensor]):
+    """Multiclass: per blend, (inter, pred) (C,) of the argmax, and the truth sums (C,)."""
+    rows, truth = _dense(images, i)
+    C = truth.shape[0]
+    keep = images.keep(i)
+    flat_t = truth.reshape(C, -1)
+    res = []
+    for w in ws:
+        m = binarize(blend(rows, w), "multiclass", torch.zeros(C)).numpy().view(bool).reshape(C, -1)
+        if keep is not None:
+            m = m & keep.reshape(-1)
+        res.append((np.array([np.count_nonzero(m[c] & flat_t[c]) for c in range(C)]), np.count_nonzero(m, 1)))
+    return res, np.count_nonzero(flat_t, 1)
+
+
+def curves(images: Images, blends: list[np.ndarray], task: str, metric: "PairMetric | float", log=print,
+           workers: int | None = None):
     """(per blend: (N, C, 256) Dice at every level, or (N, C, 1) for multiclass; truth sums (N, C))."""
     N = len(images)
-    table = threshold_table()
-    ws = [member_weights(b) for b in blends]
-    out, tsum = None, None
-    t0 = time.time()
-    for i, rows, truth in images:
-        C = truth.shape[0]
-        size = truth.shape[1:]
-        if out is None:
-            out = [np.empty((N, C, LEVELS if task == "multilabel" else 1)) for _ in blends]
-            tsum = np.zeros((N, C), np.int64)
-        flat_t = truth.reshape(C, -1)
-        tsum[i] = np.count_nonzero(flat_t, axis=1)
-        keep = images.keep(i)
-        keep = None if keep is None else keep.reshape(-1)
-        for j, w in enumerate(ws):
-            blended = blend(rows, w)
-            for c0, c1 in _chunks(C, size[0] * size[1], task):
-                p = probs_chunk(blended, c0, c1, size).numpy()
-                if task == "multilabel":
-                    for c in range(c0, c1):  # a 512-bin histogram per class: level x truth
-                        key = (levels_of(p[c - c0], table).astype(np.uint16) * 2 + truth[c]).reshape(-1)
-                        h = np.bincount(key if keep is None else key[keep], minlength=LEVELS * 2).reshape(LEVELS, 2)
-                        inter = np.cumsum(h[::-1, 1])[::-1]
-                        pred = np.cumsum(h[::-1].sum(-1))[::-1]
-                        out[j][i, c] = score_counts(inter, pred, tsum[i, c], metric)
-                else:
-                    m = binarize(torch.from_numpy(p), task, torch.zeros(c1 - c0)).numpy().view(bool)
-                    fm = m.reshape(c1 - c0, -1) if keep is None else m.reshape(c1 - c0, -1) & keep
-                    inter = np.array([np.count_nonzero(fm[k] & flat_t[c0 + k]) for k in range(c1 - c0)])
-                    out[j][i, c0:c1, 0] = score_counts(inter, np.count_nonzero(fm, 1), tsum[i, c0:c1], metric)
-        if i == 0 or (i + 1) % 50 == 0:
-            log(f"  native thresholds: image {i + 1}/{N} ({time.time() - t0:.1f}s)")
+    C = len(images.members[0].classes)
+    out = [np.empty((N, C, LEVELS if task == "multilabel" else 1)) for _ in blends]
+    tsum = np.zeros((N, C), np.int64)
+    t0, done = time.time(), 0
+    if task == "multilabel":
+        ws = [_np_weights(b) for b in blends]
+        it = map_images(images, _hist_image, (ws, threshold_table()), workers)
+    else:
+        it = map_images(images, _mc_image, ([member_weights(b) for b in blends],), 1)
+    for i, (res, ts) in it:
+        tsum[i] = ts
+        for j in range(len(blends)):
+            if task == "multilabel":
+                h = res[j]
+                inter = np.cumsum(h[:, ::-1, 1], axis=1)[:, ::-1]
+                pred = np.cumsum(h[:, ::-1].sum(-1), axis=1)[:, ::-1]
+                out[j][i] = score_counts(inter, pred, ts[:, None], metric)
+            else:
+                out[j][i, :, 0] = score_counts(res[j][0], res[j][1], ts, metric)
+        done += 1
+        if done == 1 or done % 50 == 0 or done == N:
+            log(f"  native thresholds: image {done}/{N} ({time.time() - t0:.1f}s)")
     return out, tsum
 
 
-def components(images: Images, configs: list[tuple[np.ndarray, np.ndarray]], task: str) -> list[list[pp.Components]]:
-    """Per (weights, levels) configuration, per class: the native-size components of its masks.
+def _comp_image(images: Images, i: int, configs: list, table: np.ndarray):
+    return sparse.components(images.stack(i), configs, table)
 
-    A multilabel class's mask depends only on its own weights and level, so configurations that
-    agree on a class share that class's work: each distinct blend is blended once per image and each
-    class resized once, then labelled once per distinct level (multiclass couples the classes, so
-    each configuration is labelled whole).
-    """
-    if task != "multilabel":
-        return _components_whole(images, configs, task)
-    ws = [member_weights(w) for w, _ in configs]
-    blend_of, blends = [], {}  # config -> index of its distinct blend
-    for w in ws:
-        blend_of.append(blends.setdefault(w.numpy().tobytes(), len(blends)))
-    blend_w = {j: ws[blend_of.index(j)] for j in range(len(blends))}
-    shared = None
-    for i, rows, truth in images:
-        C = truth.shape[0]
-        size = truth.shape[1:]
-        if shared is None:
-            # (blend, class, level) -> stats lists; a config reads its (blend, c, level[c]) entry.
-            shared = {(blend_of[j], c, int(configs[j][1][c])): ([], [], [], []) for j in range(len(configs)) for c in range(C)}
-        keep = images.keep(i)
-        for b, w in blend_w.items():
-            wanted = sorted({(c, lv) for (bb, c, lv) in shared if bb == b})
-            if not wanted:
-                continue
-            blended = blend(rows, w)
-            for c0, c1 in _chunks(C, size[0] * size[1], task):
-                p = probs_chunk(blended, c0, c1, size).numpy()
-                for c, lv in wanted:
-                    if not c0 <= c < c1:
-                        continue
-                    m = (p[c - c0] >= np.float32(threshold_value(lv))).view(np.uint8)
-                    _add_components(shared[(b, c, lv)], m, truth[c], i, keep)
-    C = len(configs[0][1]) if configs else 0
-    return [[_joined(shared[(blend_of[j], c, int(configs[j][1][c]))]) if shared else _joined(([], [], [], []))
-             for c in range(C)] for j in range(len(configs))]
+
+def components(images: Images, configs: list[tuple[np.ndarray, np.ndarray]], task: str,
+               workers: int | None = None) -> list[list[pp.Components]]:
+    """Per (weights, levels) configuration, per class: the native-size components of its masks."""
+    C = len(images.members[0].classes)
+    acc = [[([], [], [], []) for _ in range(C)] for _ in configs]
+    if task == "multilabel":
+        cfgs = [(_np_weights(w), np.asarray(lv)) for w, lv in configs]
+        for i, per_config in map_images(images, _comp_image, (cfgs, threshold_table()), workers):
+            for j, per_class in enumerate(per_config):
+                for c, (area, inter, scored) in enumerate(per_class):
+                    if len(area):
+                        img, a, it, sc = acc[j][c]
+                        img.append(np.full(len(area), i, np.int64))
+                        a.append(area)
+                        it.append(inter)
+                        sc.append(scored)
+    else:
+        ws = [member_weights(w) for w, _ in configs]
+        t = torch.full((C,), 0.5)
+        for i in range(len(images)):
+            rows, truth = _dense(images, i)
+            keep = images.keep(i)
+            for j, w in enumerate(ws):
+                masks = native_masks(rows, w, t, [None] * C, task)
+                for c in range(C):
+                    _add_components(acc[j][c], masks[c], truth[c], i, keep)
+    return [[_joined(acc[j][c]) for c in range(C)] for j in range(len(configs))]
 
 
 def _add_components(acc, mask: np.ndarray, truth: np.ndarray, i: int, keep: np.ndarray | None = None) -> None:
@@ -239,23 +203,6 @@ def _add_components(acc, mask: np.ndarray, truth: np.ndarray, i: int, keep: np.n
 
 def _joined(acc) -> pp.Components:
     return pp.Components(*(np.concatenate(x) if x else np.zeros(0, np.int64) for x in acc))
-
-
-def _components_whole(images: Images, configs, task: str) -> list[list[pp.Components]]:
-    acc = None
-    ws = [member_weights(w) for w, _ in configs]
-    t = torch.full((len(configs[0][1]),), 0.5) if configs else None
-    for i, rows, truth in images:
-        C = truth.shape[0]
-        if acc is None:
-            acc = [[([], [], [], []) for _ in range(C)] for _ in configs]
-        keep = images.keep(i)
-        for j, w in enumerate(ws):
-            masks = native_masks(rows, w, t, [None] * C, task, truth.shape[1:])
-            for c in range(C):
-                _add_components(acc[j][c], masks[c], truth[c], i, keep)
-    C = len(acc[0]) if acc else 0
-    return [[_joined(acc[j][c]) for c in range(C)] for j in range(len(configs))]
 
 
 @dataclass
@@ -287,7 +234,7 @@ def _key(w: np.ndarray, *more) -> bytes:
 
 def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metric: "PairMetric | float", *,
              postprocess: bool, rules: list[PostProcess], candidates=("search", "single", "equal"),
-             log=print) -> NativeOutcome:
+             log=print, workers: int | None = None) -> NativeOutcome:
     """Re-choose thresholds and post-processing at native size for every plan's weights, and score.
 
     ``weights``: (candidate, fold or None) -> (C, M) weights chosen at the OOF size.
@@ -301,7 +248,7 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metr
     for w in weights.values():
         distinct.setdefault(_key(w), w)
     log(f"native resolution: {N} images, {len(distinct)} distinct blend(s)")
-    curve_list, tsum = curves(images, list(distinct.values()), task, metric, log)
+    curve_list, tsum = curves(images, list(distinct.values()), task, metric, log, workers)
     curve_of = dict(zip(distinct, curve_list))
     levels = {pk: choose_levels(curve_of[_key(w)], subsets[pk[1]]) for pk, w in weights.items()}
     dice = {pk: at_levels(curve_of[_key(w)], levels[pk]) for pk, w in weights.items()}
@@ -311,7 +258,7 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metr
         for pk, w in weights.items():
             configs.setdefault(_key(w, levels[pk]), (w, levels[pk]))
         log(f"native resolution: components of {len(configs)} configuration(s)")
-        comps = dict(zip(configs, components(images, list(configs.values()), task)))
+        comps = dict(zip(configs, components(images, list(configs.values()), task, workers)))
         for pk, w in weights.items():
             r, inter, pred = pp.choose(comps[_key(w, levels[pk])], tsum, subsets[pk[1]], rules, np.ones(N), metric)
             chosen[pk] = r
@@ -349,8 +296,9 @@ def write_csv(path, images: Images, weights: np.ndarray, thresholds: list[float]
     by_name = {comp.classes[c]: r for c, r in rules.items()}
     with atomic_path(path) as tmp:
         with SubmissionWriter(tmp, comp, by_name) as writer:
-            for i, rows, truth in images:
-                masks = native_masks(rows, w, t, [None] * C, comp.task, truth.shape[1:])
+            for i in range(len(images)):
+                rows, _ = _dense(images, i)
+                masks = native_masks(rows, w, t, [None] * C, comp.task)
                 writer.add(images.adapter.submission_id(images.ids[i], "train"), masks)
         return writer.rows
 

@@ -37,9 +37,9 @@ def _r(x) -> float | None:
 
 
 def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict, out, nat, chosen: str,
-          why: str, *, search: dict, oof_size: list[int]) -> Recipe:
-    """The recipe for candidate ``chosen``: its in-sample weights (from the OOF-size search) with the
-    thresholds and post-processing chosen at native resolution, and every score beside it."""
+          why: str, *, search: dict) -> Recipe:
+    """The recipe for candidate ``chosen``: its in-sample weights with the thresholds and
+    post-processing chosen on them (all at the images' original sizes), and every score beside it."""
     plan = nat.plans[(chosen, None)]
     W = normalized(plan.weights)
     used = [m for m in range(W.shape[1]) if W[:, m].any()]
@@ -49,13 +49,13 @@ def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict,
                 "checkpoints": [c.model_dump() for c in ckpts[exps[m].name]],
                 "weights": [float(W[0, m])] if glob else [float(x) for x in W[:, m]],
                 "tta": list(views[m].tta), "tta_scales": list(views[m].tta_scales)} for m in used]
-    single = int(np.argmax(out.plans[("single", None)].weights[0]))
+    single = int(np.argmax(out.weights[("single", None)][0]))
     has_nested = bool(nat.nested)
 
     def pair(p, where):
         return {"in_sample": _r(where.in_sample[p]), "nested": _r(where.nested.get(p))}
 
-    candidates = {p: {"native": pair(p, nat), "oof_size": pair(p, out),
+    candidates = {p: {"native": pair(p, nat),
                       **({"experiment": views[single].label} if p == "single" else {})}
                   for p in ("search", "single", "equal")}
     pn = {p: nat.plans[(p, None)].dice.mean(0) for p in ("search", "single", "equal")}
@@ -65,13 +65,12 @@ def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict,
         "metric": f"{comp.metric.name}: mean over image x class pairs (empty_score {comp.metric.empty_score})",
         "resolution": "native: each training image at its original size, through the submission's resize, "
                       "thresholds and post-processing",
-        "oof_size": oof_size, "images": int(len(out.fold_of)), "folds": len(folds), "search": search,
+        "images": int(len(out.fold_of)), "folds": len(folds), "search": search,
         "chosen": chosen, "chosen_because": why,
         # Unrounded: `competition score` of the recipe's OOF CSV reproduces in_sample to 1e-9.
         "in_sample": float(nat.in_sample[chosen]),
         "nested": None if nat.nested.get(chosen) is None else float(nat.nested[chosen]),
         "nested_per_fold": {f: _r(v) for f, v in nat.nested_per_fold.get(chosen, {}).items()},
-        "at_oof_size": pair(chosen, out),
         "candidates": candidates,
         "best_single": {"experiment": views[single].label, "oof_at_threshold": _r(out.singles[single]),
                         **pair("single", nat)},
@@ -94,7 +93,7 @@ def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict,
         "thresholds": [threshold_value(int(k)) for k in plan.levels] if comp.task == "multilabel"
         else [0.5] * len(comp.classes),
         "postprocess": {comp.classes[c]: r.model_dump(exclude_defaults=True) for c, r in sorted(plan.rules.items())},
-        "oof_size": list(oof_size), "scores": scores,
+        "scores": scores,
         "pseudo_labels": sorted({exps[m].data.pseudo.name for m in used if exps[m].data.pseudo is not None}),
     }
     return validate(Recipe, data, f"ensemble {name}")
@@ -121,12 +120,11 @@ def _members_text(rec: Recipe) -> str:
 
 
 def _candidate_rows(s: dict):
-    """(candidate, label, [native in-sample, native nested, OOF-size in-sample, OOF-size nested])."""
+    """(candidate, label, [native in-sample, native nested])."""
     cand = s["candidates"]
     for p in ("search", "single", "equal"):
         label = CANDIDATE_NAMES[p] + (f" ({cand[p]['experiment']})" if p == "single" else "")
-        yield p, label, [cand[p]["native"]["in_sample"], cand[p]["native"]["nested"],
-                         cand[p]["oof_size"]["in_sample"], cand[p]["oof_size"]["nested"]]
+        yield p, label, [cand[p]["native"]["in_sample"], cand[p]["native"]["nested"]]
 
 
 def markdown(rec: Recipe) -> str:
@@ -139,15 +137,15 @@ def markdown(rec: Recipe) -> str:
     lines = [f"# Ensemble `{rec.name}`", "",
              f"Competition `{rec.competition}` ({rec.task}) · members: {_members_text(rec)} · "
              f"{'per-class' if per_class_w else 'global'} weights by {srch['method']} "
-             f"{_binarised(rec, srch)} on the OOF at {s['oof_size'][0]}x{s['oof_size'][1]} · {s['images']} images, "
+             f"{_binarised(rec, srch)} on the OOF at the original sizes · {s['images']} images, "
              f"{s['folds']} folds · folds file sha256 {rec.folds_sha256}", "",
              f"**Chosen: {CANDIDATE_NAMES[s['chosen']]}** — {s['chosen_because']}.", "",
-             "| candidate | native in-sample | native nested CV | OOF-size in-sample | OOF-size nested |",
-             "|---|---|---|---|---|"]
+             "| candidate | native in-sample | native nested CV |",
+             "|---|---|---|"]
     for p, label, nums in _candidate_rows(s):
         lines.append(f"| {label}{' ✔' if p == s['chosen'] else ''} | " + " | ".join(map(f, nums)) + " |")
-    lines += ["", "Native: every training image scored at its original size through the submission's resize, "
-              "thresholds and post-processing (thresholds and post-processing re-chosen there). In-sample: "
+    lines += ["", "Native: every training image scored at its original size through the submission's blend, "
+              "thresholds and post-processing (all chosen there). In-sample: "
               "chosen and scored on the same OOF (optimistic). Nested CV: chosen on the other folds' OOF, "
               "scored on the held-out fold (the honest estimate).", "",
               "## Candidate members (experiment x TTA variant)", "",
@@ -197,14 +195,12 @@ def summary(rec: Recipe) -> list[str]:
     rows = list(_candidate_rows(s))
     width = max([27] + [len(label) for _, label, _ in rows])  # whole member names, e.g. "exp[identity+hflip]"
     lines += [f"members: {_members_text(rec)}",
-              " " * (width + 3) + "native in-sample  native nested   OOF-size in-sample  OOF-size nested"]
+              " " * (width + 3) + "native in-sample  native nested"]
     for p, label, nums in rows:
         lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<{width}}" +
-                     "".join(f"{f(x):>{w}}" for x, w in zip(nums, (10, 16, 20, 17))))
+                     "".join(f"{f(x):>{w}}" for x, w in zip(nums, (10, 16))))
     lines += [f"chosen: {CANDIDATE_NAMES[s['chosen']]} ({s['chosen_because']})",
-              f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}   "
-              f"(at the OOF size {s['oof_size'][0]}x{s['oof_size'][1]}: in-sample {f(s['at_oof_size']['in_sample'])}"
-              f"  nested {f(s['at_oof_size']['nested'])})",
+              f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}",
               f"  gain over best single {g(s['gain_over_best_single']['nested'])} nested, "
               f"over equal weights {g(s['gain_over_equal_weights']['nested'])} nested "
               f"(native pass {s['native_seconds']:.1f}s)"]

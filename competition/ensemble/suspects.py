@@ -21,7 +21,6 @@ import pandas as pd
 from competition import paths, viz
 from competition.config import atomic_write_text
 from competition.ensemble.blend import blend_labels, truth_labels
-from competition.ensemble.compact import chunk_images
 
 
 def _masks(P: np.ndarray, T: np.ndarray, task: str, level: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,16 +32,22 @@ def _masks(P: np.ndarray, T: np.ndarray, task: str, level: int) -> tuple[np.ndar
     return lab[:, None] == k, truth_labels(T)[:, None] == k
 
 
-def scores(view, truth, task: str, level: int, budget_bytes: int = 128 << 20) -> pd.DataFrame:
+def _image(images, i: int):
+    """(P, T): one image's OOF and truth as (1, C, H * W) (the original size)."""
+    rows, truth = images.dense(i)
+    C = truth.shape[0]
+    return rows[0].reshape(1, C, -1), truth.reshape(1, C, -1)
+
+
+def scores(images, task: str, level: int) -> pd.DataFrame:
     """One row per image x class: dice, confidence, suspicion, best-matching truth class and its Dice."""
+    view = images.members[0]
     N, C = len(view), len(view.classes)
-    HW = int(np.prod(view.size))
-    B = chunk_images(C, HW, 12, budget_bytes)
     rows = []
-    for s in range(0, N, B):
-        e = min(N, s + B)
-        P = view.read(s, e).reshape(e - s, C, HW)
-        pred, T = _masks(P, truth.read(s, e).reshape(e - s, C, HW), task, level)
+    for s in range(N):
+        e = s + 1
+        P, T = _image(images, s)
+        pred, T = _masks(P, T, task, level)
         conf = np.abs(P.astype(np.float32) * (2 / 255) - 1)  # |2p - 1|
         wrong = pred ^ T
         n_wrong = np.count_nonzero(wrong, axis=-1)
@@ -70,8 +75,9 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:80] or "x"
 
 
-def run(exp_name: str, view, truth, adapter, task: str, level: int, top: int, log=print) -> pd.DataFrame:
-    df = scores(view, truth, task, level)
+def run(exp_name: str, images, adapter, task: str, level: int, top: int, log=print) -> pd.DataFrame:
+    view = images.members[0]
+    df = scores(images, task, level)
     top_df = df[df["suspicion"] > 0].head(top)
     folder = paths.suspects_dir(exp_name)
     shutil.rmtree(folder, ignore_errors=True)
@@ -81,11 +87,11 @@ def run(exp_name: str, view, truth, adapter, task: str, level: int, top: int, lo
     pngs = []
     for rank, r in enumerate(top_df.to_dict("records"), 1):
         row = row_of[r["id"]]
-        P, T = view[row][None].reshape(1, C, -1), truth[row][None].reshape(1, C, -1)
+        P, T = _image(images, row)
         pred, tr = _masks(P, T, task, level)
         shown = [view.classes.index(r["class"])] + \
             ([view.classes.index(r["matches_truth_of"])] if r["matches_truth_of"] else [])
-        h, w = view.size
+        h, w = view.original_sizes[r["id"]]
         panel = viz.panels(adapter.load_image(r["id"]), tr[0, shown].reshape(-1, h, w).astype(np.uint8),
                            pred[0, shown].reshape(-1, h, w).astype(np.uint8))
         png = folder / f"{rank:03d}-{_safe(r['id'])}-{_safe(r['class'])}.png"

@@ -3,15 +3,14 @@ native-resolution CV, so that CV measures exactly what the leaderboard scores:
 
     member probabilities   each member (one experiment's fold models x one TTA variant): TTA views and
                            scales (sliding windows for images larger than the model input), averaged
-                           over its fold models, unpadded (``data.resize: letterbox``) and resized to
-                           the store size, quantised to uint8
+                           over its fold models, unpadded (``data.resize: letterbox``), resized
+                           (bilinear) to the image's original (H, W) and quantised to uint8
                            -- exactly what an OOF store holds for a held-out image;
     blend                  members' uint8 probabilities weighted per class (float32);
-    to the original size   bilinear resize to each image's original (H, W);
     binarise               ``p >= threshold`` per class, or the argmax against the background.
 
-OOF runs the first step on held-out images (one fold model per member); native CV runs the last
-three on the stored OOF; a submission runs all four on the test images.
+OOF runs the first step on held-out images (one fold model per member); the ensemble's CV runs the
+last two on the stored OOF; a submission runs all three on the test images.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset
 
 from competition.data.base import Adapter
 from competition.data.dataset import Geometry, SegDataset, unletterbox
-from competition.oof import probabilities, quantize_tensor
+from competition.cv.probs import probabilities, quantize_tensor
 from competition.predict.members import LoadedModel
 from competition.predict.sliding import sliding_window
 from competition.predict.tta import tta_predict
@@ -66,39 +65,38 @@ class TestInputs(Dataset):
 class MemberPredictor:
     """One member: the fold models of one experiment seen through one TTA variant.
 
-    ``__call__`` maps a network-input batch to uint8 (B, C, h, w) probabilities at ``store_size``:
-    the mean over the models of their TTA (and sliding-window) probabilities, resized to the store
-    size and quantised. For a held-out image (one fold model) this IS the OOF row. With
-    ``data.resize: letterbox`` each image's padding is cropped off first, which needs its native
-    (H, W) (``sizes``): a row always holds the whole image, never padding.
+    ``__call__`` maps a network-input batch and the images' original (H, W) to one uint8 (C, H, W)
+    tensor per image: the mean over the models of their TTA (and sliding-window) probabilities,
+    unpadded (``data.resize: letterbox``), resized to the original size and quantised. For a held-out
+    image (one fold model) this IS the OOF row.
     """
 
-    def __init__(self, models: list[LoadedModel], task: str, views, scales, store_size, device: torch.device):
+    def __init__(self, models: list[LoadedModel], task: str, views, scales, device: torch.device):
         self.models, self.task, self.device = models, task, device
         self.views, self.scales = list(views), list(scales)
-        self.store_size = tuple(store_size)
         self.experiment = models[0].experiment
         self.geometry = Geometry.from_config(self.experiment)
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, sizes=None) -> torch.Tensor:
-        """``sizes``: each image's native (H, W) ((B, 2) tensor or list); needed for letterbox inputs."""
+    def __call__(self, x: torch.Tensor, sizes) -> list[torch.Tensor]:
+        """``sizes``: each image's original (H, W) ((B, 2) tensor or list of pairs)."""
         x = x.to(self.device, non_blocking=True)
         total = None
         for m in self.models:
             p = self._model_probs(m, x)
             total = p if total is None else total.add_(p)
         total = total.div_(len(self.models))
+        sizes = [tuple(int(v) for v in hw) for hw in (sizes.tolist() if torch.is_tensor(sizes) else sizes)]
+        canvas = tuple(total.shape[-2:])
         if self.geometry.resize == "letterbox":
-            if sizes is None:
-                raise ValueError("a letterbox member needs each image's native size to remove its padding")
-            canvas = tuple(total.shape[-2:])
-            total = torch.cat([unletterbox(total[i:i + 1], self.geometry.content(tuple(int(v) for v in hw), canvas),
-                                           self.store_size) for i, hw in enumerate(sizes)])
-        elif tuple(total.shape[-2:]) != self.store_size:
-            total = F.interpolate(total, size=self.store_size, mode="bilinear", align_corners=False)
-        return quantize_tensor(total)
+            return [quantize_tensor(unletterbox(total[i:i + 1], self.geometry.content(hw, canvas), hw))[0]
+                    for i, hw in enumerate(sizes)]
+        if len(set(sizes)) == 1:  # one resize for the batch
+            out = total if canvas == sizes[0] else F.interpolate(total, size=sizes[0], mode="bilinear",
+                                                                align_corners=False)
+            return list(quantize_tensor(out))
+        return [quantize_tensor(to_size(total[i], hw)) for i, hw in enumerate(sizes)]
 
     def _model_probs(self, m: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         amp = torch.autocast(self.device.type, dtype=m.amp) if m.amp is not None else contextlib.nullcontext()
@@ -119,8 +117,9 @@ class MemberPredictor:
 
 
 def blend(members: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., C, h, w) member probabilities and (M, C) weights (each class's column sums to 1)
-    -> float32 probabilities, summed in member order: the same arithmetic for OOF and test images."""
+    """uint8 (..., C, H, W) member probabilities and (M, C) weights (each class's column sums to 1)
+    -> float32 probabilities, summed in member order: the same arithmetic for OOF and test images
+    (:mod:`competition.cv.sparse` repeats it on gathered tiles)."""
     total = None
     for u, w in zip(members, weights):
         term = u.float().mul_((w.float() / 255.0).view(-1, 1, 1))
@@ -166,17 +165,16 @@ class EnsemblePredictor:
                                           dtype=torch.float32, device=device).view(c, 1, 1)
 
     @torch.no_grad()
-    def member_probs(self, inputs: dict, sizes=None) -> list[torch.Tensor]:
-        """Each member's uint8 (B, C, h, w) probabilities at the store size (``sizes``: the images'
-        native (H, W), for letterbox members)."""
+    def member_probs(self, inputs: dict, sizes) -> list[list[torch.Tensor]]:
+        """Per member, per image: uint8 (C, H, W) probabilities at the image's original size."""
         return [m(inputs[name], sizes) for m, name in zip(self.members, self.member_input)]
 
     @torch.no_grad()
-    def probabilities(self, member_probs: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def probabilities(self, member_probs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Per image: the (C, H, W) float32 ensemble probabilities at its original size, on the device,
         from the members' uint8 probabilities (``member_probs``, or saved ones)."""
-        p = blend(member_probs, self.weights)
-        return [to_size(p[i], size) for i, size in enumerate(sizes)]
+        n = len(member_probs[0]) if member_probs else 0
+        return [blend([mp[i].to(self.device) for mp in member_probs], self.weights) for i in range(n)]
 
     def binarize(self, probs: torch.Tensor) -> torch.Tensor:
         return binarize(probs, self.task, self.thresholds)

@@ -23,7 +23,6 @@ from competition import locks, paths
 from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint,
                                 RecipeMember, load_competition, load_recipe, validate)
 from competition.data.adapters import make_adapter
-from competition.oof import store_size
 from competition.predict.infer import (EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for,
                                        masks_for_writer)
 from competition.predict.members import check_recipe, load_models, member_weights
@@ -88,8 +87,7 @@ def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source:
     check_recipe(recipe, comp.classes, comp.task, source)
     in_ch = 1 if comp.image.channels == "grayscale" else 3
     models = load_models(recipe, root, source, dev, in_ch)
-    size = tuple(recipe.oof_size) if recipe.oof_size else store_size(models[0][0].experiment)
-    members = [MemberPredictor(ms, comp.task, m.tta, m.tta_scales, size, dev)
+    members = [MemberPredictor(ms, comp.task, m.tta, m.tta_scales, dev)
                for ms, m in zip(models, recipe.members)]
     return EnsemblePredictor(members, member_weights(recipe, source), comp.task, recipe.thresholds, dev)
 
@@ -101,8 +99,8 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
     """Predict every test image with the recipe and write a validated CSV to ``out``.
 
     Checkpoint paths in the recipe are relative to ``root`` (the project folder, or a bundle).
-    ``on_probs(test id, [uint8 (C, h, w) per member])`` sees each image's member probabilities at the
-    store size (what an OOF row holds for a held-out image). ``save_probs`` keeps them under
+    ``on_probs(test id, [uint8 (C, H, W) per member])`` sees each image's member probabilities at its
+    original size (what an OOF row holds for a held-out image). ``save_probs`` keeps them under
     ``runs/<exp>/test[-<variant>]/``; ``from_probs`` blends saved ones instead of running the models.
     """
     for flag, v in (("--batch-size", batch_size), ("--workers", workers)):
@@ -119,10 +117,7 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
     if from_probs:
         check_recipe(recipe, comp.classes, comp.task, source)
         predictor = EnsemblePredictor([], member_weights(recipe, source), comp.task, recipe.thresholds, dev)
-        size = tuple(recipe.oof_size) if recipe.oof_size else None
-        if size is None:
-            raise ConfigError(f"{source}: --from-probs needs the recipe's oof_size (written by `make ensemble`)")
-        stores = saved.open_saved(recipe, ids, size)
+        stores = saved.open_saved(recipe, ids)
         loader = ({"index": torch.arange(s, min(s + 8, len(ids))),
                    "size": torch.tensor([adapter.image_size(i, "test") for i in ids[s:s + 8]])}
                   for s in range(0, len(ids), 8))
@@ -136,14 +131,12 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                             num_workers=nw, pin_memory=dev.type == "cuda")
     saver = None
     if save_probs:
-        size = predictor.members[0].store_size
-        saver = saved.Saver(recipe, ids, size, comp.classes, {i: list(adapter.image_size(i, "test")) for i in ids})
+        saver = saved.Saver(recipe, ids, comp.classes, {i: tuple(adapter.image_size(i, "test")) for i in ids})
         on_probs = _both(on_probs, saver)
-    def member_probs(batch) -> list[torch.Tensor]:
+    def member_probs(batch) -> list[list[torch.Tensor]]:
         if not from_probs:
             return predictor.member_probs(batch["inputs"], batch["size"])
-        rows = batch["index"].numpy()
-        return [torch.from_numpy(np.ascontiguousarray(st[rows])).to(dev) for st in stores]
+        return [[torch.from_numpy(st(int(r))) for r in batch["index"]] for st in stores]
 
     out = Path(out)
     t0 = time.time()
@@ -158,7 +151,7 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                     if on_probs is not None:
                         for j, i in enumerate(batch["index"].tolist()):
                             on_probs(ids[i], [u[j].cpu().numpy() for u in us])
-                    for i, p in zip(batch["index"].tolist(), predictor.probabilities(us, sizes)):
+                    for i, p in zip(batch["index"].tolist(), predictor.probabilities(us)):
                         writer.add(sub_ids[i], *masks_for_writer(predictor, p))
                     bar.update(len(sizes))
             rows = validate_submission(tmp, comp, expected)
@@ -276,7 +269,7 @@ def experiment_recipe(experiment: str, overrides: dict | None = None) -> tuple[R
     def mean_of(key: str) -> float | None:
         vals = [m.get(key) for m in metrics]
         return sum(vals) / len(vals) if len(vals) == len(wanted) and None not in vals else None
-    native, at_oof = mean_of("oof_dice_native"), mean_of("oof_dice")
+    native = mean_of("oof_dice_native")
     recipe = Recipe(
         name=experiment, competition=comp.name, task=comp.task, classes=comp.classes,
         folds_sha256=ckpt.file_hash(folds_file) if folds_file.is_file() else "",
@@ -286,5 +279,5 @@ def experiment_recipe(experiment: str, overrides: dict | None = None) -> tuple[R
                               checkpoints=[RecipeCheckpoint(path=rel[k], sha256=ckpt.file_hash(found[k]))
                                            for k in wanted])],
         thresholds=[exp.train.threshold] * comp.num_classes,
-        scores={k: v for k, v in (("in_sample", native), ("at_oof_size", {"in_sample": at_oof})) if v is not None})
+        scores={"in_sample": native} if native is not None else {})
     return recipe, comp

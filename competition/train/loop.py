@@ -5,7 +5,7 @@
     runs/<exp>/fold<k>/best.pt        weights of the best epoch by the competition metric
     runs/<exp>/fold<k>/history.csv    one row per epoch
     runs/<exp>/fold<k>/metrics.json   best validation Dice per class and mean, timings
-    runs/<exp>/fold<k>/oof/           the fold's out-of-fold probabilities (see competition.oof)
+    runs/<exp>/fold<k>/oof/           the fold's out-of-fold probabilities (see competition.cv.tiles)
 """
 from __future__ import annotations
 
@@ -120,8 +120,8 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     if d.main:
         from competition.io import clean_stale_temps
         # We hold the folder's lock, so any temp file in it was left by a killed run of ours.
-        from competition.oof import clean_stale_stores
-        for t in clean_stale_temps(rp.root, 0) + clean_stale_stores(rp.root):
+        from competition.cv.tiles import clean_stale
+        for t in clean_stale_temps(rp.root, 0) + clean_stale(rp.root):
             log(f"removed {t.name}, left by an interrupted run")
         extend = _check_run_dir(rp, run_cfg, restart)
         if extend:
@@ -342,9 +342,10 @@ def oof_variants(exp: ExperimentConfig, comp: CompetitionConfig) -> list[tuple[l
 
 def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log, tracker) -> dict:
     """Predict the held-out fold from best.pt through the submission's inference path (every OOF
-    variant), then metrics.json: OOF Dice at the OOF size and at each image's native size."""
-    from competition.ensemble import oofscore, store
-    from competition.ensemble.blend import threshold_level
+    variant), then metrics.json: the OOF score at each image's original size."""
+    from competition.cv import tiles
+    from competition.cv import views as store
+    from competition.ensemble import oofscore
     from competition.metrics import summarize
     from competition.predict.heldout import predict_fold
     from competition.predict.tta import variant_name
@@ -356,25 +357,25 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
     for views, scales in variants:
         store_dir = predict_fold(exp.name, fold, comp, adapter, val_ids, views, scales, device=engine.device)
     pred_seconds = time.time() - t
-    # This fold's rows only, in the order they were predicted (the folds file was read by fit).
+    # This fold's rows only, in the order they were predicted (the folds file was read by fit); the
+    # truth of these images alone, in memory.
     view = store.open_experiment(exp.name, pd.DataFrame({"id": val_ids, "fold": fold}), comp.classes, comp.task)
-    truth = store.MemoryTruth(adapter, view.ids, comp.classes, view.size)
-    level = threshold_level(exp.train.threshold)
-    from competition.oof import ignore_view
-    ignore = ignore_view(comp, adapter, view.ids, view.size)
-    scores = oofscore.per_image(view, truth, comp.task, level, pair_metric(comp.metric), ignore=ignore)
-    also = oofscore.report_metrics(view, truth, comp.task, level, comp.metric, ignore=ignore)
-    native = oofscore.native_scores(exp, comp, adapter, view)
-    summ, nsumm = summarize(scores, comp.classes), summarize(native, comp.classes)
-    size = view.size[0]
+    truth = store.MemoryTruth(adapter, view.ids, comp.classes)
+    images = store.Images([view], truth, adapter, comp.task)
+    scores = oofscore.per_image(images, comp.task, exp.train.threshold, pair_metric(comp.metric), workers=1)
+    also = oofscore.report_metrics(images, comp.task, exp.train.threshold, comp.metric)
+    summ = summarize(scores, comp.classes)
     metrics = {"experiment": exp.name, "fold": fold, "competition": comp.name,
                "best_epoch": best["epoch"], "epochs_run": state["epoch"],
                "val_dice": state["best_score"], "val_dice_per_class": dict(zip(
                    comp.classes, [state["history"][best["epoch"] - 1][f"dice/{c}"] for c in comp.classes]))
                if "val_dice_per_class" not in best else best["val_dice_per_class"],
                "averaging": state.get("averaging", {}), "best_is": best.get("averaged") or f"epoch {best['epoch']}",
-               "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": size,
-               "oof_dice_native": nsumm["mean"], "oof_dice_native_per_class": nsumm["per_class"],
+               # One resolution: the OOF is scored at each image's original size (``oof_dice_native`` is
+               # the same figure, kept under its earlier name for readers of older runs).
+               "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": "original",
+               "oof_dice_native": summ["mean"], "oof_dice_native_per_class": summ["per_class"],
+               "oof_store_bytes": sum(tiles.open_store(rp.oof(variant_name(v, s))).nbytes for v, s in variants),
                "oof_variants": [variant_name(v, s) or "plain" for v, s in variants],
                "metric": comp.metric.name, "oof_report": also,  # metric.report at the OOF size
                "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
@@ -383,11 +384,12 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
                "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
     atomic_write_text(rp.metrics, pd.Series(metrics).to_json(indent=1))
     tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice", "oof_dice_native"],
-                  [[c, metrics["val_dice_per_class"][c], summ["per_class"][c], nsumm["per_class"][c]]
+                  [[c, metrics["val_dice_per_class"][c], summ["per_class"][c], summ["per_class"][c]]
                    for c in comp.classes])
     show = list(range(min(3, len(view.ids))))
-    probs, T = view.read(0, len(show)), truth.read(0, len(show))
-    tracker.images("val_overlays", [viz.panels(adapter.load_image(view.ids[i]), T[i], probs[i] >= level)
+    level = oofscore.pass_level(exp.train.threshold)
+    tracker.images("val_overlays", [viz.panels(adapter.load_image(view.ids[i]), truth.image(i) > 0,
+                                               view.image(i) >= level)
                                     for i in show], [f"{view.ids[i]}: image | truth | prediction" for i in show])
     # After the last log: W&B commits the last epoch's row (and its val_dice) on the next log call,
     # which would overwrite a summary written earlier with the last epoch's values.
@@ -396,6 +398,6 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
                      **{f"oof_report/{k}": v for k, v in also.items()}})
     tracking.log_fold(tracker, exp, fold, metrics)  # best.pt + metrics.json + OOF summary as a W&B artifact
     log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
-        f"OOF dice {metrics['oof_dice']:.4f} at {size}px, {metrics['oof_dice_native']:.4f} at native size "
+        f"OOF dice {metrics['oof_dice']:.4f} at the original size "
         f"-> {store_dir.parent}")
     return metrics
