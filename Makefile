@@ -51,11 +51,11 @@ help:
 	@echo "                                     offline inference folder for code competitions (WHEELS=1: + wheels/)"
 	@echo "make tune [EXP=..] [TRIALS=N] [FOLD=k] [WORKERS=N] [STORAGE=url] [SPACE=..] [STUDY=..]  Optuna search"
 	@echo "make tune-report [EXP=..]            trials table, importances and plots of a study"
-	@echo "make oof [EXP=..] [TTA=\"identity hflip\"] [SCALES=\"1 1.25\"] [SUSPECTS=1]"
-	@echo "                                     an experiment's OOF score (OOF size and native) per class/fold/image;"
+	@echo "make oof [EXP=..] [TTA=\"identity hflip\"] [SCALES=\"1 1.25\"] [SUSPECTS=1] [WORKERS=N]"
+	@echo "                                     an experiment's OOF score at the original sizes per class/fold/image;"
 	@echo "                                     TTA= writes that TTA variant of every fold's OOF (a candidate member)"
-	@echo "make ensemble [ENSEMBLE=blend] [EXPS=\"baseline unet3plus\"] [METHOD=caruana|optuna] [PER_CLASS=1] [FORCE_BLEND=1]"
-	@echo "                                     weights on OOF, thresholds/post-processing at native size -> ensembles/<name>.yaml"
+	@echo "make ensemble [ENSEMBLE=blend] [EXPS=\"baseline unet3plus\"] [METHOD=caruana|optuna] [PER_CLASS=1] [FORCE_BLEND=1] [WORKERS=N]"
+	@echo "                                     weights, thresholds, post-processing on the OOF at the original sizes -> ensembles/<name>.yaml"
 	@echo "make pseudo [ENSEMBLE=..] [MIN_CONFIDENCE=c]  pseudo-labels of the test images, one set per fold -> runs/_pseudo/<name>/"
 	@echo "make runs                            table of every finished run + runs/per_class_dice.png"
 	@echo "make wandb-sync                      upload offline W&B runs (wandb/) once online"
@@ -162,7 +162,8 @@ SCALES ?=
 
 ensemble: venv
 	$(PY) -m competition ensemble --name $(ENSEMBLE) --method $(METHOD) $(if $(PER_CLASS),--per-class,) \
-		$(if $(FORCE_BLEND),--force-blend,) $(EXPS)
+		$(if $(FORCE_BLEND),--force-blend,) $(if $(WORKERS),--workers $(WORKERS),) $(EXPS)
 
 oof: venv
-	$(PY) -m competition oof $(EXP) $(if $(TTA),--tta $(TTA),) $(if $(SCALES),--scales $(SCALES),) $(if $(SUSPECTS),--suspects,)
+	$(PY) -m competition oof $(EXP) $(if $(TTA),--tta $(TTA),) $(if $(SCALES),--scales $(SCALES),) $(if $(SUSPECTS),--suspects,) \
+		$(if $(WORKERS),--workers $(WORKERS),)

@@ -1,6 +1,7 @@
 """``make bench`` / ``python -m benchmarks [NAME...]``: run ``benchmarks/bench_*.py`` (all, or those whose
 name contains one of the NAMEs), one after the other in this process. ``python -m benchmarks pipeline``
-times the whole default pipeline instead (``benchmarks/pipeline.py``).
+times the whole default pipeline instead (``benchmarks/pipeline.py``), ``python -m benchmarks scale``
+the ensemble at the hand-bone competition's size (``benchmarks/scale.py``).
 
 Every comparison goes through :func:`benchmarks.harness.compare`: the sides alternate round by round,
 min and median of each are printed with the ratio of the mins, the outputs are checked equal first,
@@ -19,7 +20,7 @@ from pathlib import Path
 
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-PEERS = ("pytorch_toolbelt", "ttach")  # the `bench` extra of pyproject.toml
+PEERS = ("pytorch_toolbelt", "ttach", "zarr")  # the `bench` extra of pyproject.toml
 
 
 def _versions() -> str:
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["pipeline"]:  # minutes, not seconds: never part of a plain `make bench`
         from benchmarks import pipeline
         return pipeline.main(argv[1:])
+    if argv[:1] == ["scale"]:  # the ensemble at hand-bone size: minutes too
+        from benchmarks import scale
+        return scale.main(argv[1:])
 
     names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
     wanted = [n for n in names if not argv or any(a in n for a in argv)]
@@ -46,7 +50,7 @@ def main(argv: list[str]) -> int:
     missing = [m for m in PEERS if importlib.util.find_spec(m) is None]
     if missing:
         print(f"the benchmark peers {', '.join(missing)} are not installed: `make venv` installs the `bench` extra "
-              f"(or: pip install --no-deps pytorch-toolbelt ttach)", file=sys.stderr)
+              f"(or: pip install --no-deps pytorch-toolbelt ttach zarr numcodecs donfig google-crc32c)", file=sys.stderr)
         return 2
     start = time.perf_counter()
     print(f"benchmarks: {', '.join(wanted)}; {_versions()}; {load()}", flush=True)

@@ -1,15 +1,16 @@
 """Caruana's ensemble search on a synthetic OOF store: ours against two numpy peers.
 
-Store: 3 experiments x N images x 29 classes x 256² (5 folds), written with ``competition.oof``;
+Store: 3 experiments x N images x 29 classes x 256² (5 folds), written with the store's own writer
+(``competition.cv.tiles.StoreWriter``);
 one bone-sized ellipse per image and class, members with their own blur, gain, boundary shift and
 low-frequency noise with a positive bias, the kind of soft, disagreeing predictions real OOF of the
 default experiments has (15.5% of its pixel·class pairs were uncertain; the printed fraction here must
 be >= 10%). All sides run the same search (global weights, threshold 0.5, 10 greedy steps with
 replacement, first index on ties) and must return the same weights and score.
 
-- ours: ``compact.build`` (one streaming pass over the uint8 files, keeping only the pixels whose
-  blend can still change) + ``search.caruana``; timed from the files on disk (in the page cache after
-  the warm-up), so reading and pruning are included.
+- ours: ``compact.from_images`` (one pass over the stores' tiles, image by image in this process,
+  keeping only the pixels whose blend can still change) + ``search.caruana``; timed from the files on
+  disk (in the page cache after the warm-up), so reading and pruning are included.
 - naive float32: the members as float32 arrays in memory (loaded before, not timed), per candidate
   ``(S + P[m]) / (k + 1) >= 127.5`` and counts with ``np.count_nonzero``: what a notebook writes.
 - careful uint16: the members as uint8 in memory (not timed); the running sum S in uint16, each
@@ -62,43 +63,50 @@ def _member(rng, truth: np.ndarray, sigma: float, amp: float, shift: int, grid: 
 
 
 def make_store(root: Path, n: int, noise_member: bool = False, seed: int = 0) -> None:
-    """Write runs/m<k>/fold<f>/oof/ for each member, folds.csv and truth.npy under ``root``."""
+    """Write runs/m<k>/fold<f>/oof/ for each member, folds.csv and the truth store under ``root``."""
     import pandas as pd
 
-    from competition import oof
-    from competition.ensemble.store import write_truth
+    from competition.cv import tiles
     rng = np.random.default_rng(seed)
     ids = [f"img{i:04d}" for i in range(n)]
     folds = pd.DataFrame({"id": ids, "group": ids, "fold": np.arange(n) % FOLDS})
     folds.to_csv(root / "folds.csv", index=False)
     classes = [f"c{c}" for c in range(N_CLASSES)]
+    sizes = {i: (SIZE, SIZE) for i in ids}
     truth = _truth(rng, n)
-    write_truth(root / "truth.npy", iter(truth[np.argsort(folds["fold"].to_numpy(), kind="stable")]),
-                n, N_CLASSES, (SIZE, SIZE))
+    order = np.argsort(folds["fold"].to_numpy(), kind="stable")  # canonical order
+    _write(root / "truth", [ids[r] for r in order], classes, sizes, truth[order].astype(np.uint8) * 255)
     for m, spec in enumerate(SPECS):
         probs = rng.integers(0, 256, truth.shape, dtype=np.uint8) if noise_member and m == 2 \
             else _member(rng, truth, *spec)
         for f in range(FOLDS):
             rows = np.flatnonzero(folds["fold"].to_numpy() == f)
-            oof.write(root / "runs" / f"m{m}" / f"fold{f}" / "oof", [ids[r] for r in rows],
-                      [(list(range(len(rows))), probs[rows])], classes, (SIZE, SIZE), {"task": "multilabel"})
+            _write(root / "runs" / f"m{m}" / f"fold{f}" / "oof", [ids[r] for r in rows], classes, sizes, probs[rows])
         del probs
+
+
+def _write(folder: Path, ids: list, classes: list, sizes: dict, probs: np.ndarray) -> None:
+    from competition.cv import tiles
+    w = tiles.StoreWriter(folder, ids, classes, sizes, {"task": "multilabel"})
+    for r in range(len(ids)):
+        w.add(r, probs[r])
+    w.close()
 
 
 def _open(root: Path):
     import pandas as pd
 
-    from competition.ensemble import store
+    from competition.cv import tiles, views as store
     folds = pd.read_csv(root / "folds.csv", dtype={"id": str, "group": str})
     classes = [f"c{c}" for c in range(N_CLASSES)]
     views = [store.open_experiment(f"m{m}", folds, classes, "multilabel") for m in range(N_MEMBERS)]
-    truth = store.TruthView(root / "truth.npy", views[0].ids, classes, (SIZE, SIZE))
-    return views, truth
+    return views, tiles.open_store(root / "truth")
 
 
 def ours(views, truth, stats: dict):
+    from competition.cv.views import Images
     from competition.ensemble import compact, search
-    ev = compact.build(views, truth, "multilabel", 0.5)
+    ev = compact.from_images(Images(views, truth, None, "multilabel"), 0.5, workers=1)
     res = search.caruana(ev, np.ones(len(truth), bool), 1.0, steps=STEPS, patience=STEPS)
     stats["uncertain"] = ev.uncertain / (len(truth) * N_CLASSES * SIZE * SIZE)
     return res.weights[0].tolist(), float(res.score)
@@ -170,8 +178,8 @@ def _case(label: str, n: int, noise_member: bool) -> None:
         try:
             views, truth = _open(root)
             N = len(truth)
-            T = truth.read(0, N).reshape(N, N_CLASSES, -1)
-            U = [v.read(0, N).reshape(N, N_CLASSES, -1) for v in views]
+            T = np.stack([truth.image(i) > 0 for i in range(N)]).reshape(N, N_CLASSES, -1)
+            U = [np.stack([v.image(i) for i in range(N)]).reshape(N, N_CLASSES, -1) for v in views]
             P = [u.astype(np.float32) for u in U]
             elems = N * N_CLASSES * SIZE * SIZE * N_MEMBERS
             stats: dict = {}

@@ -95,13 +95,13 @@ def _inference(root: Path, recipe: str, smoke: bool) -> dict:
             model = model.to(memory_format=torch.channels_last)
             torch.cuda.reset_peak_memory_stats()
         member = MemberPredictor([LoadedModel(Path("random"), exp, model, autocast_dtype("auto", dev))],
-                                 comp.task, ["identity", "hflip"], [1.0], (512, 512) if not smoke else (64, 64), dev)
+                                 comp.task, ["identity", "hflip"], [1.0], dev)
         adapter = make_adapter(comp)
         ids = adapter.test_ids[:2]
         ds = TestInputs(adapter, ids, {"in0": exp}, comp.task)
         t0 = time.time()
         for i in range(len(ds)):
-            member(ds[i]["inputs"]["in0"][None])
+            member(ds[i]["inputs"]["in0"][None], [adapter.image_size(ids[i], "test")])  # to the original size
         if dev.type == "cuda":
             torch.cuda.synchronize()
         sec = time.time() - t0

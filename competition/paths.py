@@ -205,11 +205,6 @@ def truth_store(competition: str, key: str) -> Path:
     return truth_dir() / f"{check_name('competition', competition)}-{check_name('truth key', key)}"
 
 
-def truth_cache(competition: str, size: tuple[int, int], key: str) -> Path:
-    h, w = size
-    return truth_dir() / f"{check_name('competition', competition)}-{h}x{w}-{key}.npy"
-
-
 def studies_dir() -> Path:
     return runs_root() / "studies"
 

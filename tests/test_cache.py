@@ -255,8 +255,11 @@ def test_a_cached_training_run_equals_an_uncached_one(tiny_project):
     a, b = (pd.read_csv(runs / n / "fold0/history.csv") for n in ("plain", "cached"))
     assert a["val_dice"].tolist() == pytest.approx(b["val_dice"].tolist(), abs=1e-6)
     assert a["train_loss"].tolist() == pytest.approx(b["train_loss"].tolist(), abs=1e-6)
-    pa, pb = (np.load(runs / n / "fold0/oof/probs.npy") for n in ("plain", "cached"))
-    np.testing.assert_array_equal(pa, pb)
+    from competition.cv import tiles
+    pa, pb = (tiles.open_store(runs / n / "fold0/oof") for n in ("plain", "cached"))
+    assert pa.ids == pb.ids
+    for i in range(len(pa)):
+        np.testing.assert_array_equal(pa.image(i), pb.image(i))
     (folder,) = folders(tiny_project)
     assert np.load(runs / "_cache" / folder / "filled.npy").all()  # training + validation + OOF: every row
 

@@ -9,6 +9,7 @@ import yaml
 from competition import paths
 from competition.cli import main
 from competition.config import load_recipe
+from competition.cv import tiles
 from competition.train.checkpoint import file_hash
 from test_ensemble_util import blurred, fold_project, good, noise, write_member
 
@@ -112,7 +113,7 @@ def test_multiclass_competition(project, tiny_data_cache, capsys):
 def test_two_trained_experiments_end_to_end(tiny_project, capsys):
     """Two tiny experiments x 3 folds x 2 epochs; one fold's OOF deleted and rebuilt by `competition oof`."""
     from test_train import write_exp
-    fold_project(tiny_project)
+    comp, adapter, _ = fold_project(tiny_project)
     base = {"data": {"input_size": 32, "batch_size": 4, "workers": 0}, "train": {"epochs": 2},
             "tracking": {"wandb": False}}
     write_exp(tiny_project, "ea", model={"arch": "Unet", "encoder": "tu-test_resnet"}, **base)
@@ -124,7 +125,11 @@ def test_two_trained_experiments_end_to_end(tiny_project, capsys):
     capsys.readouterr()
     assert main(["oof", "eb"]) == 0
     assert "eb fold 2: predicting its" in capsys.readouterr().out
-    assert (paths.oof_dir("eb", 2) / "probs.npy").is_file()
+    # Rebuilt in the tile format at each image's original size (64 px), not the model's 32 px output.
+    rebuilt = tiles.open_store(paths.oof_dir("eb", 2))
+    assert not (paths.oof_dir("eb", 2) / "probs.npy").exists() and len(rebuilt) > 0
+    for r, i in enumerate(rebuilt.ids):
+        assert rebuilt.image(r).shape == (len(comp.classes), *adapter.image_size(i))
     assert main(["ensemble", "--name", "e2e", "ea", "eb"]) == 0
     out = capsys.readouterr().out
     rec = load_recipe("e2e")

@@ -1,13 +1,22 @@
-"""Thresholds from one histogram per blend, and post-processing under nnU-Net's acceptance rule."""
+"""Thresholds from one histogram per blend, and post-processing under nnU-Net's acceptance rule, through
+the ensemble's native passes (``competition.ensemble.native``) on in-memory stores."""
 import cv2
 import numpy as np
 
 from competition.config import PostProcess
-from competition.ensemble import compact, postprocess as pp
+from competition.ensemble import compact, native, postprocess as pp
 from competition.ensemble.blend import blend_levels, threshold_value
-from competition.ensemble.thresholds import HALF, at_levels, choose_levels, curves
+from competition.ensemble.thresholds import HALF, at_levels, choose_levels
 from competition.metrics import dice_per_class
-from test_ensemble_util import ArrayView, underconfident
+from test_ensemble_util import ArrayView, memory_images, underconfident
+
+
+def curves(members, truth, blends, task, metric):
+    return native.curves(memory_images(members, truth, task), blends, task, metric, lambda *_: None, workers=1)[0]
+
+
+def components(members, truth, configs, task):
+    return native.components(memory_images(members, truth, task), configs, task, workers=1)
 
 
 def test_curves_equal_dice_at_every_level():
@@ -15,7 +24,7 @@ def test_curves_equal_dice_at_every_level():
     truth = rng.random((3, 2, 12, 10)) < 0.4
     members = [rng.integers(0, 256, truth.shape).astype(np.uint8) for _ in range(2)]
     w = np.array([[1, 2], [3, 1]])
-    (curve,) = curves([ArrayView(m) for m in members], ArrayView(truth), [w], "multilabel", 1.0, budget_bytes=2000)
+    (curve,) = curves(members, truth, [w], "multilabel", 1.0)
     q = blend_levels(members, w)
     for k in (1, 50, 127, HALF, 200, 255):
         np.testing.assert_array_equal(curve[:, :, k], dice_per_class(q >= k, truth))
@@ -32,7 +41,7 @@ def test_tuned_thresholds_beat_half_on_an_underconfident_member():
     truth[:, :, 4:10, 3:12] = True
     truth[1, 2] = False
     probs = underconfident(truth.astype(np.uint8), rng)  # 100 on the truth, 10 elsewhere: never >= 0.5
-    (curve,) = curves([ArrayView(probs)], ArrayView(truth), [np.ones((3, 1), np.int64)], "multilabel", 1.0)
+    (curve,) = curves([probs], truth, [np.ones((3, 1), np.int64)], "multilabel", 1.0)
     levels = choose_levels(curve, np.ones(4, bool))
     assert ((levels > 10) & (levels <= 100)).all()
     tuned = at_levels(curve, levels)
@@ -67,8 +76,7 @@ def _blobs():
 
 def test_postprocessing_that_hurts_a_class_is_rejected_and_one_that_helps_is_kept():
     truth, probs = _blobs()
-    (comps,) = pp.components([ArrayView(probs)], ArrayView(truth), [(np.ones((2, 1), np.int64), np.full(2, HALF))],
-                             "multilabel")
+    (comps,) = components([probs], truth, [(np.ones((2, 1), np.int64), np.full(2, HALF))], "multilabel")
     rules = [PostProcess(keep_largest=True), PostProcess(min_area=20), PostProcess(min_area=60)]
     truth_sum = truth.sum((2, 3))
     chosen, inter, pred = pp.choose(comps, truth_sum, np.ones(3, bool), rules, np.ones(3), 1.0)
@@ -119,7 +127,7 @@ def test_multiclass_components_count_the_argmax_masks():
     probs = np.stack([np.where(lab == k + 1, 200, 20) for k in range(2)], 1).astype(np.uint8)
     probs[:, 1, 2:4, 2:4] = 240  # a spurious class-1 blob in the background
     w = np.ones((2, 1), np.int64)
-    (comps,) = pp.components([ArrayView(probs)], ArrayView(truth), [(w, np.zeros(2, np.int64))], "multiclass")
+    (comps,) = components([probs], truth, [(w, np.zeros(2, np.int64))], "multiclass")
     pred_lab = blend_labels([probs], w)
     for c in range(2):
         inter, pred = pp.rule_counts(comps[c], None, np.ones(3), 3)

@@ -103,3 +103,29 @@ def brute_counts(members: list[np.ndarray], truth: np.ndarray, w: np.ndarray, th
     blend = sum(wn[None, :, m, None, None] * members[m].astype(np.float64) for m in range(len(members)))
     pred = blend >= 255 * threshold - 1e-9
     return (pred & truth).sum((2, 3)), pred.sum((2, 3))
+
+
+class MemoryStore:
+    """In-memory stand-in for an OOF member or the truth store: row i -> (C, H, W) uint8, as stored."""
+
+    def __init__(self, arr: np.ndarray, classes=None, tile: int = 8):
+        arr = np.asarray(arr)
+        self.arr = arr.view(np.uint8) * np.uint8(255) if arr.dtype == bool else arr.astype(np.uint8)
+        self.classes = classes or [f"c{i}" for i in range(arr.shape[1])]
+        self.ids = [f"img{i}" for i in range(len(arr))]
+        self.tile = tile
+
+    def sparse(self, i):
+        return tiles.SparseImage(*tiles.split(self.arr[i], self.tile), self.arr.shape[-2:], self.tile)
+
+    def image(self, i):
+        return self.arr[i]
+
+    def __len__(self):
+        return len(self.arr)
+
+
+def memory_images(members: list[np.ndarray], truth: np.ndarray, task: str = "multilabel"):
+    """:class:`competition.cv.views.Images` over in-memory (N, C, H, W) arrays (no adapter, nothing ignored)."""
+    from competition.cv.views import Images
+    return Images([MemoryStore(m) for m in members], MemoryStore(np.asarray(truth, bool)), None, task)

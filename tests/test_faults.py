@@ -305,7 +305,7 @@ def _check_data(root: Path, temps: list) -> bool:
 
 
 def _check_run(rp_root: Path, fold: int, folds: pd.DataFrame | None, temps: list) -> dict:
-    from competition import oof
+    from competition.cv import tiles
     from competition.train import checkpoint as ckpt
     info = {}
     for p in _entries(rp_root, temps):
@@ -325,9 +325,10 @@ def _check_run(rp_root: Path, fold: int, folds: pd.DataFrame | None, temps: list
         elif p.name == "config.yaml":
             assert "experiment" in yaml.safe_load(p.read_text()), p
         elif p.is_dir() and (p.name == "oof" or p.name.startswith("oof-")):
-            probs, ids, meta = oof.read(p)
-            assert probs.shape == (len(ids), 12, *meta["size"]) and probs.dtype == np.uint8, p
-            int(np.asarray(probs).sum())  # every byte readable
+            st = tiles.open_store(p)  # checks every file against the others
+            ids = st.ids
+            for i in range(len(st)):  # every byte readable, every row at its original size
+                assert st.image(i).shape == (12, *st.sizes[i]), p
             if folds is not None:
                 assert sorted(ids) == sorted(folds.loc[folds["fold"] == fold, "id"]), f"{p}: wrong ids"
             info.setdefault("oof", []).append(p.name)
@@ -364,18 +365,14 @@ def check_artifacts(root: Path) -> dict:
         if (root / "runs").is_dir():
             for e in _entries(root / "runs", temps):
                 if e.name == "_truth":
+                    from competition.cv import tiles
                     for t in _entries(e, temps):
-                        if t.suffix == ".npy":
-                            arr = np.load(t, mmap_mode="r")
-                            assert arr.dtype == np.uint8 and arr.shape[:2] == (12, 12), t
-                            int(np.asarray(arr).sum())
-                        elif t.suffix == ".json":
-                            try:
-                                assert set(json.loads(t.read_text())) == {"ids", "classes"}
-                            except ValueError as err:
-                                _bad(t, f"half-written ({err})")
-                        else:
-                            _bad(t, "unknown file in the truth cache")
+                        if not t.is_dir():
+                            _bad(t, "unknown file in runs/_truth")
+                        st = tiles.open_store(t)  # a published store is whole: every file checked
+                        assert len(st) == 12 and len(st.classes) == 12, t
+                        for i in range(len(st)):
+                            st.image(i)
                     continue
                 for f in _entries(e, temps):
                     m = re.fullmatch(r"fold(\d+)", f.name)
@@ -506,7 +503,7 @@ def test_train_all_folds_killed_at_every_phase_then_resumed(tmp_path, tiny_data_
     """`competition train --fold all` (3 folds x 3 epochs) killed during start-up and data listing,
     while writing last.pt, mid-epoch, while writing and while swapping an OOF store, and later; the
     last rerun equals an uninterrupted run."""
-    from competition import oof
+    from competition.cv import tiles
     cfg = exp_with(train={"epochs": 3})
     ref = new_project(tmp_path / "ref", tiny_data_cache, t=cfg)
     proj = new_project(tmp_path / "proj", tiny_data_cache, t=cfg)
@@ -538,9 +535,10 @@ def test_train_all_folds_killed_at_every_phase_then_resumed(tmp_path, tiny_data_
     with pytest.raises(Exception):
         torch.load(next(iter(half)), weights_only=True)  # really half a checkpoint ...
     assert _last_epochs(proj) == before  # ... and the named one is untouched
-    # 5. Injected: writing fold 0's second OOF store (the TTA variant; its memmap just created in
-    #    the hidden temp folder): the plain store is whole under its name, the variant is not there.
-    r.inject({"target": "numpy.lib.format:open_memmap", "match": "probs.npy", "n": 2, "when": "after"}, *args)
+    # 5. Injected: writing fold 0's second OOF store (the TTA variant; its writer has just made its
+    #    hidden temp folder): the plain store is whole under its name, the variant is not there.
+    r.inject({"target": "competition.cv.tiles:StoreWriter.__init__", "match": "oof-identity+hflip", "n": 1,
+              "when": "after"}, *args)
     found = check_artifacts(proj)
     assert not half & temp_files(proj, "runs/t/fold*/.*.tmp"), "the rerun removed the half-written last.pt temp"
     assert any(p.is_dir() and p.name.startswith(".oof-identity+hflip.") for p in found["temps"])
@@ -564,9 +562,10 @@ def test_train_all_folds_killed_at_every_phase_then_resumed(tmp_path, tiny_data_
         assert got["best.pt"] == exp["best.pt"]
         assert got["metrics"]["val_dice"] == pytest.approx(exp["metrics"]["val_dice"], abs=1e-4)
         assert got["metrics"]["oof_dice_native"] == pytest.approx(exp["metrics"]["oof_dice_native"], abs=1e-3)
-        a, _, _ = oof.read(runs / f"fold{k}/oof")
-        b, _, _ = oof.read(ref / f"runs/t/fold{k}/oof")
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        a, b = tiles.open_store(runs / f"fold{k}/oof"), tiles.open_store(ref / f"runs/t/fold{k}/oof")
+        assert a.ids == b.ids
+        for i in range(len(a)):
+            assert np.abs(a.image(i).astype(int) - b.image(i).astype(int)).max() <= 1
         hist, ref_hist = pd.read_csv(runs / f"fold{k}/history.csv"), pd.read_csv(ref / f"runs/t/fold{k}/history.csv")
         np.testing.assert_allclose(hist["val_dice"], ref_hist["val_dice"], atol=1e-4)
     # Temp files and the hidden temp folders of killed OOF writes are cleaned by the rerun (it holds
@@ -676,19 +675,15 @@ def test_ensemble_killed_during_truth_cache_search_native_pass_and_writing(train
         assert recipe.read_bytes() == ref_bytes and report.read_bytes() == ref_md
         return found
 
-    # Building the truth cache: its .npy half-written under a temp name.
+    # Building the truth store: killed after its second image, the store is only a hidden temp folder.
     shutil.rmtree(proj / "runs/_truth")
-    r.inject({"target": "atomic", "match": "/_truth/", "n": 1, "when": "partial"}, *args)
-    assert not list((proj / "runs/_truth").glob("*.npy")) and unchanged()["temps"]
-    # Between the truth cache and its index file.
-    r.inject({"target": "atomic", "match": ".json", "n": 1, "when": "before"}, *args)
-    assert len(list((proj / "runs/_truth").glob("*.npy"))) == 1
-    unchanged()
+    r.inject({"target": "competition.cv.tiles:StoreWriter.add_split", "n": 2, "when": "after"}, *args)
+    assert not [p for p in (proj / "runs/_truth").iterdir() if not p.name.startswith(".")] and unchanged()["temps"]
     # The weight search (the second Caruana selection: a nested fold's).
     r.inject({"target": "competition.ensemble.search:caruana", "n": 2, "when": "before"}, *args)
     unchanged()
-    # The native-resolution pass (its threshold histograms).
-    r.inject({"target": "competition.ensemble.native:levels_of", "n": 200, "when": "before"}, *args)
+    # The native-resolution pass (its threshold histograms done, its components about to start).
+    r.inject({"target": "competition.ensemble.native:components", "n": 1, "when": "before"}, *args)
     unchanged()
     # Writing the recipe: half of it in the temp; the old recipe stays whole and unchanged.
     r.inject({"target": "atomic", "match": "blend.yaml", "n": 1, "when": "partial"}, *args)
@@ -704,7 +699,7 @@ def test_ensemble_killed_during_truth_cache_search_native_pass_and_writing(train
     r.run(*args)
     found = check_artifacts(proj)
     assert found["recipes"] == [recipe] and _recipe_essentials(recipe) == ref
-    assert len(list((proj / "runs/_truth").glob("*.npy"))) == 1
+    assert len([p for p in (proj / "runs/_truth").iterdir() if not p.name.startswith(".")]) == 1
     # Hidden temps left in ensembles/ (kills before the rename) are never taken for recipes.
     from competition.predict.run import resolve_recipe
     with contextlib.chdir(proj):
@@ -712,18 +707,22 @@ def test_ensemble_killed_during_truth_cache_search_native_pass_and_writing(train
 
 
 @pytest.mark.slow
-def test_kill_while_writing_the_truth_cache_index(trained, tmp_path, hooks, monkeypatch):
+def test_kill_while_publishing_the_truth_store(trained, tmp_path, hooks, monkeypatch):
     from competition.cli import main
     proj = copy_project(trained, tmp_path / "proj")
     shutil.rmtree(proj / "runs/_truth")
     r = Runner(proj, hooks, tmp_path / "logs")
     args = ("ensemble", "--name", "blend", "a", "b")
-    r.inject({"target": "atomic", "match": ".json", "n": 1, "when": "partial"}, *args)  # the cache's index
-    assert not list((proj / "runs/_truth").glob("*.json")) and list((proj / "runs/_truth").glob("*.npy"))
+    r.inject({"target": "competition.cv.tiles:StoreWriter.close", "n": 1, "when": "before"}, *args)
+    truth = proj / "runs/_truth"
+    (temp,) = [p for p in truth.iterdir()]  # written whole, never published
+    assert temp.name.startswith(".") and temp.is_dir()
+    old = time.time() - 2 * 3600  # a killed build's temp, older than any build in progress
+    os.utime(temp, (old, old))
     monkeypatch.chdir(proj)
     assert main(list(args)) == 0  # the same command, in-process
     check_artifacts(proj)
-    assert len(list((proj / "runs/_truth").glob("*.json"))) == 1  # the rerun repaired the missing index
+    assert [p.name.startswith(".") for p in truth.iterdir()] == [False]  # published; the stale temp removed
 
 
 @pytest.mark.slow

@@ -233,31 +233,57 @@ def test_validation_dice_leaves_ignored_pixels_out_only_for_exclude(tmp_path, me
 # -- OOF scoring ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("metric", ["exclude", "background"])
 def test_oof_dice_excludes_ignored_pixels_only_for_exclude(tmp_path, metric):
+    """An OOF store at the original size (class a predicted on its pixels and on every void pixel)
+    scored against the truth: the void pixels count only with ``ignore.metric: background``."""
+    from competition.cv import tiles
+    from competition.cv.views import Images, MemoryTruth
     from competition.ensemble.oofscore import per_image
-    from competition.oof import ignore_view
-    comp = mask_folders(tmp_path, metric=metric)
+    comp = mask_folders(tmp_path / "data", metric=metric)
     ad = make_adapter(comp)
     m = index_mask()
-
-    class View:
-        classes, size, ids = ["a", "b"], (H, W), ["p"]
-
-        def __len__(self):
-            return 1
-
-        def read(self, s, e):  # class a predicted on its pixels and on every void pixel
-            return np.stack([((m == 1) | (m == 255)), m == 2])[None].astype(np.uint8) * 255
-
-    class Truth:
-        def read(self, s, e):
-            return ad.load_mask("p")[None].astype(bool)
-
-    ign = ignore_view(comp, ad, ["p"], (H, W))
-    assert (ign is None) == (metric == "background")
+    w = tiles.StoreWriter(tmp_path / "oof", ["p"], ["a", "b"], {"p": (H, W)}, {"task": "multilabel"})
+    w.add(0, np.stack([(m == 1) | (m == 255), m == 2]).astype(np.uint8) * 255)
+    w.close()
+    member = tiles.open_store(tmp_path / "oof")
+    truth = MemoryTruth(ad, ["p"], comp.classes)
     for task in ("multilabel", "multiclass"):
-        got = per_image(View(), Truth(), task, 128, 1.0, ignore=ign)[0]
+        images = Images([member], truth, ad, task)
+        ign = images.ignore(0)
+        assert (ign is None) == (metric == "background")
+        if ign is not None:
+            np.testing.assert_array_equal(ign, VOID)
+        got = per_image(images, task, 0.5, 1.0, workers=1)[0]
         a = 1.0 if metric == "exclude" else PARTIAL
         assert got == pytest.approx([a, 1.0])
+
+
+def test_report_metrics_binarise_a_multiclass_oof_as_the_submission_does(tmp_path):
+    """``metric.report`` figures come from the submission's masks: on class b's pixels the stored
+    values (a 1, b 127) leave the background at 127, a tie the submission's float argmax gives to b
+    (an integer argmax would give it to the background and score b 0)."""
+    import torch
+
+    from competition.config import MetricSpec
+    from competition.cv import tiles
+    from competition.cv.views import Images, MemoryTruth
+    from competition.ensemble.oofscore import per_image, report_metrics
+    from competition.metrics import PairMetric
+    from competition.predict.infer import binarize, blend
+    comp = mask_folders(tmp_path / "data", metric="exclude")
+    ad = make_adapter(comp)
+    m = index_mask()
+    u = np.zeros((2, H, W), np.uint8)
+    u[0][(m == 1) | (m == 255)] = 200  # class a on its pixels and on every void pixel (left out)
+    u[0][m == 2], u[1][m == 2] = 1, 127
+    tie = binarize(blend([torch.from_numpy(u)], torch.ones(1, 2)), "multiclass", torch.zeros(2)).numpy()
+    assert tie[1][m == 2].all() and not tie[0][m == 2].any()  # the submission's answer on the tie
+    w = tiles.StoreWriter(tmp_path / "oof", ["p"], ["a", "b"], {"p": (H, W)}, {"task": "multiclass"})
+    w.add(0, u)
+    w.close()
+    images = Images([tiles.open_store(tmp_path / "oof")], MemoryTruth(ad, ["p"], comp.classes), ad, "multiclass")
+    assert per_image(images, "multiclass", 0.5, PairMetric("dice", 1.0), workers=1)[0] == pytest.approx([1.0, 1.0])
+    got = report_metrics(images, "multiclass", 0.5, MetricSpec(name="iou", report=["dice", "iou"]))
+    assert got == pytest.approx({"dice": 1.0})
 
 
 # -- the scorer -------------------------------------------------------------------------------------

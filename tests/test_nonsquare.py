@@ -76,10 +76,13 @@ def test_input_size_is_an_int_or_h_w():
             data(input_size=bad)
     with pytest.raises(ConfigError, match=r"data.resize.*'stretch' or 'letterbox'"):
         data(resize="pad")
-    from competition.oof import store_size
-    e = validate(ExperimentConfig, {"name": "t", "data": {"input_size": [32, 64]}, "model": {"output_scale": 2}}, "t")
-    assert store_size(e) == (64, 128)
-    assert store_size(e.model_copy(update={"oof": e.oof.model_copy(update={"size": [40, 60]})})) == (40, 60)
+    # OOF is kept at each image's original size, whatever the model's input and output: the key that
+    # set an OOF size is refused, naming itself and the remedy.
+    for size in ([40, 60], 64):
+        with pytest.raises(ConfigError, match=r"oof\.size.*oof\.size is gone: OOF is kept at each image's "
+                                              r"original size.*remove the key"):
+            validate(ExperimentConfig, {"name": "t", "data": {"input_size": [32, 64]}, "oof": {"size": size}}, "t")
+    assert validate(ExperimentConfig, {"name": "t", "oof": {"size": None}}, "t").oof.size is None
 
 
 def test_fit_and_content_known_answers():
@@ -163,13 +166,12 @@ class _Bright(torch.nn.Module):
 
 @pytest.mark.parametrize("resize", ["letterbox", "stretch"])
 def test_predictions_land_back_on_the_native_image(tmp_path, monkeypatch, resize):
-    """Through the submission's member path (TestInputs -> MemberPredictor -> to_size), the identity-like
-    model's probabilities at each image's native size are the native image's; leaving the padding in
-    would stretch it over the image and shift everything."""
+    """Through the submission's member path (TestInputs -> MemberPredictor), the identity-like model's
+    probabilities come back at each image's native size and are the native image's; leaving the
+    padding in would stretch it over the image and shift everything."""
     from competition.config import CompetitionConfig
     from competition.data.adapters import make_adapter
-    from competition.oof import store_size
-    from competition.predict.infer import MemberPredictor, TestInputs, to_size
+    from competition.predict.infer import MemberPredictor, TestInputs
     from competition.predict.members import LoadedModel
     make_set(tmp_path / "data/ns")
     monkeypatch.chdir(tmp_path)
@@ -178,29 +180,19 @@ def test_predictions_land_back_on_the_native_image(tmp_path, monkeypatch, resize
     ad = make_adapter(comp)
     exp = validate(ExperimentConfig, {"name": "t", **EXP, "data": {**EXP["data"], "resize": resize}}, "lb")
     member = MemberPredictor([LoadedModel(Path("x"), exp, _Bright(), None)], "multilabel", ["identity", "hflip"],
-                             [1.0], store_size(exp), torch.device("cpu"))
+                             [1.0], torch.device("cpu"))
     ds = TestInputs(ad, ad.test_ids, {"in0": exp}, "multilabel")
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     probs = member(batch["inputs"]["in0"], batch["size"])
-    assert probs.shape == (3, 1, 32, 64)
+    assert len(probs) == 3
     for i, image_id in enumerate(ad.test_ids):
         native = ad.load_image(image_id, "test").astype(np.float32) / 255
         want = torch.sigmoid(4 * (torch.from_numpy(native) - 0.449) / 0.226)
-        got = to_size(probs[i].float() / 255, native.shape)[0]
-        assert got.shape == native.shape
+        assert probs[i].dtype == torch.uint8 and tuple(probs[i].shape) == (1, *native.shape), image_id
+        got = probs[i][0].float() / 255
         assert (got - want).abs().mean() < 0.05, image_id
         bright = want > 0.9
         assert (got[bright] > 0.5).float().mean() > 0.9  # the bright class lands where it is
-    with pytest.raises(ValueError, match="native size") if resize == "letterbox" else _nothing():
-        member(batch["inputs"]["in0"])
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- end to end -------------------------------------------------------------------------------------
@@ -217,8 +209,16 @@ def test_nonsquare_multiclass_with_void_trains_and_maps_back_to_native_sizes(ns_
     saved = yaml.safe_load((ns_project / "runs/lb/fold0/config.yaml").read_text())["experiment"]["data"]
     assert saved["input_size"] == [32, 64] and saved["resize"] == "letterbox"  # recorded with the run
     meta = json.loads((ns_project / "runs/lb/fold0/oof/meta.json").read_text())
-    assert meta["size"] == [32, 64] and {tuple(v) for v in meta["original_sizes"].values()} <= {(64, 96), (48, 80)}
-    assert all(np.isfinite(m["oof_dice_native"]) for m in metrics)
+    assert "size" not in meta and {tuple(v) for v in meta["original_sizes"].values()} <= {(64, 96), (48, 80)}
+    # Each OOF row is the whole native image (no letterbox padding, not the 32x64 model input).
+    from competition.cv import tiles
+    from competition.data.adapters import make_adapter
+    adapter = make_adapter(load_competition("ns"))
+    for k in (0, 1):
+        st = tiles.open_store(ns_project / f"runs/lb/fold{k}/oof")
+        for r, i in enumerate(st.ids):
+            assert st.image(r).shape == (2, *adapter.image_size(i)) and adapter.image_size(i) in SIZES
+    assert all(np.isfinite(m["oof_dice"]) and m["oof_size"] == "original" for m in metrics)
     # Native CV (void pixels left out: ignore.metric exclude) is exactly what the scorer computes from
     # the OOF written as a submission and the truth with its void rows.
     printed = []

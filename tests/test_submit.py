@@ -94,7 +94,7 @@ def write_recipe(name: str = "duo", members=None, **extra) -> Recipe:
     fields = dict(name=name, competition="tiny-hands", task="multilabel", classes=comp.classes,
                   folds_sha256=file_hash(Path("folds/tiny-hands.csv")), members=members,
                   thresholds=[0.3 + 0.4 * k / (c - 1) for k in range(c)],
-                  scores={"in_sample": 0.61, "nested": {"mean": 0.58}, "at_oof_size": {"in_sample": 0.6}})
+                  scores={"in_sample": 0.61, "nested": {"mean": 0.58}})
     recipe = Recipe(**{**fields, **extra})
     dump_yaml(recipe, f"ensembles/{name}.yaml")
     return recipe
@@ -102,7 +102,8 @@ def write_recipe(name: str = "duo", members=None, **extra) -> Recipe:
 
 def reference_probs(recipe: Recipe) -> dict[str, np.ndarray]:
     """The ensemble written out the slow, obvious way: per image, per member, per checkpoint, per view;
-    each member's mean quantised to uint8 at the store size (64 px, as its OOF would be), then blended."""
+    each member's mean resized to the image's original size and quantised to uint8 there (as its OOF
+    row would be), then blended."""
     from competition.config import ExperimentConfig
     from competition.data.adapters import make_adapter
     from competition.data.dataset import SegDataset
@@ -124,8 +125,8 @@ def reference_probs(recipe: Recipe) -> dict[str, np.ndarray]:
         members.append((torch.as_tensor(wm, dtype=torch.float32).view(c, 1, 1), models))
     out = {}
     for image in adapter.test_ids:
-        size = adapter.image_size(image, "test")
-        total = torch.zeros(c, 64, 64)
+        size = tuple(adapter.image_size(image, "test"))
+        total = torch.zeros(c, *size)
         for share, models in members:
             mean = 0
             for exp, model in models:
@@ -133,10 +134,9 @@ def reference_probs(recipe: Recipe) -> dict[str, np.ndarray]:
                 with torch.no_grad():
                     p = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
                 mean = mean + p / len(models)
-            mean = F.interpolate(mean, size=(64, 64), mode="bilinear", align_corners=False)[0]
+            mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)[0]
             total += share * torch.round(mean * 255) / 255
-        out[adapter.submission_id(image, "test")] = F.interpolate(
-            total[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
+        out[adapter.submission_id(image, "test")] = total.numpy()
     return out
 
 
@@ -169,7 +169,8 @@ def test_submit_matches_an_independent_computation_validates_scores_and_logs(pro
     assert row["members"] == "big(f0,1,2)x~0.74 + small(f0,1,2)x~0.26"
     assert row["tta"] == "big:identity+hflip@1 small:identity+hflip@1"
     assert float(row["cv_native_in_sample"]) == 0.61 and float(row["cv_native_nested"]) == 0.58
-    assert float(row["oof_in_sample"]) == 0.6 and row["images"] == "4"
+    # One resolution: the columns of a second (OOF-size) score stay empty for recipes of this version.
+    assert row["oof_in_sample"] == "" and row["oof_nested"] == "" and row["images"] == "4"
     assert not list((proj / "submissions").glob(".*"))  # no temp file left behind
 
 
@@ -242,8 +243,11 @@ def test_predict_one_experiment_and_a_missing_fold(proj, capsys):
     assert len(pd.read_csv(sub)) == 48
     row = pd.read_csv(proj / "submissions/ledger.csv").iloc[-1]
     metrics = [pd.read_json(proj / f"runs/big/fold{k}/metrics.json", typ="series") for k in FOLDS]
-    assert row["ensemble"] == "big" and row["oof_in_sample"] == pytest.approx(np.mean([m["oof_dice"] for m in metrics]), abs=1e-6)
-    assert row["cv_native_in_sample"] == pytest.approx(np.mean([m["oof_dice_native"] for m in metrics]), abs=1e-6)
+    # metrics.json scores the OOF once, at the original sizes (oof_dice_native: the same figure, by its
+    # earlier name); the ledger's CV is its mean over the folds, with no second (OOF-size) score.
+    assert all(m["oof_size"] == "original" and m["oof_dice_native"] == m["oof_dice"] for m in metrics)
+    assert row["ensemble"] == "big" and pd.isna(row["oof_in_sample"])
+    assert row["cv_native_in_sample"] == pytest.approx(np.mean([m["oof_dice"] for m in metrics]), abs=1e-6)
     assert row["members"] == "big(f0,1,2)x1.00" and row["tta"] == "big:identity+hflip@1"  # the competition's TTA
     # --set: a lower threshold marks at least as many pixels; TTA views recorded; model keys refused
     assert main(["predict", "--exp", "big", "--no-progress", "--set", "train.threshold=0.05",
@@ -302,19 +306,24 @@ def serve_fold_as_test(proj: Path, fold: int) -> list[str]:
     return ids
 
 
+@pytest.mark.parametrize("exp", ["big", "small"])
 @pytest.mark.parametrize("tta", [["identity"], ["identity", "hflip"]])
-def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta):
+def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta, exp):
     """The OOF row of a held-out image and the submission path's prediction of the same image, served
-    as a test image by `submit`, are the same bytes (plain OOF and the TTA variant training wrote)."""
+    as a test image by `submit`, are the same bytes (plain OOF and the TTA variant training wrote), at
+    the image's original size whether the model's output is that size (big) or half of it (small)."""
+    from competition.config import Recipe as R
+    from competition.cv import tiles
+    from competition.data.adapters import make_adapter
     from competition.predict.run import run_recipe
     from competition.predict.tta import variant_name
-    from competition.config import Recipe as R
     ids = serve_fold_as_test(proj_oof, 0)
-    store = proj_oof / "runs/big/fold0" / (f"oof-{variant_name(tta)}" if variant_name(tta) else "oof")
-    oof_probs = np.load(store / "probs.npy")
-    oof_ids = [str(i) for i in pd.read_json(store / "ids.json", typ="series")]
+    store = proj_oof / f"runs/{exp}/fold0" / (f"oof-{variant_name(tta)}" if variant_name(tta) else "oof")
+    oof = tiles.open_store(store)
+    oof_ids = oof.ids
     comp = load_competition("tiny-hands")
-    member = RecipeMember(experiment="big", folds=[0], weights=[1.0], tta=tta, checkpoints=[ck("big", 0)])
+    adapter = make_adapter(comp)
+    member = RecipeMember(experiment=exp, folds=[0], weights=[1.0], tta=tta, checkpoints=[ck(exp, 0)])
     recipe = R(name="one", competition="tiny-hands", task="multilabel", classes=comp.classes, folds_sha256="",
                members=[member], thresholds=[0.5] * len(comp.classes))
     seen = {}
@@ -322,34 +331,33 @@ def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta):
                on_probs=lambda i, us: seen.setdefault(i, us[0]))
     assert sorted(seen) == sorted(ids) == sorted(oof_ids)
     for i in ids:
-        assert seen[i].dtype == np.uint8 and seen[i].shape == (12, 64, 64)
-        np.testing.assert_array_equal(seen[i], oof_probs[oof_ids.index(i)], err_msg=i)
-    assert oof_probs.any()
+        assert seen[i].dtype == np.uint8 and seen[i].shape == (12, *adapter.image_size(i))
+        np.testing.assert_array_equal(seen[i], oof.image(oof_ids.index(i)), err_msg=i)
+    assert any(oof.image(r).any() for r in range(len(oof)))
 
 
 def test_oof_csv_closed_loop_with_the_scorer(proj_oof, capsys):
-    """`competition oof --csv --truth-csv` writes the OOF as a submission at native size (64 px from a
-    32 px OOF here) and the truth; the scorer gives exactly the native-resolution OOF Dice."""
+    """`competition oof --csv --truth-csv` writes the OOF as a submission at native size (64 px, from a
+    32 px model here) and the truth; the scorer gives exactly the OOF Dice `competition oof` prints."""
     from competition.cli import main
     from competition.ensemble import oofscore
     from competition.score import score_files
     r = oofscore.run("small", csv="oof.csv", truth_csv="truth.csv", log=lambda *_: None)
     assert pd.read_csv("oof.csv", keep_default_na=False).columns.tolist() == ["image_name", "class", "rle"]
     s = score_files("oof.csv", "truth.csv", load_competition("tiny-hands"))
-    assert abs(s.mean - r["native"]) < 1e-9
-    assert r["native"] != pytest.approx(r["mean"], abs=1e-6)  # the resize to 64 px is really measured
+    assert abs(s.mean - r["native"]) < 1e-9 and abs(s.mean - r["mean"]) < 1e-9  # one figure
     capsys.readouterr()
     assert main(["score", "--comp", "tiny-hands", "oof.csv", "--truth", "truth.csv"]) == 0
     assert f"mean Dice {r['native']:.4f}" in capsys.readouterr().out
 
-    # metric.name: iou drives the OOF score at both sizes and the scorer, and the loop still closes
+    # metric.name: iou drives the OOF score and the scorer, and the loop still closes
     cfg_path = Path("configs/competitions/tiny-hands.yaml")
     comp = yaml.safe_load(cfg_path.read_text())
     cfg_path.write_text(yaml.safe_dump({**comp, "metric": {"name": "iou", "empty_score": 1.0}}))
     r_iou = oofscore.run("small", csv="oof.csv", truth_csv="truth.csv", log=lambda *_: None)
     s_iou = score_files("oof.csv", "truth.csv", load_competition("tiny-hands"))
     assert abs(s_iou.mean - r_iou["native"]) < 1e-9 and s_iou.metric == "iou"
-    assert r_iou["native"] < r["native"] and r_iou["mean"] < r["mean"]  # IoU <= Dice pair by pair
+    assert r_iou["native"] < r["native"]  # IoU <= Dice pair by pair
 
 
 def test_ensemble_chooses_tta_variants_on_oof_and_scores_at_native_size(proj_oof, capsys):
@@ -358,7 +366,7 @@ def test_ensemble_chooses_tta_variants_on_oof_and_scores_at_native_size(proj_oof
     from competition.cli import main
     from competition.config import load_recipe
     from competition.score import score_files
-    assert main(["oof", "small", "--tta", "hflip", "--no-native"]) == 0  # a third variant: hflip alone
+    assert main(["oof", "small", "--tta", "hflip"]) == 0  # a third variant: hflip alone
     capsys.readouterr()
     assert main(["ensemble", "--name", "loop", "small", "--csv", "ens.csv", "--truth-csv", "truth.csv"]) == 0
     out = capsys.readouterr().out
@@ -370,13 +378,13 @@ def test_ensemble_chooses_tta_variants_on_oof_and_scores_at_native_size(proj_oof
         assert ("not kept" in line) == (not v["weight"])
     native_line = next(x for x in out.splitlines() if x.startswith("native-resolution CV"))
     assert f"in-sample {s['in_sample']:.4f}" in native_line and f"nested {s['nested']:.4f}" in native_line
-    assert "at the OOF size 32x32" in native_line
+    assert "OOF size" not in out  # one resolution: every score is at the original sizes
     assert abs(score_files("ens.csv", "truth.csv", load_competition("tiny-hands")).mean - s["in_sample"]) < 1e-9
     chosen = {p: s["candidates"][p]["native"]["nested"] for p in ("search", "single", "equal")}
     assert chosen[s["chosen"]] == max(chosen.values())
     kept = {(m.experiment, tuple(m.tta)) for m in rec.members}
     allowed = {("small", ("identity",)), ("small", ("hflip",)), ("small", ("identity", "hflip"))}
-    assert kept <= allowed and rec.oof_size == [32, 32]
+    assert kept <= allowed and rec.oof_size is None
     # submit runs exactly these members and views
     from competition.predict import infer
     views = []
@@ -395,12 +403,16 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
     without any model and writes the same bytes; a changed member is refused."""
     from competition.cli import main
     from competition.predict import run as run_mod
-    write_recipe(oof_size=[64, 64], postprocess={"thumb": {"min_area": 5}})
+    from competition.cv import tiles
+    from competition.data.adapters import make_adapter
+    write_recipe(postprocess={"thumb": {"min_area": 5}})
     assert main(["submit", "--ensemble", "duo", "--no-progress", "--save-probs", "--out", "full.csv"]) == 0
-    for m in ("big", "small"):
-        store = proj / "runs" / m / "test-identity+hflip"
-        assert (store / "probs.npy").is_file()
-        assert np.load(store / "probs.npy").shape == (4, 12, 64, 64)
+    adapter = make_adapter(load_competition("tiny-hands"))
+    for m in ("big", "small"):  # tile stores at each test image's original size
+        st = tiles.open_store(proj / "runs" / m / "test-identity+hflip")
+        assert not (st.folder / "probs.npy").exists() and sorted(st.ids) == sorted(adapter.test_ids)
+        for r, i in enumerate(st.ids):
+            assert st.image(r).shape == (12, *adapter.image_size(i, "test"))
     calls = []
     real = run_mod.build_predictor
     run_mod.build_predictor = lambda *a, **k: calls.append(1) or real(*a, **k)
@@ -411,7 +423,7 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
     assert not calls  # no model was built
     assert Path("again.csv").read_bytes() == Path("full.csv").read_bytes()
     c = len(load_competition("tiny-hands").classes)
-    write_recipe(oof_size=[64, 64], members=[
+    write_recipe(members=[
         RecipeMember(experiment="big", folds=FOLDS, checkpoints=[ck("big", k) for k in FOLDS], weights=[1.0],
                      tta=["identity"])])
     capsys.readouterr()
@@ -423,7 +435,8 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
 # -- pseudo-labels ------------------------------------------------------------------------------------
 def _fold_blend(recipe: Recipe, fold: int) -> dict[str, np.ndarray]:
     """Fold ``fold``'s pseudo-labels the obvious way: each member's fold-``fold`` model only, its TTA
-    mean quantised at the store size (64 px), blended by the recipe's weights, quantised again."""
+    mean resized to the image's original size and quantised there, blended by the recipe's weights,
+    quantised again."""
     from competition.config import ExperimentConfig
     from competition.data.adapters import make_adapter
     from competition.data.dataset import SegDataset
@@ -435,7 +448,8 @@ def _fold_blend(recipe: Recipe, fold: int) -> dict[str, np.ndarray]:
     w /= w.sum(0)
     out = {}
     for image in adapter.test_ids:
-        total = torch.zeros(c, 64, 64)
+        size = tuple(adapter.image_size(image, "test"))
+        total = torch.zeros(c, *size)
         for m, wm in zip(recipe.members, w):
             data = torch.load(m.checkpoints[m.folds.index(fold)].path, weights_only=True)
             exp = ExperimentConfig(**data["config"]["experiment"])
@@ -444,7 +458,7 @@ def _fold_blend(recipe: Recipe, fold: int) -> dict[str, np.ndarray]:
             x = SegDataset(adapter, [image], exp, "multilabel", "test", split="test")[0]["image"][None]
             with torch.no_grad():
                 p = (torch.sigmoid(model.eval()(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
-            p = F.interpolate(p, size=(64, 64), mode="bilinear", align_corners=False)[0]
+            p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)[0]
             total += torch.as_tensor(wm, dtype=torch.float32).view(c, 1, 1) * torch.round(p * 255) / 255
         out[image] = torch.round(total.clamp(0, 1) * 255).to(torch.uint8).numpy()
     return out
@@ -463,9 +477,9 @@ def test_confidence_known_answers():
 
 
 def test_pseudo_labels_per_fold_and_training_on_them(proj, capsys):
-    from competition import oof
     from competition.cli import main
     from competition.config import load_experiment
+    from competition.cv import tiles
     from competition.data.adapters import make_adapter
     from competition.predict.infer import binarize, to_size
     from competition.train.distributed import setup
@@ -473,32 +487,36 @@ def test_pseudo_labels_per_fold_and_training_on_them(proj, capsys):
     recipe = write_recipe("duo")
     assert main(["pseudo", "--ensemble", "duo"]) == 0
     assert "4 test images, folds [0, 1, 2]" in capsys.readouterr().out
-    for k in FOLDS:
-        probs, ids, meta = oof.read(Path(f"runs/_pseudo/duo/fold{k}"))
+    comp = load_competition("tiny-hands")
+    adapter = make_adapter(comp)
+    stores = {k: tiles.open_store(Path(f"runs/_pseudo/duo/fold{k}")) for k in FOLDS}
+    for k, st in stores.items():
         want = _fold_blend(recipe, k)
-        for r, image in enumerate(ids):  # fold k's labels come from the fold-k models alone
-            assert np.abs(probs[r].astype(int) - want[image].astype(int)).max() <= 1, (k, image)
-        assert meta["fold"] == k and meta["recipe"] == "duo" and sorted(meta["kept"]) == sorted(ids)
+        meta = st.meta
+        for r, image in enumerate(st.ids):  # fold k's labels come from the fold-k models alone
+            got = st.image(r)
+            assert got.shape == want[image].shape == (12, *adapter.image_size(image, "test")), (k, image)
+            assert np.abs(got.astype(int) - want[image].astype(int)).max() <= 1, (k, image)
+        assert meta["fold"] == k and meta["recipe"] == "duo" and sorted(meta["kept"]) == sorted(st.ids)
     # fold 0 differs from fold 1: they are different models' labels
-    assert not np.array_equal(oof.read(Path("runs/_pseudo/duo/fold0"))[0], oof.read(Path("runs/_pseudo/duo/fold1"))[0])
+    assert not all(np.array_equal(stores[0].image(r), stores[1].image(stores[1].ids.index(i)))
+                   for r, i in enumerate(stores[0].ids))
 
     exp_cfg = {**EXP, "name": "pl", "data": {**EXP["data"], "pseudo": {"name": "duo", "weight": 2.0}},
                "train": {**EXP["train"], "epochs": 1}}
     Path("configs/experiments/pl.yaml").write_text(yaml.safe_dump(exp_cfg))
     exp = load_experiment("pl")
-    comp = load_competition("tiny-hands")
-    adapter = make_adapter(comp)
     folds = pd.read_csv("folds/tiny-hands.csv")
     train_ids = folds.loc[folds["fold"] != 0, "id"].tolist()
     ds, sampler, _ = training_loader(exp, comp, adapter, train_ids, setup(), 0)
     assert len(ds) == len(train_ids) + len(adapter.test_ids)
     assert sampler.weights.tolist() == [1.0] * len(train_ids) + [2.0] * len(adapter.test_ids)
     pseudo_ds = ds.datasets[1]
-    probs, ids, meta = oof.read(Path("runs/_pseudo/duo/fold0"))
+    st = stores[0]
     for j, pid in enumerate(pseudo_ds.ids):  # the hard label: the submission's resize and thresholds
         test_id = pid.split(":", 1)[1]
         work = pseudo_ds._work_size(pid)
-        want = binarize(to_size(torch.from_numpy(np.array(probs[ids.index(test_id)])).float() / 255, work),
+        want = binarize(to_size(torch.from_numpy(st.image(st.ids.index(test_id))).float() / 255, work),
                         "multilabel", torch.tensor(recipe.thresholds)).numpy()
         assert np.array_equal(pseudo_ds._decode(pid, True)[1], want)
         assert not (set(adapter.ids) & {pid})  # never a training id
@@ -506,8 +524,7 @@ def test_pseudo_labels_per_fold_and_training_on_them(proj, capsys):
     out = capsys.readouterr().out
     assert f"data.pseudo: {len(adapter.test_ids)} pseudo-labelled test images of 'duo'" in out
     # validation is fold 0's labelled images only: its OOF rows are exactly those
-    _, oof_ids, _ = oof.read(Path("runs/pl/fold0/oof"))
-    assert sorted(oof_ids) == sorted(folds.loc[folds["fold"] == 0, "id"])
+    assert sorted(tiles.open_store(Path("runs/pl/fold0/oof")).ids) == sorted(folds.loc[folds["fold"] == 0, "id"])
     assert yaml.safe_load(Path("runs/pl/fold0/config.yaml").read_text())["experiment"]["data"]["pseudo"]["name"] == "duo"
 
 

@@ -46,6 +46,10 @@ def folded(tiny_project):
 
 @pytest.mark.slow
 def test_training_improves_and_writes_every_artifact(folded):
+    from competition.config import load_competition
+    from competition.cv import tiles
+    from competition.data.adapters import make_adapter
+    from competition.metrics import dice_per_class
     from competition.train.loop import fit
     write_exp(folded, "tiny")
     m = fit(load_experiment("tiny"), fold=0, log=lambda *_: None)
@@ -63,19 +67,26 @@ def test_training_improves_and_writes_every_artifact(folded):
     torch.load(run / "last.pt", weights_only=True)
     folds = pd.read_csv(folded / "folds/tiny-hands.csv")
     val_ids = folds.loc[folds["fold"] == 0, "id"].tolist()
-    probs = np.load(run / "oof/probs.npy", mmap_mode="r")
-    assert probs.dtype == np.uint8 and probs.shape == (len(val_ids), 12, 64, 64)
-    assert json.loads((run / "oof/ids.json").read_text()) == val_ids
+    adapter = make_adapter(load_competition("tiny-hands"))
+    oof = tiles.open_store(run / "oof")
+    assert oof.ids == val_ids and not (run / "oof/probs.npy").exists()
+    for r, i in enumerate(val_ids):  # every row at its image's original size
+        assert oof.image(r).dtype == np.uint8 and oof.image(r).shape == (12, *adapter.image_size(i))
     meta = json.loads((run / "oof/meta.json").read_text())
-    assert meta["original_sizes"][val_ids[0]] == [64, 64] and meta["size"] == [64, 64]
-    # The OOF store, thresholded, scores what validation scored for the best checkpoint; here the
-    # images are 64 px, so the native-resolution score is the same pixels again.
+    assert meta["original_sizes"][val_ids[0]] == [64, 64] and "size" not in meta
+    # The OOF store, thresholded, scores what validation scored for the best checkpoint (here the
+    # model's input is the images' 64 px, so they are the same pixels).
     assert metrics["oof_dice"] == pytest.approx(metrics["val_dice"], abs=0.02)
-    assert metrics["oof_dice_native"] == pytest.approx(metrics["oof_dice"], abs=0.01)
+    assert metrics["oof_size"] == "original" and metrics["oof_dice_native"] == metrics["oof_dice"]
+    # Known answer: metrics.json's OOF Dice is the store's rows at >= 0.5 against the masks, directly.
+    want = np.concatenate([dice_per_class(oof.image(r)[None] >= 128, adapter.load_mask(i)[None])
+                           for r, i in enumerate(val_ids)])
+    assert metrics["oof_dice"] == pytest.approx(want.mean(), abs=1e-9)
     # Training also wrote the competition's TTA variant, from the same best.pt.
     assert metrics["oof_variants"] == ["plain", "identity+hflip"]
     tta_meta = json.loads((run / "oof-identity+hflip/meta.json").read_text())
     assert tta_meta["tta"] == ["identity", "hflip"] and tta_meta["checkpoint_sha256"] == meta["checkpoint_sha256"]
+    assert metrics["oof_store_bytes"] == oof.nbytes + tiles.open_store(run / "oof-identity+hflip").nbytes
 
 
 def test_multiclass_oof_dice_uses_the_argmax(tiny_project):
@@ -94,13 +105,13 @@ def test_multiclass_oof_dice_uses_the_argmax(tiny_project):
     r = oofscore.run("mc", log=lambda *_: None)
     fold0 = r["table"][r["table"]["fold"] == 0]
     assert m["oof_dice"] == pytest.approx(fold0["mean"].mean(), abs=1e-9)
-    assert m["oof_dice_native"] == pytest.approx(fold0["native_mean"].mean(), abs=1e-9)
+    assert "native_mean" not in r["table"].columns and m["oof_dice_native"] == m["oof_dice"]  # one resolution
     assert len(fold0) == (folds["fold"] == 0).sum()
 
 
 def test_iou_metric_drives_validation_and_report_metrics_reach_metrics_json(tiny_project):
     """metric.name: iou is what validation picks best.pt by and OOF scores with; metric.report adds
-    dice, f1_at_iou and hausdorff95 at the OOF size to metrics.json and the runs table."""
+    dice, f1_at_iou and hausdorff95 at the original sizes to metrics.json and the runs table."""
     from competition import runs_table
     from competition.cli import main
     from competition.ensemble import oofscore

@@ -189,24 +189,31 @@ def agree(st: Stack) -> np.ndarray:
     return same
 
 
-def blend_levels(st: Stack, w: np.ndarray, where: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 levels of the blend at the (K, P) pixels ``where``: the number of thresholds (k - 0.5) / 255
-    that ``p`` reaches, p the submission's float32 blend with weights ``w`` (M, C) (columns sum to 1)."""
-    k_idx, p_idx = np.nonzero(where)
-    cls = st.uclass[k_idx]
-    p = np.zeros(len(k_idx), np.float32)
-    scale = (w.astype(np.float32) / np.float32(255.0))  # (M, C) as blend(): w.float() / 255.0
-    for m in range(len(st.vals)):
-        p += st.vals[m][k_idx, p_idx].astype(np.float32) * scale[m][cls]
-    return levels_of(p, table)
+class Disagreeing:
+    """The pixels where members differ, gathered once per image: every blend is computed on these only."""
+
+    def __init__(self, st: Stack, where: np.ndarray):
+        self.where = where
+        k_idx, _ = np.nonzero(where)
+        self.cls = st.uclass[k_idx]
+        self.vals = st.vals[:, where]  # (M, D)
+
+    def levels(self, w: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """uint8 levels of the blend with weights ``w`` (M, C) (columns sum to 1): the number of
+        thresholds (k - 0.5) / 255 that p reaches, p the submission's float32 blend
+        (sum_m float32(u_m) * (w_m / 255), in member order)."""
+        scale = w.astype(np.float32) / np.float32(255.0)  # (M, C) as blend(): w.float() / 255.0
+        p = np.zeros(self.vals.shape[1], np.float32)
+        for m in range(len(self.vals)):
+            p += self.vals[m].astype(np.float32) * scale[m][self.cls]
+        return levels_of(p, table)
 
 
-def all_levels(st: Stack, w: np.ndarray, same: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """(K, P) uint8 levels of the blend at every gathered pixel."""
+def all_levels(st: Stack, w: np.ndarray, dis: Disagreeing, table: np.ndarray) -> np.ndarray:
+    """(K, P) uint8 levels of the blend at every gathered pixel (where members agree: their value)."""
     lev = st.vals[0].copy()
-    diff = ~same
-    if diff.any():
-        lev[diff] = blend_levels(st, w, diff, table)
+    if dis.vals.shape[1]:
+        lev[dis.where] = dis.levels(w, table)
     return lev
 
 
@@ -253,12 +260,12 @@ def histograms(st: Stack, blends: list[np.ndarray], table: np.ndarray) -> np.nda
     fcls = st.fkeys // (st.grid[0] * st.grid[1])
     base[:, 255, 1] += np.bincount(fcls, weights=st.f_truth, minlength=C).astype(np.int64)
     base[:, 255, 0] += np.bincount(fcls, weights=st.f_keep - st.f_truth, minlength=C).astype(np.int64)
-    d = ~same & keep
-    dcls, dt = cls[d], st.truth[d]
+    dis = Disagreeing(st, ~same & keep)
+    dkey = dis.cls * (LEVELS * 2) + st.truth[dis.where]
     out = np.empty((len(blends), C, LEVELS, 2), np.int64)
     for j, w in enumerate(blends):
-        lev = blend_levels(st, w, d, table)
-        h = base + np.bincount((dcls * LEVELS + lev) * 2 + dt, minlength=C * LEVELS * 2).reshape(C, LEVELS, 2)
+        lev = dis.levels(w, table)
+        h = base + np.bincount(dkey + lev.astype(np.int64) * 2, minlength=C * LEVELS * 2).reshape(C, LEVELS, 2)
         # Level 0: whatever is left of the counted pixels (every pixel reaches threshold 0).
         h[:, 0, 1] += st.truth_sum - h[:, :, 1].sum(1)
         h[:, 0, 0] += (st.n_keep - st.truth_sum) - h[:, :, 0].sum(1)
@@ -268,11 +275,12 @@ def histograms(st: Stack, blends: list[np.ndarray], table: np.ndarray) -> np.nda
 
 def components(st: Stack, configs: list[tuple[np.ndarray, np.ndarray]], table: np.ndarray):
     """Per configuration (weights (M, C), levels (C,)), per class: arrays (area, inter, scored) of the
-    8-connected components of its mask at the original size (scored: the pixels the metric counts)."""
+    8-connected components of its mask at the original size (scored: the pixels the metric counts).
+    A class's mask depends only on its blend and its level, so configurations sharing both share the work."""
     C = st.classes
     ny, nx = st.grid
     G, T = ny * nx, st.tile
-    same = agree(st)
+    dis = Disagreeing(st, ~agree(st))
     cls = st.uclass
     fcls = st.fkeys // G
     ucls_start = np.searchsorted(cls, np.arange(C + 1))
@@ -283,31 +291,34 @@ def components(st: Stack, configs: list[tuple[np.ndarray, np.ndarray]], table: n
     f_in = _tile_masks(st.fkeys, st.size, T, nx, G, None)[0]
     if f_in is None:
         f_in = np.ones((len(st.fkeys), T * T), bool)
-    levels_of_blend: dict[bytes, np.ndarray] = {}
+    blend_of: dict[bytes, int] = {}
+    for w, _ in configs:
+        blend_of.setdefault(np.ascontiguousarray(w).tobytes(), len(blend_of))
+    levels: dict[int, np.ndarray] = {}
+    done: dict[tuple[int, int, int], tuple] = {}
     out = []
     for w, lv in configs:
-        key = np.ascontiguousarray(w).tobytes()
-        if key not in levels_of_blend:
-            levels_of_blend[key] = all_levels(st, w, same, table)
-        lev = levels_of_blend[key]
+        b = blend_of[np.ascontiguousarray(w).tobytes()]
         per_class = []
         for c in range(C):
-            u0, u1 = ucls_start[c], ucls_start[c + 1]
-            f0, f1 = fcls_start[c], fcls_start[c + 1]
-            umask = lev[u0:u1] >= lv[c]
-            if st.inside is not None:
-                umask &= st.inside[u0:u1]
-            keys = np.concatenate([st.ukeys[u0:u1], st.fkeys[f0:f1]]) - c * G
-            tiles = np.concatenate([umask, f_in[f0:f1]])
-            kept = None
-            if st.keep is not None:
-                kept = np.concatenate([st.keep[u0:u1], f_in[f0:f1]])
-            any_pos = tiles.any(1)
-            keys, tiles = keys[any_pos], tiles[any_pos]
-            kept = kept[any_pos] if kept is not None else None
-            tk = st.tkeys[tcls_start[c]:tcls_start[c + 1]] - c * G
-            tt = st.ttiles[tcls_start[c]:tcls_start[c + 1]]
-            per_class.append(_label(keys, tiles, kept, tk, tt, ny, nx, T))
+            key = (b, c, int(lv[c]))
+            if key not in done:
+                if b not in levels:
+                    levels[b] = all_levels(st, w, dis, table)
+                u0, u1 = ucls_start[c], ucls_start[c + 1]
+                f0, f1 = fcls_start[c], fcls_start[c + 1]
+                umask = levels[b][u0:u1] >= lv[c]
+                if st.inside is not None:
+                    umask &= st.inside[u0:u1]
+                keys = np.concatenate([st.ukeys[u0:u1], st.fkeys[f0:f1]]) - c * G
+                tls = np.concatenate([umask, f_in[f0:f1]])
+                kept = None if st.keep is None else np.concatenate([st.keep[u0:u1], f_in[f0:f1]])
+                any_pos = tls.any(1)
+                tk = st.tkeys[tcls_start[c]:tcls_start[c + 1]] - c * G
+                tt = st.ttiles[tcls_start[c]:tcls_start[c + 1]]
+                done[key] = _label(keys[any_pos], tls[any_pos], None if kept is None else kept[any_pos],
+                                   tk, tt, ny, nx, T)
+            per_class.append(done[key])
         out.append(per_class)
     return out
 

@@ -139,13 +139,19 @@ def _check_ids(experiment: str, fold: int, d: Path, have: list[str], want: list[
 # --------------------------------------------------------------------------------------------- #
 # The truth, as a store
 # --------------------------------------------------------------------------------------------- #
-def write_truth(folder: Path, adapter, ids: list[str], classes: list[str], meta: dict | None = None) -> tiles.Store:
-    """Every image's (C, H, W) truth (nonzero = 1) at its original size, as 0/255 tiles."""
+def _truth_tiles(adapter, i: str):
+    return tiles.split((adapter.load_mask(i) != 0).view(np.uint8) * np.uint8(255))
+
+
+def write_truth(folder: Path, adapter, ids: list[str], classes: list[str], meta: dict | None = None,
+                workers: int | None = None) -> tiles.Store:
+    """Every image's (C, H, W) truth (nonzero = 1) at its original size, as 0/255 tiles (masks
+    rasterised or decoded on every core, written here in row order)."""
     sizes = {i: tuple(adapter.image_size(i)) for i in ids}
     w = tiles.StoreWriter(folder, ids, classes, sizes, {"truth": True, **(meta or {})})
     try:
-        for r, i in enumerate(ids):
-            w.add(r, (adapter.load_mask(i) != 0).view(np.uint8) * np.uint8(255))
+        for r, (index, payload) in map_pool(_truth_tiles, (adapter,), ids, workers):
+            w.add_split(r, index, payload)
         w.close()
     finally:
         w.abort()
@@ -165,6 +171,8 @@ def truth_store(comp, adapter, ids: list[str], folds_sha: str, log=print) -> til
         except tiles.StoreError:
             pass
         shutil.rmtree(folder, ignore_errors=True)  # ours (runs/_truth), damaged or for other ids: rebuilt
+    from competition.io import STALE_AFTER_S
+    tiles.clean_stale(paths.truth_dir(), STALE_AFTER_S)  # the temp folders of killed builds
     log(f"building the truth store {folder.relative_to(paths.project())} ({len(ids)} images) ...")
     st = write_truth(folder, adapter, ids, list(comp.classes), {"competition": comp.name, "key": key})
     for old in paths.truth_dir().glob(f"{comp.name}-*"):  # earlier keys of this competition
@@ -239,12 +247,12 @@ class Images:
 _WORKER: dict = {}
 
 
-def _init(images: Images, fn, args) -> None:
-    _WORKER.update(images=images, fn=fn, args=args)
+def _init(fn, first: tuple, items: list) -> None:
+    _WORKER.update(fn=fn, first=first, items=items)
 
 
-def _call(i: int):
-    return i, _WORKER["fn"](_WORKER["images"], i, *_WORKER["args"])
+def _call(k: int):
+    return k, _WORKER["fn"](*_WORKER["first"], _WORKER["items"][k])
 
 
 def default_workers() -> int:
@@ -255,19 +263,49 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def map_images(images: Images, fn, args: tuple = (), workers: int | None = None):
-    """Yield (i, fn(images, i, *args)) for every image, in order of completion when ``workers`` > 1.
+def map_pool(fn, first: tuple, items: list, workers: int | None = None):
+    """Yield (k, fn(*first, items[k])) for every item, in order of completion when ``workers`` > 1.
 
-    Processes (forked where the OS allows, each opening the stores itself) over images, a few in
-    flight per worker, so memory is bounded by a few images' work whatever the number of images.
+    Processes (forked where the OS allows: the arguments are inherited, not pickled) over the items,
+    at most two in flight per worker, so memory is bounded by a few items' work whatever their number;
+    only the results travel back. A worker that dies (killed, out of memory) raises at once
+    (``BrokenProcessPool``) instead of leaving the pass waiting for it.
     """
-    n = len(images)
+    n = len(items)
     workers = default_workers() if workers is None else max(1, int(workers))
     if workers == 1 or n < 2:
-        for i in range(n):
-            yield i, fn(images, i, *args)
+        for k in range(n):
+            yield k, fn(*first, items[k])
         return
     import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import cv2
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(min(workers, n), initializer=_init, initargs=(images, fn, args)) as pool:
-        yield from pool.imap_unordered(_call, range(n), chunksize=1)
+    # OpenCV's thread pool does not survive a fork: a child that touches it (even to resize it) can wait
+    # forever on a lock held by a thread that no longer exists. With the pool off while the workers are
+    # forked, they start without one; one process per core is the parallelism here anyway.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(0)
+    try:
+        with ProcessPoolExecutor(min(workers, n), mp_context=ctx, initializer=_init,
+                                 initargs=(fn, first, items)) as pool:
+            pending, nxt = set(), 0
+            while nxt < n or pending:
+                while nxt < n and len(pending) < 2 * workers:
+                    pending.add(pool.submit(_call, nxt))
+                    nxt += 1
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def map_images(images: Images, fn, args: tuple = (), workers: int | None = None):
+    """Yield (i, fn(images, i, *args)) for every image (:func:`map_pool` over the image indices)."""
+    yield from map_pool(_image_call, (images, fn, args), list(range(len(images))), workers)
+
+
+def _image_call(images: Images, fn, args: tuple, i: int):
+    return fn(images, i, *args)

@@ -237,7 +237,7 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metr
              log=print, workers: int | None = None) -> NativeOutcome:
     """Re-choose thresholds and post-processing at native size for every plan's weights, and score.
 
-    ``weights``: (candidate, fold or None) -> (C, M) weights chosen at the OOF size.
+    ``weights``: (candidate, fold or None) -> (C, M) weights chosen by the search (:mod:`compact`'s view).
     """
     t0 = time.time()
     N = len(images)

@@ -15,7 +15,6 @@ from competition.metrics import pair_metric
 from competition import locks, paths
 from competition.config import ConfigError, atomic_write_text
 from competition.cv import tiles
-from competition.ensemble.blend import blend_labels, truth_labels
 from competition.metrics import PairMetric, scores_per_class
 
 
@@ -75,20 +74,22 @@ def report_metrics(images, task: str, threshold: float, spec) -> dict:
     wanted = [n for n in spec.report if n != spec.name]
     if not wanted:
         return {}
+    import torch
+    from competition.ensemble import native
     view = images.members[0]
     N, C = len(view), len(view.classes)
     counts = [np.empty((N, C), np.int64) for _ in range(3)]
     hd = np.empty((N, C))
     level = pass_level(threshold)
+    one = torch.ones(1, C)
     for i in range(N):
         (P,), T = images.dense(i)
         keep = images.keep(i)
         if task == "multilabel":
             pred = P >= level
-        else:
-            k = np.arange(1, C + 1, dtype=np.uint8).reshape(C, 1, 1)
-            pred = blend_labels([P[None]], np.ones((C, 1), np.int64))[0][None] == k
-            T = truth_labels(T[None])[0][None] == k
+        else:  # the submission's argmax (float blend against 1 - sum), not an integer one: ties differ
+            pred = native.native_masks([torch.from_numpy(P)], one, torch.zeros(C), [None] * C, task).view(bool)
+            T = native.exclusive(T)
         if keep is not None:
             pred = pred & keep
         for arr, v in zip(counts, metrics.pair_counts(pred[None], T[None])):

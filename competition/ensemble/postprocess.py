@@ -6,24 +6,20 @@ only if it raises that class's OOF Dice and lowers no other class's (Isensee et 
 ``determine_postprocessing``). Components are 8-connected (OpenCV), as in ``competition submit``; a rule
 sets one of the two (with both, either order gives the same mask). Removed pixels become background.
 
-``min_area`` is in pixels at the ORIGINAL image size, where ``competition submit`` applies it. The OOF
-is at a lower resolution, so a component of the OOF mask of image i is kept when its area is at least
-``min_area * (h * w) / (H_i * W_i)`` (the area scaled by (oof size / original size)^2); small
-components are a few OOF pixels, so that scaling is only as faithful as the OOF resolution allows.
+``min_area`` is in pixels at the ORIGINAL image size, where ``competition submit`` applies it and where
+the OOF is kept (``scale`` in :func:`rule_counts` stays 1 for it).
 
-One streaming pass labels the components of every configuration (blend + thresholds) and records,
-per component, its image, area and overlap with the truth; any rule's Dice then follows from sums.
+One pass (:func:`competition.ensemble.native.components`) labels the components of every configuration
+(blend + thresholds) and records, per component, its image, area and overlap with the truth; any
+rule's Dice then follows from sums.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from competition.config import PostProcess
-from competition.ensemble.blend import blend_labels, blend_levels, truth_labels
-from competition.ensemble.compact import chunk_images
 from competition.metrics import PairMetric, score_counts
 
 AREA_FRACTIONS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -44,38 +40,6 @@ class Components:
     area: np.ndarray
     inter: np.ndarray
     scored: np.ndarray | None = None  # pixels the metric counts (ignore.metric exclude); None: the area
-
-
-def components(members: list, truth, configs: list[tuple[np.ndarray, np.ndarray]], task: str,
-               budget_bytes: int = 128 << 20) -> list[list[Components]]:
-    """For each (weights, levels) configuration, per class, the components of the blended masks."""
-    N, C = len(truth), len(truth.classes)
-    h, w = truth.size
-    B = chunk_images(C, h * w, len(members) + 4, budget_bytes)
-    acc = [[([], [], []) for _ in range(C)] for _ in configs]
-    for s in range(0, N, B):
-        e = min(N, s + B)
-        P = [m.read(s, e) for m in members]
-        T = truth.read(s, e)
-        tl = truth_labels(T) if task == "multiclass" else None
-        for j, (wts, levels) in enumerate(configs):
-            if task == "multilabel":
-                masks = blend_levels(P, wts) >= levels.reshape(1, -1, 1, 1)
-            else:
-                lab = blend_labels(P, wts)
-            for i in range(e - s):
-                for c in range(C):
-                    m = masks[i, c] if task == "multilabel" else lab[i] == c + 1
-                    t = T[i, c] if task == "multilabel" else tl[i] == c + 1
-                    if not m.any():
-                        continue
-                    n, labels, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8), connectivity=8)
-                    img, area, inter = acc[j][c]
-                    img.append(np.full(n - 1, s + i, np.int64))
-                    area.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
-                    inter.append(np.bincount(labels[t], minlength=n)[1:].astype(np.int64))
-    return [[Components(*(np.concatenate(x) if x else np.zeros(0, np.int64) for x in acc[j][c]))
-             for c in range(C)] for j in range(len(configs))]
 
 
 def rule_counts(comp: Components, rule: PostProcess | None, scale: np.ndarray, n_images: int):

@@ -87,6 +87,26 @@ def _host_peak_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _oof_estimate(exp: ExperimentConfig, comp: CompetitionConfig, adapter, folds, log) -> int:
+    """Print (and return) what the experiment's OOF stores will take on disk: every fold's held-out
+    images at their original sizes, once per OOF variant training writes."""
+    import shutil
+
+    from competition.cv import tiles
+    from competition.train.loop import oof_variants
+    sizes = [tuple(adapter.image_size(i)) for i in folds["id"]]
+    n_var = len(oof_variants(exp, comp))
+    per = tiles.estimate_sizes(sizes, comp.num_classes)
+    dense = sum(h * w for h, w in sizes) * comp.num_classes
+    folder = paths.runs_root() if paths.runs_root().exists() else paths.project()
+    free = shutil.disk_usage(folder).free
+    log(f"OOF: {len(sizes)} images x {comp.num_classes} classes at their original sizes, {n_var} variant(s): about "
+        f"{per * n_var / 1e9:.2f} GB for the experiment's {folds['fold'].nunique()} folds (estimated at "
+        f"{tiles.ESTIMATE_FRACTION:.0%} of the dense {dense * n_var / 1e9:.1f} GB; a trained model keeps ~1 %); "
+        f"{free / 1e9:.0f} GB free under {folder}")
+    return per * n_var
+
+
 def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = None, *,
             batch_size: int | None = None, input_size: int | None = None, workers: int | None = None,
             log=print) -> dict:
@@ -116,6 +136,7 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
     t = time.time()
     comp, adapter, folds = check_run(exp, fold, comp, lock=False)  # it writes nothing; no lock is needed
     log(f"configuration ok ({time.time() - t:.1f}s)")
+    oof_bytes = _oof_estimate(exp, comp, adapter, folds, log)
 
     d = dd.Dist()  # one process: the step of one rank
     device = dd.device_for(d)
@@ -189,7 +210,7 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
                "parameters": n_params, "trainable_parameters": n_train, "batch_size": exp.data.batch_size,
                "input_shape": list(x.shape), "target_shape": list(y.shape), "output_shapes": [list(s) for s in out],
                "load_seconds": round(load_s, 3), "step_seconds": round(step_s, 3), "loss": loss,
-               "host_peak_bytes": _host_peak_bytes()}
+               "host_peak_bytes": _host_peak_bytes(), "oof_estimate_bytes": oof_bytes}
     mem = f"host (process peak RSS) {_gib(figures['host_peak_bytes'])}"
     if device.type == "cuda":
         figures["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))

@@ -377,7 +377,7 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
                "oof_dice_native": summ["mean"], "oof_dice_native_per_class": summ["per_class"],
                "oof_store_bytes": sum(tiles.open_store(rp.oof(variant_name(v, s))).nbytes for v, s in variants),
                "oof_variants": [variant_name(v, s) or "plain" for v, s in variants],
-               "metric": comp.metric.name, "oof_report": also,  # metric.report at the OOF size
+               "metric": comp.metric.name, "oof_report": also,  # metric.report at the original sizes
                "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
                "train_seconds": round(train_seconds, 2),
                "predict_images_per_s": round(len(val_ids) * len(variants) / max(pred_seconds, 1e-9), 2),
