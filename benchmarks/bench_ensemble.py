@@ -105,7 +105,8 @@ def _open(root: Path):
 
 def ours(views, truth, stats: dict):
     from competition.cv.views import Images
-    from competition.ensemble import compact, search
+    from competition.cv import compact
+    from competition.ensemble import search
     ev = compact.from_images(Images(views, truth, None, "multilabel"), 0.5, workers=1)
     res = search.caruana(ev, np.ones(len(truth), bool), 1.0, steps=STEPS, patience=STEPS)
     stats["uncertain"] = ev.uncertain / (len(truth) * N_CLASSES * SIZE * SIZE)

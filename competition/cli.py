@@ -221,7 +221,7 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_oof(args) -> int:
-    from competition.ensemble import oofscore
+    from competition.cv import oofscore
     from competition.config import parse_overrides
     oofscore.run(args.exp, overrides=parse_overrides(args.set), suspects=args.suspects, top=args.top, tta=args.tta,
                  scales=args.scales, csv=args.csv, truth_csv=args.truth_csv, workers=args.workers)

@@ -3,8 +3,9 @@ constructed members (a noise member gets weight 0, complementary members are bot
 import numpy as np
 import pytest
 
-from competition.ensemble import compact, search
-from competition.ensemble.blend import blend_labels, truth_labels
+from competition.cv import compact
+from competition.ensemble import search
+from competition.cv.blend import blend_labels, truth_labels
 from competition.metrics import dice_from_counts
 from test_ensemble_util import ArrayView, brute_counts
 

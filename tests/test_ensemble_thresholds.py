@@ -1,12 +1,12 @@
 """Thresholds from one histogram per blend, and post-processing under nnU-Net's acceptance rule, through
-the ensemble's native passes (``competition.ensemble.native``) on in-memory stores."""
+the ensemble's native passes (``competition.cv.native``) on in-memory stores."""
 import cv2
 import numpy as np
 
 from competition.config import PostProcess
-from competition.ensemble import compact, native, postprocess as pp
-from competition.ensemble.blend import blend_levels, threshold_value
-from competition.ensemble.thresholds import HALF, at_levels, choose_levels
+from competition.cv import compact, native, postprocess as pp
+from competition.cv.blend import blend_levels, threshold_value
+from competition.cv.thresholds import HALF, at_levels, choose_levels
 from competition.metrics import dice_per_class
 from test_ensemble_util import ArrayView, memory_images, underconfident
 
@@ -121,7 +121,7 @@ def test_candidate_rules_scale_with_the_original_size():
 
 
 def test_multiclass_components_count_the_argmax_masks():
-    from competition.ensemble.blend import blend_labels, truth_labels
+    from competition.cv.blend import blend_labels, truth_labels
     truth, _ = _blobs()
     lab = truth_labels(truth)
     probs = np.stack([np.where(lab == k + 1, 200, 20) for k in range(2)], 1).astype(np.uint8)
@@ -139,8 +139,8 @@ def test_multiclass_components_count_the_argmax_masks():
 def test_one_threshold_to_level_rule():
     """threshold_level is the nearest level, inverts threshold_value, and the search's cut agrees
     with blend_levels for thresholds other than 0.5 (the rule training, `oof` and `ensemble` share)."""
-    from competition.ensemble.blend import blend_levels, threshold_level, threshold_value
-    from competition.ensemble.compact import level_cut
+    from competition.cv.blend import blend_levels, threshold_level, threshold_value
+    from competition.cv.compact import level_cut
     assert all(threshold_level(threshold_value(k)) == k for k in range(1, 256))
     assert threshold_level(0.5) == 128 and threshold_level(0.3) == 77 and threshold_level(0.01) == 3
     for t in (0.01 * i for i in range(1, 100)):

@@ -683,7 +683,7 @@ def test_ensemble_killed_during_truth_cache_search_native_pass_and_writing(train
     r.inject({"target": "competition.ensemble.search:caruana", "n": 2, "when": "before"}, *args)
     unchanged()
     # The native-resolution pass (its threshold histograms done, its components about to start).
-    r.inject({"target": "competition.ensemble.native:components", "n": 1, "when": "before"}, *args)
+    r.inject({"target": "competition.cv.native:components", "n": 1, "when": "before"}, *args)
     unchanged()
     # Writing the recipe: half of it in the temp; the old recipe stays whole and unchanged.
     r.inject({"target": "atomic", "match": "blend.yaml", "n": 1, "when": "partial"}, *args)

@@ -237,7 +237,7 @@ def test_oof_dice_excludes_ignored_pixels_only_for_exclude(tmp_path, metric):
     scored against the truth: the void pixels count only with ``ignore.metric: background``."""
     from competition.cv import tiles
     from competition.cv.views import Images, MemoryTruth
-    from competition.ensemble.oofscore import per_image
+    from competition.cv.oofscore import per_image
     comp = mask_folders(tmp_path / "data", metric=metric)
     ad = make_adapter(comp)
     m = index_mask()
@@ -266,7 +266,7 @@ def test_report_metrics_binarise_a_multiclass_oof_as_the_submission_does(tmp_pat
     from competition.config import MetricSpec
     from competition.cv import tiles
     from competition.cv.views import Images, MemoryTruth
-    from competition.ensemble.oofscore import per_image, report_metrics
+    from competition.cv.oofscore import per_image, report_metrics
     from competition.metrics import PairMetric
     from competition.predict.infer import binarize, blend
     comp = mask_folders(tmp_path / "data", metric="exclude")

@@ -199,7 +199,7 @@ def test_predictions_land_back_on_the_native_image(tmp_path, monkeypatch, resize
 def test_nonsquare_multiclass_with_void_trains_and_maps_back_to_native_sizes(ns_project):
     from competition.cli import main
     from competition.config import load_competition
-    from competition.ensemble import oofscore
+    from competition.cv import oofscore
     from competition.predict.run import predict_experiment
     from competition.rle import decode
     from competition.score import score_files

@@ -340,7 +340,7 @@ def test_oof_csv_closed_loop_with_the_scorer(proj_oof, capsys):
     """`competition oof --csv --truth-csv` writes the OOF as a submission at native size (64 px, from a
     32 px model here) and the truth; the scorer gives exactly the OOF Dice `competition oof` prints."""
     from competition.cli import main
-    from competition.ensemble import oofscore
+    from competition.cv import oofscore
     from competition.score import score_files
     r = oofscore.run("small", csv="oof.csv", truth_csv="truth.csv", log=lambda *_: None)
     assert pd.read_csv("oof.csv", keep_default_na=False).columns.tolist() == ["image_name", "class", "rle"]

@@ -93,7 +93,7 @@ def test_multiclass_oof_dice_uses_the_argmax(tiny_project):
     """metrics.json's multiclass OOF Dice is the argmax against the background, as `competition oof`
     and the submission binarise, not a per-class 0.5 threshold."""
     from competition.cli import main
-    from competition.ensemble import oofscore
+    from competition.cv import oofscore
     from competition.train.loop import fit
     from conftest import tiny_competition
     (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition(task="multiclass")))
@@ -114,7 +114,7 @@ def test_iou_metric_drives_validation_and_report_metrics_reach_metrics_json(tiny
     dice, f1_at_iou and hausdorff95 at the original sizes to metrics.json and the runs table."""
     from competition import runs_table
     from competition.cli import main
-    from competition.ensemble import oofscore
+    from competition.cv import oofscore
     from competition.train.loop import fit
     from conftest import tiny_competition
     comp = tiny_competition(metric={"name": "iou", "report": ["dice", "f1_at_iou", "hausdorff95"]})

@@ -1,18 +1,12 @@
 """``competition ensemble``: weighted soft voting chosen on out-of-fold predictions.
 
-    blend.py        how members' uint8 probabilities are blended (shared by every stage below)
-    compact.py      the search's view: only pixels whose blended prediction can change
-    native.py       thresholds, post-processing and scores at each image's original size
     search.py       Caruana's greedy selection with replacement; an Optuna alternative
-    thresholds.py   per-class thresholds from one histogram per blend
-    postprocess.py  keep-largest / minimum-area per class, nnU-Net's acceptance rule
-    nested.py       the whole procedure in-sample and under nested CV
+    nested.py       the searches in-sample and under nested CV
     recipe.py       ensembles/<name>.yaml and .md
-    oofscore.py     ``competition oof``: an experiment's OOF score, per-image table, missing OOF
-    suspects.py     ``competition oof --suspects``: likely label errors, with overlays
 
-An experiment at test time is the average of its fold models, so its OOF (each image predicted by the
-one fold model that did not train on it) stands for it; every member must cover the folds file.
+Everything that reads, blends and scores the OOF lives in :mod:`competition.cv`. An experiment at test
+time is the average of its fold models, so its OOF (each image predicted by the one fold model that did
+not train on it) stands for it; every member must cover the folds file.
 """
 from __future__ import annotations
 
@@ -25,7 +19,8 @@ from competition import locks, paths
 from competition.config import ConfigError, load_competition, load_experiment
 from competition.data.adapters import make_adapter
 from competition.cv import views as store
-from competition.ensemble import compact, native, nested, postprocess, recipe
+from competition.cv import compact, native, postprocess
+from competition.ensemble import nested, recipe
 from competition.folds import load_folds
 
 def parse_member(spec: str) -> tuple[str, str | None]:

@@ -9,7 +9,7 @@ at a fixed threshold, so after tuning a baseline can occasionally win; the recip
 In-sample: choose on all OOF images, score on the same. Nested: for each fold f, choose on the other
 folds' OOF images and score fold f's; every image is scored once, by a choice that never saw it.
 Choices are made in stages so each costs one streaming pass however many folds there are: the
-searches (here, on the compact view), then (:mod:`competition.ensemble.native`) one pass of threshold
+searches (here, on the compact view), then (:mod:`competition.cv.native`) one pass of threshold
 curves for every distinct blend and one pass of connected components for every distinct (blend,
 thresholds), all at the images' original sizes.
 """

@@ -8,7 +8,7 @@ import numpy as np
 
 from competition import paths
 from competition.config import ConfigError, Recipe, RecipeCheckpoint, atomic_write_text, dump_yaml, validate
-from competition.ensemble.blend import normalized, threshold_value
+from competition.cv.blend import normalized, threshold_value
 
 
 def checkpoints(experiments: list[str], folds: list[int]) -> dict[str, list[RecipeCheckpoint]]:

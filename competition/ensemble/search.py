@@ -10,7 +10,7 @@ selection, and nnU-Net only averages unweighted.
 multilabel task) or one for all, seeded with equal weights and every single member.
 
 Both score a subset of images (nested CV passes the training folds) through a
-:class:`~competition.ensemble.compact.Compact`, at its fixed search threshold.
+:class:`~competition.cv.compact.Compact`, at its fixed search threshold.
 """
 from __future__ import annotations
 

@@ -345,9 +345,9 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
     variant), then metrics.json: the OOF score at each image's original size."""
     from competition.cv import tiles
     from competition.cv import views as store
-    from competition.ensemble import oofscore
+    from competition.cv import oofscore
     from competition.metrics import summarize
-    from competition.predict.heldout import predict_fold
+    from competition.cv.heldout import predict_fold
     from competition.predict.tta import variant_name
 
     rp = paths.run(exp.name, fold)

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from competition.ensemble.blend import (is_integer, labels_from_full, normalized, threshold_level, truth_labels,
+from competition.cv.blend import (is_integer, labels_from_full, normalized, threshold_level, truth_labels,
                                         with_background)
 
 MAX_ELEMS = 1 << 22  # uncertain pixels evaluated at once (bounds the per-step temporaries)
@@ -349,7 +349,7 @@ def from_images(images, threshold: float = 0.5, workers: int | None = None) -> C
         del parts
         bounds = [np.concatenate([[0], np.cumsum(counts[c].reshape(-1))]) for c in range(C)]
         return MultilabelCompact(vals, bounds, uncertain=kept, **args)
-    from competition.ensemble.native import exclusive
+    from competition.cv.native import exclusive
     vparts, tparts, iparts = [], [], []
     for i in range(N):
         rows, truth = images.dense(i)

@@ -1,7 +1,7 @@
 """Per-class binarization thresholds, chosen on the blended OOF.
 
 For a fixed blend, the Dice of every image x class at *all* 255 thresholds comes from one histogram
-per image and class (:func:`competition.ensemble.native.curves`: the pixels at each blend level,
+per image and class (:func:`competition.cv.native.curves`: the pixels at each blend level,
 separately for truth 1 and truth 0; suffix sums give the intersection and the predicted area at every
 threshold at once). Here: choosing a level per class from those curves.
 

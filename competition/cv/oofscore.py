@@ -4,7 +4,7 @@ original size, binarised as ``competition predict`` binarises — and a per-imag
 A fold that was trained (``best.pt`` present) but has no OOF (interrupted at the end, or OOF deleted
 to save disk) gets one; ``--tta VIEW... [--scales S...]`` writes a TTA *variant* of every trained fold
 (``runs/<exp>/fold<k>/oof-<variant>/``) that ``competition ensemble`` then treats as a candidate member.
-Both go through :func:`competition.predict.heldout.predict_fold`, the submission's own inference path.
+Both go through :func:`competition.cv.heldout.predict_fold`, the submission's own inference path.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identi
                log=print) -> list[int]:
     """Produce the OOF (of one TTA variant) of every trained fold that lacks it; -> the folds produced.
     Untrained folds are left for :func:`competition.cv.views.open_experiment` to report."""
-    from competition.predict.heldout import predict_fold
+    from competition.cv.heldout import predict_fold
     from competition.predict.tta import variant_name
     variant = variant_name(views, scales)
     made = []
@@ -57,7 +57,7 @@ def per_image(images, task: str, threshold: float, metric: "PairMetric | float",
     """(N, C) scores of one experiment's OOF (``images.members[0]``) at each image's original size,
     binarised at ``threshold`` (multilabel) or by the argmax (multiclass), by the competition's per-pair
     metric; ignored pixels (``ignore.metric: exclude``) are left out."""
-    from competition.ensemble import native
+    from competition.cv import native
     w = np.ones((len(images.members[0].classes), 1), np.int64)
     (curve,), _ = native.curves(images, [w], task, metric, log or (lambda *_: None), workers)
     if task == "multiclass":
@@ -75,7 +75,7 @@ def report_metrics(images, task: str, threshold: float, spec) -> dict:
     if not wanted:
         return {}
     import torch
-    from competition.ensemble import native
+    from competition.cv import native
     view = images.members[0]
     N, C = len(view), len(view.classes)
     counts = [np.empty((N, C), np.int64) for _ in range(3)]
@@ -138,7 +138,7 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
     from competition.config import load_competition, load_experiment
     from competition.cv import views as store
     from competition.data.adapters import make_adapter
-    from competition.ensemble import native
+    from competition.cv import native
     from competition.folds import load_folds
     from competition.io import file_hash
     from competition.predict.tta import check_views, variant_name
@@ -177,7 +177,7 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
     result = {"mean": float(scores.mean()), "native": float(scores.mean()),
               "table": table, "produced": made, "path": out, "variant": variant}
     if suspects:
-        from competition.ensemble import suspects as sus
+        from competition.cv import suspects as sus
         if top < 1:
             raise ConfigError(f"--top must be at least 1, got {top}")
         result["suspects"] = sus.run(exp.name, images, adapter, comp.task, pass_level(threshold), top, log)

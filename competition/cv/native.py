@@ -29,9 +29,9 @@ from competition.config import PostProcess
 from competition.cv import sparse
 from competition.cv.sparse import levels_of, threshold_table
 from competition.cv.views import Images, map_images
-from competition.ensemble import postprocess as pp
-from competition.ensemble.blend import LEVELS, normalized, threshold_value, truth_labels
-from competition.ensemble.thresholds import at_levels, choose_levels
+from competition.cv import postprocess as pp
+from competition.cv.blend import LEVELS, normalized, threshold_value, truth_labels
+from competition.cv.thresholds import at_levels, choose_levels
 from competition.metrics import PairMetric, score_counts
 from competition.predict.infer import binarize, blend
 from competition.predict.submit import postprocess as apply_rule

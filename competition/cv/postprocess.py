@@ -9,7 +9,7 @@ sets one of the two (with both, either order gives the same mask). Removed pixel
 ``min_area`` is in pixels at the ORIGINAL image size, where ``competition submit`` applies it and where
 the OOF is kept (``scale`` in :func:`rule_counts` stays 1 for it).
 
-One pass (:func:`competition.ensemble.native.components`) labels the components of every configuration
+One pass (:func:`competition.cv.native.components`) labels the components of every configuration
 (blend + thresholds) and records, per component, its image, area and overlap with the truth; any
 rule's Dice then follows from sums.
 """

@@ -20,7 +20,7 @@ import pandas as pd
 
 from competition import paths, viz
 from competition.config import atomic_write_text
-from competition.ensemble.blend import blend_labels, truth_labels
+from competition.cv.blend import blend_labels, truth_labels
 
 
 def _masks(P: np.ndarray, T: np.ndarray, task: str, level: int) -> tuple[np.ndarray, np.ndarray]:
