@@ -17,7 +17,8 @@ project, for each N of ``--images`` (default 100 then 200):
 
 It prints, per N: disk per member (and the stored-tile and uncertain fractions), write time, the
 ensemble's wall time and the peak resident memory of the process tree (this process and its workers,
-VmRSS summed every 0.2 s: shared pages count once per process, so this errs high). Then the cost per
+their proportional set sizes summed every 0.2 s: a page a forked worker shares with this process counts
+once in all). Then the cost per
 image from the two largest N (linear: every pass streams image by image; the search view grows with
 the uncertain pixels) extrapolated to 800 images, beside the dense store of earlier versions (uint8 at
 the model's 2048 output: N x C x H x W bytes per member). The last three lines:
@@ -121,10 +122,12 @@ def _write_store(task: tuple[str, str, int]) -> tuple[int, float]:
 # Peak memory of this process and its workers
 # --------------------------------------------------------------------------------------------- #
 def _rss(pid: int) -> int:
+    """Proportional set size: a page shared by k processes (a forked worker's inherited memory) counts
+    1/k in each, so the sum over the process tree is the memory the job really holds."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith("Pss:"):
                     return int(line.split()[1]) << 10
     except OSError:
         pass
@@ -221,7 +224,7 @@ def run_size(n_images: int, workers: int, keep: Path | None) -> dict:
                "cv": rec.scores["nested"], "load": load()}
         print(f"  N={n_images}: OOF {per_member / 1e9:.3f} GB per member ({out['stored']:.2%} of the dense "
               f"{dense / 1e9:.1f} GB), search view {out['uncertain']:.3%} of pixel x class pairs, ensemble "
-              f"{ens_s:.0f} s, peak RSS {top / 2**30:.2f} GiB (process tree; {base / 2**30:.2f} before), "
+              f"{ens_s:.0f} s, peak RSS {top / 2**30:.2f} GiB (process tree, PSS; {base / 2**30:.2f} before), "
               f"nested CV {out['cv']:.4f}  [{out['load']}]", flush=True)
         return out
     finally:

@@ -330,23 +330,21 @@ def from_images(images, threshold: float = 0.5, workers: int | None = None) -> C
     truth_sum, inter0, pred0 = (np.zeros((N, C), np.int64) for _ in range(3))
     args = dict(n_members=M, truth_sum=truth_sum, inter0=inter0, pred0=pred0, threshold=threshold)
     if images.task == "multilabel":
-        parts, counts = [None] * N, np.zeros((C, N, 2), np.int64)
+        # Each image's uncertain pixels are split by class as they arrive (the image's array freed at
+        # once), and a class's pieces joined and freed in turn: the peak stays near the result.
+        pieces, counts = [[None] * N for _ in range(C)], np.zeros((C, N, 2), np.int64)
         for i, (vals, cnt, i0, p0, ts) in map_images(images, _search_image, (threshold_level(threshold),), workers):
-            parts[i], counts[:, i] = vals, cnt
+            at = np.concatenate([[0], np.cumsum(cnt.sum(1))])
+            for c in range(C):
+                pieces[c][i] = vals[:, at[c]:at[c + 1]].copy()
+            del vals
+            counts[:, i] = cnt
             inter0[i], pred0[i], truth_sum[i] = i0, p0, ts
-        starts = [np.concatenate([[0], np.cumsum(cnt.sum(1))]) for cnt in (counts[:, i] for i in range(N))]
         vals, kept = [], 0
-        for c in range(C):  # class by class: the peak stays near the result
-            n_c = int(counts[c].sum())
-            v = np.empty((M, n_c), np.uint8)
-            at = 0
-            for i in range(N):
-                a, b = starts[i][c], starts[i][c + 1]
-                v[:, at:at + b - a] = parts[i][:, a:b]
-                at += b - a
-            vals.append(v)
-            kept += n_c
-        del parts
+        for c in range(C):
+            vals.append(np.concatenate(pieces[c], axis=1) if N else np.zeros((M, 0), np.uint8))
+            pieces[c] = None
+            kept += vals[-1].shape[1]
         bounds = [np.concatenate([[0], np.cumsum(counts[c].reshape(-1))]) for c in range(C)]
         return MultilabelCompact(vals, bounds, uncertain=kept, **args)
     from competition.cv.native import exclusive
