@@ -226,3 +226,17 @@ def test_search_part_counts_certain_pixels_and_keeps_the_uncertain(seed, ignore)
             assert sorted(map(tuple, vals[:, at:at + n].T.tolist())) == want
             at += n
     assert at == vals.shape[1]
+
+
+def test_writer_on_threads_writes_the_same_store(tmp_path):
+    rng = np.random.default_rng(7)
+    ids = [f"i{k}" for k in range(7)]
+    probs = [_probs(rng, 3, 40 + k, 33) for k in range(7)]
+    for workers in (1, 3):
+        w = tiles.StoreWriter(tmp_path / f"w{workers}", ids, ["a", "b", "c"], {i: p.shape[1:] for i, p in zip(ids, probs)},
+                              {}, tile=16, workers=workers)
+        for r in (3, 0, 6, 1, 2, 5, 4):
+            w.add(r, probs[r])
+        w.close()
+    for name in (tiles.INDEX, tiles.PAYLOAD, tiles.IDS):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w3" / name).read_bytes(), name

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from competition import paths
 from competition.cv import tiles
+from competition.cv.views import default_workers
 from competition.io import file_hash
 from competition.predict.infer import MemberPredictor, TestInputs, batch_size_for
 from competition.predict.members import load_model
@@ -47,7 +48,7 @@ def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], vi
     w = tiles.StoreWriter(rp.oof(variant), val_ids, comp.classes, sizes, {
         "experiment": exp_name, "fold": fold, "task": comp.task, "checkpoint": ckpt_path.name,
         "checkpoint_sha256": file_hash(ckpt_path), "tta": list(views), "tta_scales": [float(s) for s in scales],
-        "variant": variant})
+        "variant": variant}, workers=default_workers())
     try:
         for b in loader:
             for r, u in zip(b["index"].tolist(), member(b["inputs"]["in0"], b["size"])):
