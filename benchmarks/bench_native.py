@@ -89,8 +89,9 @@ class Dense:
 
 def main() -> None:
     from competition.cv import sparse, tiles
+    from competition.cv.blend import threshold_table
     members, truth, sm, st = _case()
-    table = sparse.threshold_table()
+    table = threshold_table()
     blends = [_weights(k) for k in range(3)]
     plans = [(blends[0], np.full(C, 128)), (blends[1], np.full(C, 100))]
     stack = sparse.stack(sm, st, C)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from competition.cv import sparse, tiles
+from competition.cv.blend import threshold_table
 from competition.predict.infer import blend
 
 
@@ -169,7 +170,7 @@ def _weights(rng, M: int, C: int) -> np.ndarray:
 
 def _dense_levels(members, w):
     p = blend([torch.from_numpy(m) for m in members], torch.from_numpy(w)).numpy()
-    return sparse.levels_of(p.reshape(-1), sparse.threshold_table()).reshape(p.shape), p
+    return sparse.levels_of(p.reshape(-1), threshold_table()).reshape(p.shape), p
 
 
 @pytest.mark.parametrize("seed, ignore", [(0, False), (1, False), (2, True), (3, True)])
@@ -177,7 +178,7 @@ def test_histograms_equal_the_dense_blend_pixel_by_pixel(seed, ignore):
     members, truth, keep, stk = _case(seed, ignore=ignore)
     rng = np.random.default_rng(seed + 100)
     ws = [_weights(rng, 3, 3), np.full((3, 3), 1 / 3, np.float32), np.eye(3, dtype=np.float32)[:, [0, 0, 0]]]
-    got = sparse.histograms(stk, ws, sparse.threshold_table())
+    got = sparse.histograms(stk, ws, threshold_table())
     for j, w in enumerate(ws):
         lev, _ = _dense_levels(members, w)
         for c in range(3):
@@ -193,7 +194,7 @@ def test_components_equal_dense_labelling(seed, ignore):
     rng = np.random.default_rng(seed)
     w = _weights(rng, 3, 3)
     levels = np.array([128, 60, 200])
-    got = sparse.components(stk, [(w, levels)], sparse.threshold_table())[0]
+    got = sparse.components(stk, [(w, levels)], threshold_table())[0]
     _, p = _dense_levels(members, w)
     for c in range(3):
         mask = (p[c] >= np.float32((levels[c] - 0.5) / 255)).astype(np.uint8)  # the submission's compare

@@ -27,10 +27,9 @@ import torch
 from competition import rle
 from competition.config import PostProcess
 from competition.cv import sparse
-from competition.cv.sparse import levels_of, threshold_table
 from competition.cv.views import Images, map_images
 from competition.cv import postprocess as pp
-from competition.cv.blend import LEVELS, normalized, threshold_value, truth_labels
+from competition.cv.blend import LEVELS, normalized, threshold_table, threshold_value, truth_labels
 from competition.cv.thresholds import at_levels, choose_levels
 from competition.metrics import PairMetric, score_counts
 from competition.predict.infer import binarize, blend

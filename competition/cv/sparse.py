@@ -21,14 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from competition.cv.blend import LEVELS
 from competition.cv.tiles import SparseImage
-
-LEVELS = 256
-
-
-def threshold_table() -> np.ndarray:
-    """(255,) float32 thresholds (k - 0.5) / 255 of levels 1..255, as the submission compares them."""
-    return np.array([(k - 0.5) / 255.0 for k in range(1, LEVELS)], np.float32)
 
 
 def levels_of(p: np.ndarray, table: np.ndarray) -> np.ndarray:

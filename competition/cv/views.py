@@ -240,10 +240,6 @@ class Images:
         """(members' (C, H, W) uint8, (C, H, W) bool truth) of image ``i``."""
         return [m.image(i) for m in self.members], self.truth.image(i) > 0
 
-    def __getstate__(self):
-        return dict(self.__dict__)
-
-
 _WORKER: dict = {}
 
 
