@@ -20,7 +20,8 @@ def cmd_folds(args) -> int:
     from competition.data.adapters import make_adapter
     cfg = load_competition(args.comp)
     adapter = make_adapter(cfg)
-    path, df, created = folds.run(cfg, adapter, k=args.k, seed=args.seed, force=args.force)
+    path, df, created = folds.run(cfg, adapter, k=args.k, seed=args.seed, force=args.force,
+                                  label_check=not args.no_label_check)
     if created:
         print(f"wrote {path}: {len(df)} images, {df['group'].nunique()} groups, {df['fold'].nunique()} folds; "
               f"no group spans two folds")
@@ -184,7 +185,7 @@ def _report_submission(r, upload: bool, message: str | None, competition: str) -
 def cmd_submit(args) -> int:
     from competition.predict.run import submit
     r = submit(args.ensemble, args.out, args.device, args.batch_size, args.workers, progress=not args.no_progress,
-               save_probs=args.save_probs, from_probs=args.from_probs)
+               save_probs=args.save_probs, from_probs=args.from_probs, force=args.force)
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
 
@@ -193,7 +194,7 @@ def cmd_predict(args) -> int:
     from competition.predict.run import predict_experiment
     from competition.config import parse_overrides
     r = predict_experiment(args.exp, args.out, args.device, args.batch_size, args.workers,
-                           progress=not args.no_progress, overrides=parse_overrides(args.set))
+                           progress=not args.no_progress, overrides=parse_overrides(args.set), force=args.force)
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
 
@@ -246,6 +247,9 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upload", action="store_true",
                    help="then submit it with the Kaggle CLI (needs submission.kaggle and a configured CLI)")
     p.add_argument("-m", "--message", default=None, help="Kaggle submission message (default: the file name)")
+    p.add_argument("--force", action="store_true",
+                   help="write the CSV even when it cannot be right (a class empty in every test image though "
+                        "training has it in most, every mask empty, a class covering every pixel)")
 
 
 def _set_flag(p: argparse.ArgumentParser) -> None:
@@ -263,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=None, help="number of folds (default: the config's `folds`)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the config's `fold_seed`)")
     p.add_argument("--force", action="store_true", help="overwrite an existing folds file")
+    p.add_argument("--no-label-check", action="store_true",
+                   help="skip the check that the masks fit their images (a transposed RLE pixel order); "
+                        "the RLE format checks still run")
     p.set_defaults(fn=cmd_folds)
 
     p = sub.add_parser("init", help="inspect a data folder; write configs/competitions/<name>.yaml (commented) "

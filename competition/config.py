@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from competition.errors import UserError
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -655,24 +656,39 @@ def _resolve_extends(path: Path, seen: tuple) -> dict:
 # --------------------------------------------------------------------------------------------- #
 # Ensemble recipe (ensembles/<name>.yaml): written by `competition ensemble`, read by `submit`
 # --------------------------------------------------------------------------------------------- #
+# A recipe is written by `make ensemble` but read back from a file anyone can edit: NaN or inf would
+# pass pydantic's float and turn every RLE empty (NaN weights) or full (a negative threshold).
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class RecipeCheckpoint(Strict):
     path: str  # relative to the project folder, e.g. runs/baseline/fold0/best.pt
-    sha256: str  # content hash (first 16 hex digits), checked before use
+    sha256: str = Field(pattern=r"^[0-9a-f]{16,64}$")  # content hash (first 16 hex digits), checked before use
 
 
 class RecipeMember(Strict):
-    experiment: str
-    folds: list[int]
-    checkpoints: list[RecipeCheckpoint]
+    experiment: SafeName
+    folds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    checkpoints: list[RecipeCheckpoint] = Field(min_length=1)
     # One weight (global) or one per class; the members' weights sum to 1 (per class).
-    weights: list[float]
+    weights: list[Annotated[Finite, Field(ge=0)]] = Field(min_length=1)
     # The OOF variant this member was chosen as: its TTA views and scales, applied at submit time.
-    tta: list[TTAView] = ["identity"]
-    tta_scales: list[float] = [1.0]
+    tta: list[TTAView] = Field(["identity"], min_length=1)
+    tta_scales: list[Annotated[Finite, Field(gt=0)]] = Field([1.0], min_length=1)
+
+    @model_validator(mode="after")
+    def _one_checkpoint_per_fold(self) -> "RecipeMember":
+        if len(set(self.folds)) != len(self.folds):
+            raise ValueError(f"member {self.experiment}: folds {self.folds} list a fold twice")
+        if len(self.checkpoints) != len(self.folds):
+            raise ValueError(f"member {self.experiment}: {len(self.checkpoints)} checkpoints for "
+                             f"{len(self.folds)} folds {self.folds}; expected one per fold")
+        return self
 
 
 class PostProcess(Strict):
-    min_area: int | None = None  # components smaller than this (pixels at the original size) are removed
+    # components smaller than this (pixels at the original size) are removed
+    min_area: Annotated[int, Field(ge=0)] | None = None
     keep_largest: bool = False
 
 
@@ -699,6 +715,35 @@ class Recipe(Strict):
     scores: dict[str, Any] = Field(default_factory=dict)  # in_sample, nested, per_class, best_single, ...
     # The pseudo-label sets (data.pseudo) any member trained on: its test predictions lean on them.
     pseudo_labels: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        """What the submission needs to be right, checked once where every reader passes: a class per
+        threshold, each threshold a probability strictly inside (0, 1) (at 0 or below every pixel is
+        predicted, at 1 or above none), weights that give every class a positive total, rules for
+        classes that exist."""
+        n = len(self.classes)
+        if n == 0 or len(set(self.classes)) != n:
+            raise ValueError(f"classes {self.classes}: expected distinct class names, at least one")
+        if len(self.thresholds) != n:
+            raise ValueError(f"thresholds: {len(self.thresholds)} values for {n} classes; expected one per class")
+        for c, t in zip(self.classes, self.thresholds):
+            if not (isinstance(t, float | int) and math.isfinite(t) and 0.0 < t < 1.0):
+                raise ValueError(f"thresholds: {t!r} for class {c!r}; expected a probability strictly between "
+                                 f"0 and 1 (0 or less predicts every pixel, 1 or more none)")
+        for m in self.members:
+            if len(m.weights) not in (1, n):
+                raise ValueError(f"members[{m.experiment}].weights: {len(m.weights)} values; expected 1 (global) "
+                                 f"or {n} (one per class)")
+        per_class = [[m.weights[0] if len(m.weights) == 1 else m.weights[i] for m in self.members] for i in range(n)]
+        empty = [c for c, ws in zip(self.classes, per_class) if not sum(ws) > 0]
+        if empty:
+            raise ValueError(f"members' weights sum to 0 for class(es) {empty}; expected a positive total per class "
+                             f"(every weight >= 0)")
+        unknown = sorted(set(self.postprocess) - set(self.classes))
+        if unknown:
+            raise ValueError(f"postprocess: unknown class(es) {unknown}; expected names from classes")
+        return self
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:

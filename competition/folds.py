@@ -4,6 +4,11 @@ The file is committed, so every teammate trains on the same split. A group never
 a folds file that no longer matches the dataset is an error listing the ids that differ. The file's
 own ``group`` column is never trusted: groups are recomputed from the data, so a hand-edited (or
 stale) file cannot smuggle one subject into two folds.
+
+Before writing (or keeping) the file, the labels are checked: every RLE against its image's size, and,
+on a few sampled square images, whether the masks fit their images better in the other pixel order
+(:mod:`competition.data.alignment`). Lopsided folds (the largest over twice the smallest, from uneven
+groups) are allowed but warned about in the summary.
 """
 from __future__ import annotations
 
@@ -17,12 +22,14 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from competition import paths
 from competition.config import CompetitionConfig
+from competition.data.alignment import check_pixel_order
 from competition.data.base import Adapter, DataError, csv_from_text
 from competition.io import STALE_AFTER_S, ReadError, atomic_write_text, clean_stale_temps, read_text
 
 COLUMNS = ("id", "group", "fold")
 _MAX_LISTED = 10
 _INT = re.compile(r"^[0-9]{1,9}$")  # 9 digits: far more folds than anyone uses, and no int64 overflow
+LOPSIDED = 2.0  # warn when the largest fold holds more than this many times the smallest's images
 
 
 class FoldsError(DataError):
@@ -197,22 +204,47 @@ def _check_groups_match(df: pd.DataFrame, adapter: Adapter, path: Path, cfg: Com
     return data_groups
 
 
+def balance_warning(df: pd.DataFrame, name: str) -> str | None:
+    """A warning (one line) when the largest fold holds more than ``LOPSIDED`` times the smallest's
+    images, saying what it costs and what to do; None when the folds are balanced enough."""
+    sizes = df.groupby("fold").size().sort_index()
+    if len(sizes) < 2 or sizes.max() <= LOPSIDED * sizes.min():
+        return None
+    n, k, big = len(df), len(sizes), sizes.idxmax()
+    per_group = df.groupby("group").size()
+    group, g_n = per_group.idxmax(), int(per_group.max())
+    fewer = f"fewer folds (`-k {k - 1}`, or `folds: {k - 1}` in configs/competitions/{name}.yaml), " if k > 2 else ""
+    return (f"warning: lopsided folds: {', '.join(f'fold {f} {s}' for f, s in sizes.items())} images (the largest "
+            f"{sizes.max() / sizes.min():.1f}x the smallest), so fold {big} trains on only {n - sizes.max()} of {n} "
+            f"images and its validation score will read low against the test score; the groups are uneven (the "
+            f"largest, {group!r}, holds {g_n} images). Consider {fewer}finer groups (a different `groups` key: "
+            f"groups.column, groups.csv or groups.source), or keep this split knowingly")
+
+
 def summary(df: pd.DataFrame, adapter: Adapter) -> str:
+    """Images, groups and class presence per fold; then a warning line when the folds are lopsided."""
     pres = pd.DataFrame(presence_matrix(adapter), columns=adapter.classes, index=adapter.ids)
     pres = pres.loc[df["id"]].set_axis(df.index)
     table = pd.concat([df.groupby("fold").agg(images=("id", "size"), groups=("group", "nunique")),
                        pres.groupby(df["fold"]).sum()], axis=1)
-    return table.to_string()
+    warning = balance_warning(df, adapter.cfg.name)
+    return table.to_string() + (f"\n{warning}" if warning else "")
 
 
 def run(cfg: CompetitionConfig, adapter: Adapter, k: int | None = None, seed: int | None = None,
-        force: bool = False) -> tuple[Path, pd.DataFrame, bool]:
-    """Write the folds file; an existing one that still matches the data is kept (returns created=False)."""
+        force: bool = False, label_check: bool = True) -> tuple[Path, pd.DataFrame, bool]:
+    """Write the folds file; an existing one that still matches the data is kept (returns created=False).
+
+    ``label_check``: refuse labels that fit their images clearly better in the other pixel order
+    (:func:`competition.data.alignment.check_pixel_order`); False skips that check only.
+    """
     k = k or cfg.folds
     seed = cfg.fold_seed if seed is None else seed
     path = paths.folds_file(cfg.name)
     # Bad labels fail here, naming their file and row, rather than hours into training.
     adapter.validate_labels()
+    if label_check:
+        check_pixel_order(cfg, adapter)
     if path.exists() and not force:
         return path, load_folds(cfg, adapter, path), False
     df = make_folds(cfg, adapter, k, seed)

@@ -1,4 +1,4 @@
-"""Atomic writes, file hashes and text reading: the one place the project does these.
+"""Atomic writes, file hashes and reading text, JSON and CSV files: the one place the project does these.
 
 Every artifact teammates share (folds files, configs, ledgers, generated data) is written through
 :func:`atomic_path`, so a reader, or a run killed half-way, never sees half a file, and two processes
@@ -9,6 +9,7 @@ from __future__ import annotations
 from competition.errors import UserError
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -16,7 +17,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import StringIO
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 _CHUNK = 1 << 20
 # ``.<target name>.<tempfile's 8 random characters>.tmp``: what atomic_path creates, and the only
@@ -186,6 +191,27 @@ def read_text(path: Path | str, what: str = "file") -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise ReadError(f"{path}: {what} is not UTF-8 text (undecodable byte 0x{data[e.start]:02x} on line "
                         f"{line}); save it as UTF-8") from None
+
+
+def read_json(path: Path | str, what: str = "file") -> Any:
+    """A JSON file's value, or a :class:`ReadError` naming the file, the line and what was wrong."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReadError(f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def read_csv(path: Path | str, what: str = "CSV file", **kw) -> pd.DataFrame:
+    """A CSV's cells as strings (empty cells ""), or a :class:`ReadError` naming the file: missing,
+    not UTF-8, empty, or not parseable (pandas' own message, which names the line)."""
+    text = read_text(path, what)
+    try:
+        return pd.read_csv(StringIO(text), dtype=str, keep_default_na=False, **kw)
+    except pd.errors.EmptyDataError:
+        raise ReadError(f"{path}: {what} is empty (expected a header row)") from None
+    except pd.errors.ParserError as e:
+        raise ReadError(f"{path}: {what} is not a valid CSV ({str(e).strip()})") from None
 
 
 def data_fingerprint(root: Path | str) -> str:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from competition import paths
 from competition.config import CompetitionConfig, ConfigError, Recipe, atomic_write_text
+from competition.io import ReadError, read_csv
 
 COLUMNS = ["time", "file", "competition", "ensemble", "ensemble_sha256", "members", "cv_native_in_sample",
            "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "pseudo_labels", "images", "seconds", "public_lb",
@@ -39,9 +40,9 @@ def read(path: Path | None = None) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=COLUMNS)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-        raise ConfigError(f"{path}: not a readable CSV ({e})") from None
+        df = read_csv(path, "submissions ledger")
+    except ReadError as e:
+        raise ConfigError(str(e)) from None
     for c in ADDED:
         if c not in df.columns:
             df[c] = ""

@@ -134,6 +134,7 @@ class PseudoLabels:
         if meta.get("classes") != list(classes) or meta.get("task") != task:
             raise UserError(f"{d}: made for classes {meta.get('classes')} ({meta.get('task')}), not this "
                             f"competition's {list(classes)} ({task})")
+        _check_meta(d, meta, ids, len(classes))
         missing = [i for i in meta["kept"] if i not in adapter.test_ids]
         if missing:
             raise UserError(f"{d}: test image(s) {missing[:5]} are not in the competition's test set")
@@ -163,6 +164,22 @@ class PseudoLabels:
         u = torch.from_numpy(self.probs.image(self.row[self._test_id(image_id)]))
         size = tuple(size) if size is not None else self.image_size(image_id)
         return binarize(to_size(u.float() / 255.0, size), self.task, self.thresholds).numpy()
+
+
+def _check_meta(d: Path, meta: dict, ids: list[str], n_classes: int) -> None:
+    """What training takes from a set's meta.json, checked: ``kept`` (distinct ids of the store) and
+    the ``thresholds`` that binarise it (one per class, each strictly inside (0, 1))."""
+    where = f"{d}/meta.json"
+    kept, t = meta.get("kept"), meta.get("thresholds")
+    if not isinstance(kept, list) or not all(isinstance(i, str) for i in kept) or len(set(kept)) != len(kept):
+        raise UserError(f"{where}: `kept` must list distinct test image ids; make the set again with `competition pseudo`")
+    stray = sorted(set(kept) - set(ids))
+    if stray:
+        raise UserError(f"{where}: `kept` names image(s) {stray[:5]} the store does not hold; make the set again")
+    if (not isinstance(t, list) or len(t) != n_classes
+            or not all(isinstance(x, float | int) and not isinstance(x, bool) and 0 < x < 1 for x in t)):
+        raise UserError(f"{where}: `thresholds` must be {n_classes} numbers strictly between 0 and 1, got {t!r}; "
+                        f"make the set again with `competition pseudo`")
 
 
 class TrainingSet(ConcatDataset):

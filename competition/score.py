@@ -21,6 +21,7 @@ import pandas as pd
 
 from competition import rle
 from competition.config import CompetitionConfig
+from competition.io import ReadError, read_csv
 from competition.metrics import pair_metric, score_counts
 
 MAX_LISTED = 10
@@ -131,11 +132,9 @@ def _read_csv(path) -> pd.DataFrame:
     if not path.is_file():
         raise ScoreError(f"{path}: no such file")
     try:
-        return pd.read_csv(path, keep_default_na=False, dtype=str)
-    except pd.errors.EmptyDataError:
-        raise ScoreError(f"{path}: the file is empty (expected a header row)") from None
-    except pd.errors.ParserError as e:
-        raise ScoreError(f"{path}: not a valid CSV: {e}") from None
+        return read_csv(path, "CSV file")
+    except ReadError as e:
+        raise ScoreError(str(e)) from None
 
 
 def _score(sub, truth, cfg, sizes, lenient, sub_name, truth_name) -> ScoreResult:

@@ -85,7 +85,10 @@ def test_writer_refuses_wrong_shapes_and_an_incomplete_store(tmp_path):
     ("ids", "no original size for id"),
     ("meta", "not valid JSON"),
     ("missing", "missing; the store is incomplete"),
-    ("format", "not a version-1 'tiles' store"),
+    ("format", "not a version-2 'tiles' store"),
+    ("flip", "image 'img1' fails its checksum"),
+    ("swap", "image 'img1' fails its checksum"),  # ids.json edited: two images' tiles trade names  # one byte of a tile changed, the length kept
+    ("sums", "sums.npy: expected uint32"),
 ])
 def test_a_damaged_store_is_refused_naming_the_file(tmp_path, damage, message):
     d, _ = _store(tmp_path, np.random.default_rng(1), [(40, 50), (33, 17)])
@@ -109,6 +112,19 @@ def test_a_damaged_store_is_refused_naming_the_file(tmp_path, damage, message):
     elif damage == "format":
         meta = json.loads((d / tiles.META).read_text())
         (d / tiles.META).write_text(json.dumps({**meta, "version": 99}))
+    elif damage == "flip":
+        s = tiles.open_store(d)
+        last = int(s.index[s.offsets[1]:s.offsets[2], 4].max())  # a payload tile of the second image
+        data = bytearray(payload.read_bytes())
+        data[last * 16 * 16 + 7] ^= 0x01
+        payload.write_bytes(bytes(data))
+    elif damage == "swap":
+        (d / tiles.IDS).write_text(json.dumps(["img1", "img0"]))
+        meta = json.loads((d / tiles.META).read_text())
+        sizes = meta["original_sizes"]
+        (d / tiles.META).write_text(json.dumps({**meta, "original_sizes": {"img0": sizes["img1"], "img1": sizes["img0"]}}))
+    elif damage == "sums":
+        np.save(d / tiles.SUMS, np.zeros(5, np.int64))
     with pytest.raises(tiles.StoreError, match=message) as e:
         s = tiles.open_store(d)
         for i in range(len(s)):

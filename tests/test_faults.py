@@ -594,9 +594,13 @@ def test_kill_between_the_final_last_pt_and_history_csv(tmp_path, tiny_data_cach
 @pytest.mark.slow
 def test_full_disk_while_writing_last_pt_is_one_line_and_keeps_the_previous_checkpoint(tiny_project, capsys,
                                                                                        monkeypatch):
-    """ENOSPC from torch.save (torch's own RuntimeError) in epoch 2's last.pt: exit 2, one stderr line
-    naming the file and saying the disk is full; epoch 1's last.pt intact; after freeing space the
-    same command resumes and finishes."""
+    """ENOSPC from torch.save (torch's own RuntimeError, which carries no errno: "unexpected pos" is
+    what a full disk gives) in epoch 2's last.pt: exit 2, one stderr line naming the file and saying
+    the disk is full; epoch 1's last.pt intact; after freeing space the same command resumes and
+    finishes."""
+    import shutil as sh
+    from collections import namedtuple
+
     from competition.cli import main
     from competition.train import checkpoint as ckpt
     (tiny_project / "configs/experiments/t.yaml").write_text(yaml.safe_dump(exp_with()))
@@ -611,9 +615,12 @@ def test_full_disk_while_writing_last_pt_is_one_line_and_keeps_the_previous_chec
             if len(saves) == 2:
                 real_save(obj, f, *a, **kw)
                 os.truncate(f, os.path.getsize(f) // 3)  # what made it to disk
-                raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
-                                   "writing file data/3: file write failed")
+                raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 3456 vs 3392")
         return real_save(obj, f, *a, **kw)
+    usage = namedtuple("usage", "total used free")
+    real_usage = sh.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage",
+                        lambda p: usage(10 << 30, 10 << 30, 0) if len(saves) >= 2 else real_usage(p))
     monkeypatch.setattr(torch, "save", full_disk)
     assert main(["train", "--exp", "t", "--fold", "0"]) == 2
     err = capsys.readouterr().err.strip()
@@ -625,6 +632,7 @@ def test_full_disk_while_writing_last_pt_is_one_line_and_keeps_the_previous_chec
     found = check_artifacts(tiny_project)
     assert found["runs"][("t", 0)]["last.pt"] == 1 and "metrics" not in found["runs"][("t", 0)]
     monkeypatch.setattr(torch, "save", real_save)  # space freed
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", real_usage)
     assert main(["train", "--exp", "t", "--fold", "0"]) == 0
     assert "resuming t fold 0" in capsys.readouterr().out
     found = check_artifacts(tiny_project)

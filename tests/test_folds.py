@@ -231,3 +231,43 @@ def test_writing_folds_removes_a_killed_writers_old_temp_only(tiny_project):
     os.utime(stale, (0, 0))
     run(comp, make_adapter(comp))
     assert not stale.exists() and fresh.exists()
+
+
+# --------------------------------------------------------------------------------------------- #
+# Lopsided folds: allowed, but warned about with the fold sizes and what to do
+# --------------------------------------------------------------------------------------------- #
+def test_balance_warning_names_the_sizes_and_the_remedies():
+    from competition.folds import balance_warning
+    df = pd.DataFrame({"id": [f"i{k}" for k in range(468)], "group": ["s1"] * 62 + ["s2"] * 101 + ["s3"] * 305,
+                       "fold": [1] * 62 + [2] * 101 + [0] * 305})
+    w = balance_warning(df, "seqs")
+    assert w.startswith("warning: lopsided folds: fold 0 305, fold 1 62, fold 2 101 images (the largest 4.9x the "
+                        "smallest), so fold 0 trains on only 163 of 468 images")
+    assert "the largest, 's3', holds 305 images" in w and "`-k 2`, or `folds: 2` in configs/competitions/seqs.yaml" in w
+    assert "different `groups` key" in w and "keep this split knowingly" in w and "\n" not in w
+    balanced = df.assign(fold=np.arange(468) % 3)
+    assert balance_warning(balanced, "seqs") is None
+    two = df.assign(fold=(df["group"] == "s3").astype(int))  # 163 vs 305: within 2x
+    assert balance_warning(two, "seqs") is None
+    assert "fewer folds" not in balance_warning(df.assign(fold=(df["group"] == "s1").astype(int)), "seqs")
+
+
+def test_cli_folds_warns_about_lopsided_folds(tmp_path, monkeypatch, capsys):
+    import yaml
+    from competition.cli import main
+    monkeypatch.chdir(tmp_path)
+    for s, n in (("p1", 2), ("p2", 3), ("p3", 9)):
+        (tmp_path / "data/train_images" / s).mkdir(parents=True)
+        for k in range(n):
+            cv2.imwrite(str(tmp_path / "data/train_images" / s / f"{k}.png"), np.zeros((8, 10), np.uint8))
+    pd.DataFrame({"id": ["p1/0"], "class": ["x"], "rle": ["1 3"]}).to_csv(tmp_path / "data/train.csv", index=False)
+    (tmp_path / "configs/competitions").mkdir(parents=True)
+    (tmp_path / "configs/competitions/lop.yaml").write_text(yaml.safe_dump(
+        {"name": "lop", "data_root": "data", "format": "rle_csv", "classes": ["x"], "groups": {"source": "folder"},
+         "stratify": {"by": "none"}, "folds": 3, "rle_csv": {"test_images": None}}))
+    assert main(["folds", "--comp", "lop"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: lopsided folds: fold 0 9, fold 1 3, fold 2 2 images (the largest 4.5x the smallest), so " \
+           "fold 0 trains on only 5 of 14 images" in out
+    assert main(["folds", "--comp", "lop"]) == 0  # kept: still said
+    assert "warning: lopsided folds" in capsys.readouterr().out

@@ -3,6 +3,7 @@ one training epoch and `score --sizes-from` / `--size` on the result, without ed
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -226,25 +227,51 @@ def test_refuses_to_overwrite_without_force(proj, capsys):
     assert not path.read_text().endswith("# my edit\n")
 
 
-def test_square_images_leave_the_pixel_order_undecided(proj, capsys):
-    """On square images both orders decode to valid, equally compact masks: init says so."""
-    root = proj / "data/sq"
+def square_set(root: Path, shown: bool) -> None:
+    """Four 32x32 images with column-major RLE masks; ``shown``: each image shows its mask, else blank."""
     (root / "imgs").mkdir(parents=True)
     rows = []
     for k in range(4):
         m = np.zeros((32, 32), np.uint8)
         m[4 + k:20, 6:18 + k] = 1
-        cv2.imwrite(str(root / "imgs" / f"a{k}.png"), m * 200)
+        cv2.imwrite(str(root / "imgs" / f"a{k}.png"), m * 200 if shown else np.zeros_like(m))
         rows.append((f"a{k}", ref_rle(m, "column-major"), f"site{k // 2}"))
     pd.DataFrame(rows, columns=["id", "rle", "site"]).to_csv(root / "train.csv", index=False)
+
+
+def test_square_images_leave_the_pixel_order_undecided(proj, capsys):
+    """On square images both orders decode to valid, equally compact masks; on blank images no edge
+    says which: init says so, and `folds` does not refuse."""
+    square_set(proj / "data/sq", shown=False)
     assert main(["init", "data/sq"]) == 0
     out = capsys.readouterr().out
     comp = yaml.safe_load((proj / "configs/competitions/sq.yaml").read_text())
     assert comp["rle_csv"]["pixel_order"] == "row-major" and "pixel order" in out
     assert "NOT DECIDED" in (proj / "configs/competitions/sq.yaml").read_text()
+    assert "0 of 4 sampled square images scored" in out and "blank image" in out
+    assert main(["folds", "--comp", "sq"]) == 0
     assert comp["classes"] == ["object"] and "class_column" not in comp["rle_csv"]
     assert comp["groups"] == {"source": "column", "column": "site"}  # from the train CSV itself
     assert comp["rle_csv"]["test_images"] is None and "no test image folder" in out
+
+
+def test_square_images_take_the_pixel_order_their_edges_show(proj, capsys):
+    """Square images that show what the masks outline: the order whose boundaries lie on the edges."""
+    square_set(proj / "data/sq", shown=True)
+    assert main(["init", "data/sq"]) == 0
+    out = capsys.readouterr().out
+    comp = yaml.safe_load((proj / "configs/competitions/sq.yaml").read_text())
+    assert comp["rle_csv"]["pixel_order"] == comp["submission"]["pixel_order"] == "column-major"
+    # a2 is a square on the diagonal: its own transpose, so no evidence
+    assert "RLE pixel order column-major (square images" in out and "on 3 of 3 images scored" in out
+    assert "PROBLEMS" not in out and main(["folds", "--comp", "sq"]) == 0
+    # Set back to row-major by hand: `folds` refuses with the evidence, init reports it as a problem.
+    path = proj / "configs/competitions/sq.yaml"
+    path.write_text(path.read_text().replace("pixel_order: column-major", "pixel_order: row-major"))
+    assert main(["folds", "--comp", "sq", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "masks fit their images better transposed" in err and "on 3 of 3 sampled square images" in err
+    assert "set `rle_csv.pixel_order: column-major` in configs/competitions/sq.yaml" in err
 
 
 def test_data_that_does_not_load_is_written_and_reported(proj, capsys):
@@ -386,3 +413,93 @@ def test_hand_bone_layout_and_its_test_truth(proj, tiny_data_cache, capsys):
     capsys.readouterr()
     assert main(["score", "perfect.csv", "--comp", "hands"]) == 0
     assert "mean Dice 1.0000" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- #
+# Files init cannot use: named, with the line and what was expected
+# --------------------------------------------------------------------------------------------- #
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    return err
+
+
+def test_a_train_csv_that_is_not_utf8_is_named(proj, capsys):
+    root = make_street(proj / "data/street")
+    text = (root / "train.csv").read_text().splitlines()
+    text[3] += ",caf\xe9"  # a Latin-1 byte on line 4
+    (root / "train.csv").write_bytes("\n".join(text).encode("latin-1"))
+    assert main(["init", "data/street"]) == 2
+    err = one_error(capsys)
+    assert "train.csv: CSV is not UTF-8 text (undecodable byte 0xe9 on line 4); save it as UTF-8" in err
+    assert not list((proj / "configs/competitions").iterdir())
+
+
+def test_an_unreadable_side_csv_is_reported(proj, capsys):
+    root = make_street(proj / "data/street")
+    (root / "groups.csv").write_bytes((root / "groups.csv").read_bytes() + b"f9.png,s\xe9q\n")
+    assert main(["init", "data/street"]) == 0
+    out = capsys.readouterr().out
+    assert "groups.csv: CSV is not UTF-8 text (undecodable byte 0xe9 on line 10)" in out
+    assert "init did not use it" in out
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([(1, "sky"), (2, "road"), (3, "car"), (255, "void"), (2, "lane")],
+     r"classes\.csv line 6: class value '2' \(column 'ClassId'\) is listed twice, also at line 3"),
+    ([(1, "sky"), (2, "road"), (3, "road"), (255, "void")],
+     r"classes\.csv line 4: class name 'road' \(column 'name'\) is listed twice, also at line 3"),
+])
+def test_a_class_table_with_a_repeat_is_refused(proj, capsys, rows, message):
+    root = make_street(proj / "data/street")
+    pd.DataFrame(rows, columns=["ClassId", "name"]).to_csv(root / "classes.csv", index=False)
+    assert main(["init", "data/street"]) == 2
+    assert re.search(message, one_error(capsys))
+
+
+def test_classes_txt_names_index_masks(proj, capsys):
+    root = make_organs(proj / "data/organs")
+    (root / "classes.txt").write_text("liver\n\n  kidney  \n")
+    assert main(["init", "data/organs"]) == 0
+    out = capsys.readouterr().out
+    comp = yaml.safe_load((proj / "configs/competitions/organs.yaml").read_text())
+    assert comp["classes"] == ["liver", "kidney"] and "class names from classes.txt: liver, kidney" in out
+    assert "rename them" not in out
+    (root / "classes.txt").write_text("background\nliver\nkidney\n")  # a leading background entry is no class
+    assert main(["init", "data/organs", "--force"]) == 0
+    assert yaml.safe_load((proj / "configs/competitions/organs.yaml").read_text())["classes"] == ["liver", "kidney"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("liver\nkidney\n\nliver\n", r"classes\.txt line 4: class name 'liver' is listed twice \(also on line 1\)"),
+    ("liver\nkidney\nspleen\n", r"classes\.txt: 3 class names, but the index masks hold pixel values 1\.\.2 \(2 "
+                                r"classes"),
+    ("liver\n", r"classes\.txt: 1 class names, but the index masks hold pixel values 1\.\.2"),
+    ("\n\n", r"classes\.txt: no class names in it"),
+])
+def test_classes_txt_errors(proj, capsys, text, message):
+    root = make_organs(proj / "data/organs")
+    (root / "classes.txt").write_text(text)
+    assert main(["init", "data/organs"]) == 2
+    assert re.search(message, one_error(capsys))
+    (root / "classes.txt").write_bytes(b"liver\nk\xf6rper\n")
+    assert main(["init", "data/organs"]) == 2
+    assert "classes.txt: class names file is not UTF-8 text (undecodable byte 0xf6 on line 2)" in one_error(capsys)
+
+
+def test_classes_txt_orders_label_names_and_numeric_values(proj, capsys):
+    root = make_cells(proj / "data/cells")
+    (root / "classes.txt").write_text("nucleus\nmembrane\n")
+    assert main(["init", "data/cells"]) == 0
+    assert yaml.safe_load((proj / "configs/competitions/cells.yaml").read_text())["classes"] == ["nucleus", "membrane"]
+    (root / "classes.txt").write_text("nucleus\ncytoplasm\n")
+    assert main(["init", "data/cells", "--force"]) == 2
+    err = one_error(capsys)
+    assert "classes.txt: does not list the labels' class names: missing ['membrane']; not in any label " \
+           "['cytoplasm']" in err
+    street = make_street(proj / "data/street")
+    (street / "classes.csv").unlink()
+    (street / "classes.txt").write_text("sky\nroad\ncar\n")  # 255 is void, not a class
+    assert main(["init", "data/street"]) == 0
+    comp = yaml.safe_load((proj / "configs/competitions/street.yaml").read_text())
+    assert comp["classes"] == {1: "sky", 2: "road", 3: "car"}

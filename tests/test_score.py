@@ -245,7 +245,7 @@ def test_score_files_errors(tmp_path, truth, cfg):
     with pytest.raises(ScoreError, match="no such file"):
         score_files(tmp_path / "nope.csv", tmp_path / "truth.csv", cfg)
     (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(ScoreError, match="the file is empty"):
+    with pytest.raises(ScoreError, match="is empty"):
         score_files(tmp_path / "empty.csv", tmp_path / "truth.csv", cfg)
 
 

@@ -143,7 +143,7 @@ def reference_probs(recipe: Recipe) -> dict[str, np.ndarray]:
 def test_submit_matches_an_independent_computation_validates_scores_and_logs(proj, capsys):
     from competition.cli import main
     recipe = write_recipe()
-    assert main(["submit", "--ensemble", "duo", "--no-progress"]) == 0
+    assert main(["submit", "--ensemble", "duo", "--no-progress", "--force"]) == 0
     out = capsys.readouterr().out
     files = sorted((proj / "submissions").glob("*.csv"))
     sub = next(f for f in files if f.name != "ledger.csv")
@@ -180,7 +180,7 @@ def test_bundle_reproduces_the_submission_byte_for_byte(proj, tmp_path):
     from competition.predict.run import submit
     write_recipe(postprocess={"thumb": {"min_area": 5}, "radius": {"keep_largest": True}})
     assert torch.get_num_threads() == 1  # the subprocess below runs with OMP_NUM_THREADS=1 too
-    ref = submit("duo", out=proj / "submissions/ref.csv", progress=False).path
+    ref = submit("duo", out=proj / "submissions/ref.csv", progress=False, force=True).path
     bundle = make_bundle("duo", tmp_path / "bundle", log=lambda *_: None)
     assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "checkpoints", "competition.yaml",
                                                          "recipe.yaml", "run.py"]
@@ -189,7 +189,7 @@ def test_bundle_reproduces_the_submission_byte_for_byte(proj, tmp_path):
     elsewhere = tmp_path / "elsewhere"  # no project folder, no configs, no runs: only the data
     elsewhere.mkdir()
     r = subprocess.run([sys.executable, str(bundle / "run.py"), "--data-root", str(proj / "data/tiny-hands"),
-                        "--out", "submission.csv", "--no-progress"], cwd=elsewhere, capture_output=True, text=True,
+                        "--out", "submission.csv", "--no-progress", "--force"], cwd=elsewhere, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "48 rows" in r.stdout
@@ -212,10 +212,10 @@ def test_missing_run_and_corrupt_checkpoints_are_errors_naming_them(proj, capsys
     best.write_bytes(best.read_bytes()[:5000])  # truncated on a bad copy
     with pytest.raises(CheckpointError, match=r"member small fold 1: checkpoint runs/small/fold1/best.pt has "
                                               r"sha256 \w+, the recipe expects"):
-        submit("duo", progress=False)
+        submit("duo", progress=False, force=True)
     write_recipe("duo")  # a recipe taken after the damage: the hash matches, the file still cannot load
     with pytest.raises(CheckpointError, match=r"runs/small/fold1/best.pt: cannot be read as a checkpoint"):
-        submit("duo", progress=False)
+        submit("duo", progress=False, force=True)
     assert not list((proj / "submissions").glob("*.csv"))  # nothing written, not even a ledger row
 
 
@@ -224,34 +224,36 @@ def test_failed_validation_leaves_no_submission(proj, monkeypatch):
     from competition.predict.run import submit
     from competition.score import ScoreError
     write_recipe(members=[RecipeMember(experiment="big", folds=[0], checkpoints=[ck("big", 0)], weights=[1.0])])
-    real = submit_mod.encode_image
+    real = submit_mod.encode_counted
 
     def off_by_a_pixel(masks, *args):  # a writer bug: the last class's runs spill past the image
-        texts = real(masks, *args)
-        return texts[:-1] + [f"{masks.shape[1] * masks.shape[2]} 2"]
+        texts, counts = real(masks, *args)
+        return texts[:-1] + [f"{masks.shape[1] * masks.shape[2]} 2"], counts
 
-    monkeypatch.setattr(submit_mod, "encode_image", off_by_a_pixel)
+    monkeypatch.setattr(submit_mod, "encode_counted", off_by_a_pixel)
     with pytest.raises(ScoreError, match=r"row 12 \(image_name=\S+, class=sesamoid\): bad RLE for a 64x64 image"):
-        submit("duo", progress=False)
+        submit("duo", progress=False, force=True)
     assert not [p for p in (proj / "submissions").iterdir()]  # no CSV, no temp file, no ledger row
 
 
 def test_predict_one_experiment_and_a_missing_fold(proj, capsys):
     from competition.cli import main
-    assert main(["predict", "--exp", "big", "--no-progress"]) == 0
+    assert main(["predict", "--exp", "big", "--no-progress", "--force"]) == 0
     sub = next(p for p in (proj / "submissions").glob("*-big.csv"))
     assert len(pd.read_csv(sub)) == 48
     row = pd.read_csv(proj / "submissions/ledger.csv").iloc[-1]
     metrics = [pd.read_json(proj / f"runs/big/fold{k}/metrics.json", typ="series") for k in FOLDS]
     # metrics.json scores the OOF once, at the original sizes (oof_dice_native: the same figure, by its
-    # earlier name); the ledger's CV is its mean over the folds, with no second (OOF-size) score.
+    # earlier name); the ledger's CV pools the folds over their images, as `competition oof` does (not
+    # an unweighted mean of folds), with no second (OOF-size) score.
     assert all(m["oof_size"] == "original" and m["oof_dice_native"] == m["oof_dice"] for m in metrics)
     assert row["ensemble"] == "big" and pd.isna(row["oof_in_sample"])
-    assert row["cv_native_in_sample"] == pytest.approx(np.mean([m["oof_dice"] for m in metrics]), abs=1e-6)
+    pooled = sum(m["oof_dice"] * m["n_val"] for m in metrics) / sum(m["n_val"] for m in metrics)
+    assert row["cv_native_in_sample"] == pytest.approx(pooled, abs=1e-6)
     assert row["members"] == "big(f0,1,2)x1.00" and row["tta"] == "big:identity+hflip@1"  # the competition's TTA
     # --set: a lower threshold marks at least as many pixels; TTA views recorded; model keys refused
     assert main(["predict", "--exp", "big", "--no-progress", "--set", "train.threshold=0.05",
-                 "--set", "oof.tta=[identity]", "--out", "low.csv"]) == 0
+                 "--set", "oof.tta=[identity]", "--out", "low.csv", "--force"]) == 0
     row = pd.read_csv(proj / "submissions/ledger.csv").iloc[-1]
     assert row["tta"] == "big:identity@1"
 
@@ -285,7 +287,7 @@ def test_large_inputs_go_through_gaussian_sliding_windows(proj, monkeypatch):
     real = infer.sliding_window
     monkeypatch.setattr(infer, "sliding_window", lambda fn, x, window, *a, **k: calls.append((tuple(x.shape), window))
                         or real(fn, x, window, *a, **k))
-    r = submit("crop", progress=False)
+    r = submit("crop", progress=False, force=True)
     assert r.rows == 48 and calls and all(shape[-2:] == (64, 64) and w == 32 for shape, w in calls)
 
 
@@ -327,7 +329,7 @@ def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta, exp):
     recipe = R(name="one", competition="tiny-hands", task="multilabel", classes=comp.classes, folds_sha256="",
                members=[member], thresholds=[0.5] * len(comp.classes))
     seen = {}
-    run_recipe(recipe, comp, proj_oof, proj_oof / "submissions/one.csv", "test", progress=False,
+    run_recipe(recipe, comp, proj_oof, proj_oof / "submissions/one.csv", "test", progress=False, force=True,
                on_probs=lambda i, us: seen.setdefault(i, us[0]))
     assert sorted(seen) == sorted(ids) == sorted(oof_ids)
     for i in ids:
@@ -392,7 +394,7 @@ def test_ensemble_chooses_tta_variants_on_oof_and_scores_at_native_size(proj_oof
     import competition.predict.infer as inf
     inf.tta_predict = lambda fn, x, v, s, *a: views.append(tuple(v)) or real(fn, x, v, s, *a)
     try:
-        assert main(["submit", "--ensemble", "loop", "--no-progress"]) == 0
+        assert main(["submit", "--ensemble", "loop", "--no-progress", "--force"]) == 0
     finally:
         inf.tta_predict = real
     assert set(views) == {t for _, t in kept}
@@ -406,7 +408,7 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
     from competition.cv import tiles
     from competition.data.adapters import make_adapter
     write_recipe(postprocess={"thumb": {"min_area": 5}})
-    assert main(["submit", "--ensemble", "duo", "--no-progress", "--save-probs", "--out", "full.csv"]) == 0
+    assert main(["submit", "--ensemble", "duo", "--no-progress", "--save-probs", "--out", "full.csv", "--force"]) == 0
     adapter = make_adapter(load_competition("tiny-hands"))
     for m in ("big", "small"):  # tile stores at each test image's original size
         st = tiles.open_store(proj / "runs" / m / "test-identity+hflip")
@@ -417,7 +419,7 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
     real = run_mod.build_predictor
     run_mod.build_predictor = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        assert main(["submit", "--ensemble", "duo", "--no-progress", "--from-probs", "--out", "again.csv"]) == 0
+        assert main(["submit", "--ensemble", "duo", "--no-progress", "--from-probs", "--out", "again.csv", "--force"]) == 0
     finally:
         run_mod.build_predictor = real
     assert not calls  # no model was built
@@ -541,3 +543,36 @@ def test_pseudo_min_confidence_and_missing_sets_are_clear_errors(proj, capsys):
     assert main(["train", "--exp", "pl", "--fold", "0"]) == 2
     assert "keeps no image" in capsys.readouterr().err
     assert main(["pseudo", "--ensemble", "duo", "--min-confidence", "1.5"]) == 2
+
+
+def test_a_submission_that_cannot_be_right_is_not_written_and_the_ledger_goes_with_the_csv(proj, capsys,
+                                                                                           monkeypatch):
+    """Thresholds in (0, 1), weights fine, but the training truth has every class in every image and
+    the test prediction has one class nowhere: refused (no CSV, no ledger row) unless --force. A
+    ledger that cannot be written (a full disk) takes the validated CSV with it: both or neither."""
+    import errno
+
+    from competition import ledger
+    from competition.cli import main
+    comp = load_competition("tiny-hands")
+    write_recipe("sure", scores={"in_sample": 0.6, "truth_share": {c: 1.0 for c in comp.classes}},
+                 thresholds=[0.3] * (len(comp.classes) - 1) + [0.999])  # the last class: almost never
+    listed = lambda: sorted(p.name for p in (proj / "submissions").glob("*.csv"))  # noqa: E731
+    before = listed()
+    assert main(["submit", "--ensemble", "sure", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not written: it cannot be right" in err, err
+    assert f"{comp.classes[-1]} (in 100% of training images)" in err and "--force" in err
+    assert listed() == before  # no CSV, no ledger
+    assert main(["submit", "--ensemble", "sure", "--no-progress", "--force"]) == 0
+    assert len(listed()) == len(before) + 2  # the CSV and the ledger
+    rows = len(ledger.read())
+
+    def full_disk(row):
+        raise OSError(errno.ENOSPC, "No space left on device", str(proj / "submissions/.ledger.csv.x.tmp"))
+    monkeypatch.setattr(ledger, "append", full_disk)
+    capsys.readouterr()
+    assert main(["submit", "--ensemble", "sure", "--no-progress", "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "disk is full" in err and len(err.splitlines()) == 1
+    assert len(listed()) == len(before) + 2 and len(ledger.read()) == rows  # the new CSV went with its row

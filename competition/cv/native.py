@@ -224,6 +224,7 @@ class NativeOutcome:
     nested_dice: dict = field(default_factory=dict)  # candidate -> (N, C)
     nested_per_fold: dict = field(default_factory=dict)
     seconds: float = 0.0
+    truth_share: np.ndarray | None = None  # (C,) share of the images whose truth holds the class
 
 
 def _key(w: np.ndarray, *more) -> bytes:
@@ -262,7 +263,8 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metr
             r, inter, pred = pp.choose(comps[_key(w, levels[pk])], tsum, subsets[pk[1]], rules, np.ones(N), metric)
             chosen[pk] = r
             dice[pk] = score_counts(inter, pred, tsum, metric)
-    out = NativeOutcome({pk: NativePlan(w, levels[pk], chosen[pk], dice[pk]) for pk, w in weights.items()})
+    out = NativeOutcome({pk: NativePlan(w, levels[pk], chosen[pk], dice[pk]) for pk, w in weights.items()},
+                        truth_share=(tsum > 0).mean(0))
     procs = list(candidates) + ["ensemble"]
     for k in keys:  # "ensemble": the candidate best on the images its selection set may look at
         best = max(candidates, key=lambda p: (out.plans[(p, k)].dice[subsets[k]].mean(), p == "search"))

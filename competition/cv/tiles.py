@@ -7,6 +7,7 @@ probabilities, a fold's pseudo-labels)::
     ids.json    the N image ids, in row order
     index.npy   int32 (R, 5): row, class, tile row, tile column, payload (-1: the tile is all 255)
     tiles.bin   uint8 payloads, (K, T, T) C-ordered, no header (K from the file size)
+    sums.npy    uint32 (N,): each image's CRC-32 over its index rows and its payload bytes (version 2)
 
 Each image x class is cut into T x T tiles (the last row and column of tiles are completed by repeating
 the image's edge, so a constant tile stays constant). A tile whose every pixel is 0 is not written at
@@ -26,7 +27,10 @@ only stored bytes.
 
 Written image by image (never a fold's array in memory) into a hidden temp folder beside the target,
 then renamed, so a reader never sees half a store. :func:`open_store` checks everything it reads
-(shapes, dtypes, ranges, the payload file's length) and names the file that is wrong.
+(shapes, dtypes, ranges, the payload file's length) and names the file that is wrong; each image's
+bytes are checked against its CRC-32 the first time a process reads them (zlib's crc32 runs at about
+1 GB/s here, and an image keeps about 1 MB of tiles, so the check costs ~1 ms an image, once), so a
+flipped byte is never blended into a score. Version-1 stores, written before the sums, are read unchecked.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +47,10 @@ import numpy as np
 from competition.errors import UserError
 from competition.paths import OOF_PROBS
 
-FORMAT, VERSION = "tiles", 1
+FORMAT, VERSION = "tiles", 2
+READABLE = (1, 2)  # version 1: the same layout without sums.npy
 TILE = 32  # 1 KiB a stored tile: at 64 a boundary tile keeps 2x the bytes (bench_store)
-META, IDS, INDEX, PAYLOAD = "meta.json", "ids.json", "index.npy", "tiles.bin"
+META, IDS, INDEX, PAYLOAD, SUMS = "meta.json", "ids.json", "index.npy", "tiles.bin", "sums.npy"
 LEGACY = OOF_PROBS  # the dense store of earlier versions
 FULL = -1  # payload id of a tile whose every pixel is 255
 
@@ -89,6 +95,15 @@ def assemble(index: np.ndarray, payload: np.ndarray, classes: int, size: tuple[i
     return out.reshape(classes, ny * tile, nx * tile)[:, :H, :W]
 
 
+def checksum(image_id: str, size: tuple[int, int], tile: int, classes: list[str], task, rows: np.ndarray,
+             payload: bytes | memoryview) -> int:
+    """CRC-32 of one image: its id, size, the tile size, the classes and task (so an edited ids.json or
+    meta.json cannot pass one image's tiles off as another's, or one class's as another's), its int32
+    (R, 5) index rows as stored, then its payload bytes."""
+    head = json.dumps([image_id, [int(size[0]), int(size[1])], int(tile), list(classes), task]).encode()
+    return zlib.crc32(payload, zlib.crc32(np.ascontiguousarray(rows, np.int32).tobytes(), zlib.crc32(head)))
+
+
 class StoreWriter:
     """Rows added one image at a time (``add``), published whole (``close``) under ``out_dir``.
 
@@ -106,6 +121,7 @@ class StoreWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
         self._payload = open(self.tmp / PAYLOAD, "wb")
         self._parts: dict[int, np.ndarray] = {}
+        self._sums: dict[int, int] = {}
         self._count = 0  # payload tiles written so far
         self.nbytes = 0
         self.workers = max(1, int(workers))
@@ -137,10 +153,14 @@ class StoreWriter:
         ids = np.full(len(index), FULL, np.int64)
         k = index[:, 3] == 1
         ids[k] = self._count + np.arange(int(k.sum()))
-        self._payload.write(payload.tobytes())
+        data = payload.tobytes()
+        self._payload.write(data)
         self._count += len(payload)
         self.nbytes += payload.nbytes
-        self._parts[row] = np.column_stack([np.full(len(index), row), index[:, :3], ids]).astype(np.int32)
+        part = np.ascontiguousarray(np.column_stack([np.full(len(index), row), index[:, :3], ids]).astype(np.int32))
+        self._parts[row] = part
+        self._sums[row] = checksum(self.ids[row], self.sizes[self.ids[row]], self.tile, self.classes,
+                                   self.meta.get("task"), part, data)
 
     def close(self) -> Path:
         from competition.io import default_mode
@@ -154,6 +174,7 @@ class StoreWriter:
         index = np.concatenate([self._parts[r] for r in range(len(self.ids))]) if self.ids \
             else np.zeros((0, 5), np.int32)
         np.save(self.tmp / INDEX, index)
+        np.save(self.tmp / SUMS, np.array([self._sums[r] for r in range(len(self.ids))], np.uint32))
         (self.tmp / IDS).write_text(json.dumps(self.ids))
         meta = {"format": FORMAT, "version": VERSION, "tile": self.tile, "classes": self.classes,
                 "quantization": "uint8, p = value / 255", **self.meta,
@@ -196,8 +217,9 @@ class Store:
     """A published store, opened and checked: ``image(i)`` (dense) or ``sparse(i)`` (as stored)."""
 
     def __init__(self, folder: Path, ids: list[str], meta: dict, index: np.ndarray, offsets: np.ndarray,
-                 n_payload: int):
+                 n_payload: int, sums: np.ndarray | None = None):
         self.folder, self.ids, self.meta, self.index, self.offsets = folder, ids, meta, index, offsets
+        self.sums, self._checked = sums, set()  # rows whose CRC matched in this process
         self.classes = list(meta["classes"])
         self.tile = int(meta["tile"])
         self.sizes = [tuple(meta["original_sizes"][i]) for i in ids]
@@ -231,8 +253,29 @@ class Store:
                 payload = payload[stored - lo]
         else:
             payload = np.zeros((0, self.tile, self.tile), np.uint8)
+        self._verify(i, rows, payload)
         index = np.column_stack([rows[:, 1:4], k]).astype(np.int32)
         return SparseImage(index, payload, self.sizes[i], self.tile)
+
+    def _verify(self, i: int, rows: np.ndarray, payload: np.ndarray) -> None:
+        if self.sums is None or i in self._checked:
+            return
+        got = checksum(self.ids[i], self.sizes[i], self.tile, self.classes, self.meta.get("task"), rows,
+                       np.ascontiguousarray(payload).data)
+        if got != int(self.sums[i]):
+            raise StoreError(f"{self.folder}: image {self.ids[i]!r} fails its checksum in {SUMS} (its tiles, index "
+                             f"rows, id, size, classes or task were changed or damaged after the store was written); "
+                             f"{_REMEDY}")
+        self._checked.add(i)
+
+    def verify_all(self) -> None:
+        """Check every image's checksum now (a StoreError names the first that fails)."""
+        for i in range(len(self.ids)):
+            if i not in self._checked:
+                self.sparse(i)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_checked": set()}  # a worker process checks what it reads itself
 
     def image(self, i: int) -> np.ndarray:
         """(C, H, W) uint8 probabilities of row ``i`` at its original size."""
@@ -263,11 +306,11 @@ def open_store(folder: Path) -> Store:
         raise StoreError(f"{folder}: a dense store ({LEGACY}) from an earlier version, which kept "
                          f"probabilities at the model's output size; this version keeps them at each image's "
                          f"original size: {_REMEDY}")
-    for name in (META, IDS, INDEX, PAYLOAD):
+    for name in (META, IDS, INDEX, PAYLOAD):  # SUMS: only version 2 has it (checked below)
         if not (folder / name).is_file():
             raise StoreError(f"{folder / name}: missing; the store is incomplete: {_REMEDY}")
     meta, ids = _json(folder / META), _json(folder / IDS)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READABLE:
         raise StoreError(f"{folder / META}: not a version-{VERSION} {FORMAT!r} store; {_REMEDY}")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
         raise StoreError(f"{folder / IDS}: expected a list of distinct image ids; {_REMEDY}")
@@ -306,7 +349,17 @@ def open_store(folder: Path) -> Store:
             raise StoreError(f"{folder / INDEX}: row {r} {index[r].tolist()} is out of range or out of order "
                              f"({len(ids)} images, {len(classes)} classes, {K} payload tiles); {_REMEDY}")
     offsets = np.searchsorted(row, np.arange(len(ids) + 1)).astype(np.int64)
-    return Store(folder, ids, meta, index, offsets, K)
+    return Store(folder, ids, meta, index, offsets, K, _sums(folder, len(ids)) if meta["version"] >= 2 else None)
+
+
+def _sums(folder: Path, n: int) -> np.ndarray:
+    try:
+        sums = np.load(folder / SUMS, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreError(f"{folder / SUMS}: unreadable ({e}); {_REMEDY}") from None
+    if sums.dtype != np.uint32 or sums.shape != (n,):
+        raise StoreError(f"{folder / SUMS}: expected uint32 ({n},), got {sums.dtype} {sums.shape}; {_REMEDY}")
+    return sums
 
 
 def estimate_bytes(n_images: int, n_classes: int, size: tuple[int, int], stored_fraction: float,

@@ -15,7 +15,6 @@ travel back.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -167,9 +166,10 @@ def truth_store(comp, adapter, ids: list[str], folds_sha: str, log=print) -> til
         try:
             st = tiles.open_store(folder)
             if st.ids == list(ids) and st.classes == list(comp.classes):
+                st.verify_all()  # a cache: a damaged one is rebuilt, never scored against
                 return st
-        except tiles.StoreError:
-            pass
+        except tiles.StoreError as e:
+            log(f"the truth store is damaged, rebuilding it: {e}".split("; delete the folder")[0])
         shutil.rmtree(folder, ignore_errors=True)  # ours (runs/_truth), damaged or for other ids: rebuilt
     from competition.io import STALE_AFTER_S
     tiles.clean_stale(paths.truth_dir(), STALE_AFTER_S)  # the temp folders of killed builds

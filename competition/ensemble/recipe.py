@@ -55,7 +55,11 @@ def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict,
     def pair(p, where):
         return {"in_sample": _r(where.in_sample[p]), "nested": _r(where.nested.get(p))}
 
-    candidates = {p: {"native": pair(p, nat),
+    def weights_of(p):  # every candidate's weights, so a search that lost is still on record
+        Wp = normalized(nat.plans[(p, None)].weights)
+        return {v.label: _r(Wp[:, m].mean()) for m, v in enumerate(views) if Wp[:, m].any()}
+
+    candidates = {p: {"native": pair(p, nat), "weights": weights_of(p),
                       **({"experiment": views[single].label} if p == "single" else {})}
                   for p in ("search", "single", "equal")}
     pn = {p: nat.plans[(p, None)].dice.mean(0) for p in ("search", "single", "equal")}
@@ -86,6 +90,8 @@ def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict,
                           "best_single": _r(pn["single"][i]), "equal_weights": _r(pn["equal"][i])}
                       for i, c in enumerate(comp.classes)},
     }
+    if nat.truth_share is not None:  # what `submit` judges a test prediction against (predict/plausible.py)
+        scores["truth_share"] = {c: _r(v) for c, v in zip(comp.classes, nat.truth_share)}
     data = {
         "name": name, "competition": comp.name, "task": comp.task, "classes": list(comp.classes),
         "folds_sha256": folds_sha, "members": members,
@@ -199,6 +205,9 @@ def summary(rec: Recipe) -> list[str]:
     for p, label, nums in rows:
         lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<{width}}" +
                      "".join(f"{f(x):>{w}}" for x, w in zip(nums, (10, 16))))
+    for p, label, _ in rows:
+        if "weights" in s["candidates"][p]:
+            lines.append(f"  {label} weights: " + ", ".join(f"{k} {v:.3f}" for k, v in s["candidates"][p]["weights"].items()))
     lines += [f"chosen: {CANDIDATE_NAMES[s['chosen']]} ({s['chosen_because']})",
               f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}",
               f"  gain over best single {g(s['gain_over_best_single']['nested'])} nested, "

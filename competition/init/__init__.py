@@ -3,12 +3,14 @@ starter experiment.
 
 It recognises the three layouts the adapters read (``polygon_json``, ``rle_csv``, ``mask_folders``),
 reads the classes from the train CSV, the JSON labels or the masks (names from a small CSV mapping
-values to names, such as ``classes.csv`` with ``ClassId,name``), finds the image and test folders, a
-groups CSV or column (or group sub-folders), the sample submission, image sizes and channels, and the
-RLE pixel order where non-square images let the two orders be told apart. It then loads the data
-through the real adapter with the draft config (labels, groups, the sample submission), so what it
-writes is what ``make folds`` will read; what it could not decide is printed, and every key it
-writes carries a comment saying what it means and how it was chosen.
+values to names, such as ``classes.csv`` with ``ClassId,name``, or a ``classes.txt`` with one name per
+line), finds the image and test folders, a groups CSV or column (or group sub-folders), the sample
+submission, image sizes and channels, and the RLE pixel order (non-square images: the order with the
+compact masks; square ones: the order whose mask boundaries lie on the image's edges). It then loads
+the data through the real adapter with the draft config (labels, groups, the sample submission, the
+masks' fit to their images), so what it writes is what ``make folds`` will read; what it could not
+decide is printed, and every key it writes carries a comment saying what it means and how it was
+chosen. A CSV it cannot read (not UTF-8, not a CSV) is named with the reason, never skipped silently.
 
     scan.py      the folder's files and the CSV readings decisions are made from
     layouts.py   the three layouts the adapters read, recognised from those files
@@ -25,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, config_dirs, validate
+from competition.data.alignment import check_pixel_order
 from competition.data.folder import IMAGE_EXTS
 from competition.errors import UserError
 from competition.io import atomic_write_text
@@ -86,6 +89,11 @@ def draft(root: Path, name: str) -> tuple[Draft, list[tuple[int, int]]]:
     d.set("name", name)
     d.set("data_root", _data_root(root))
     lay = find_polygon(files, d) or find_rle_csv(files, d) or find_mask_folders(files, d)
+    if lay is None and files.unreadable:  # most likely the labels themselves: name the file and why
+        rel, why = next(iter(files.unreadable.items()))
+        more = f" ({len(files.unreadable) - 1} more CSV(s) unreadable too)" if len(files.unreadable) > 1 else ""
+        raise InitError(f"{why}{more}; competition init could not read it, and found no layout it recognises "
+                        f"without it")
     if lay is None:
         raise InitError(f"{root}: not a layout competition init recognises: no JSON polygon labels "
                         f"(<labels>/<group>/<image>.json), no CSV with an RLE column naming the images of a folder, "
@@ -101,6 +109,9 @@ def draft(root: Path, name: str) -> tuple[Draft, list[tuple[int, int]]]:
     if lay.format == "rle_csv":
         decide_pixel_order(files, lay, d)
     decide_submission(files, lay, d, written)
+    for rel, why in files.unreadable.items():  # read to look for classes, groups or a sample submission
+        d.undecided.append(f"{why}; init did not use it: if it holds classes, groups or the sample submission, "
+                           f"fix it and run init again with --force")
     d.set("stratify.by", "class_presence")
     d.set("metric.name", "dice")
     d.set("metric.empty_score", 1.0, "check the competition's rules for empty truth and prediction")
@@ -127,6 +138,7 @@ def check(cfg: CompetitionConfig, d: Draft) -> None:
                         f"{n_groups} groups ({cfg.groups.source}), {cfg.num_classes} classes "
                         f"({', '.join(cfg.classes)}), {cfg.task}")
     adapter.validate_labels()
+    check_pixel_order(cfg, adapter)  # as `make folds` will: masks that fit their images better transposed
     for i in _spread(adapter.ids, SAMPLE):
         adapter.presence(i)
     if adapter.test_ids:

@@ -10,11 +10,12 @@ import numpy as np
 
 from competition import rle
 from competition.config import (CompetitionConfig, DataConfig)
+from competition.data.alignment import SAMPLE as ALIGN_SAMPLE, OrderEvidence, transpose_fit
 from competition.data.base import header_size, read_image
-from competition.init.common import SAMPLE, VOID_NAMES, _RLE_HINT
+from competition.init.common import SAMPLE, VOID_NAMES, _RLE_HINT, InitError
 from competition.init.render import Draft, _checked
-from competition.init.scan import (Files, _find_groups_csv, _group_column, _id_column, _is_sample, _names_csv,
-                                   _read, _spread)
+from competition.init.scan import (_BACKGROUND, Files, _find_groups_csv, _group_column, _id_column, _is_sample,
+                                   _names_csv, _read, _spread, names_txt, without_background)
 from competition.init.layouts import Layout
 
 
@@ -31,6 +32,10 @@ def decide_classes(files: Files, lay: Layout, d: Draft) -> None:
     names = found[0] if found else {}
     if found:
         lay.skip_csvs.add(found[1])
+    txt = names_txt(files)
+    if txt and found:
+        d.undecided.append(f"class names from {found[1]}; {txt[1]} names them too and was not read (keep one)")
+        txt = None
     void = [v for v in values if names.get(v, v).strip().lower() in VOID_NAMES]
     if not void and lay.format != "polygon_json" and "255" in values and len(values) > 1:
         void = ["255"]
@@ -48,6 +53,9 @@ def decide_classes(files: Files, lay: Layout, d: Draft) -> None:
     elif void:
         d.undecided.append(f"{void[0]!r} looks like a void value, but this version has no `ignore` key: it is "
                            f"trained as a class")
+    if txt:
+        _classes_from_txt(files, lay, d, values, *txt)
+        return
     if lay.format == "rle_csv" and not d.get("rle_csv.class_column"):
         d.set("classes", ["object"], "one class: the train CSV has no class column")
         return
@@ -55,7 +63,8 @@ def decide_classes(files: Files, lay: Layout, d: Draft) -> None:
         if d.get("mask_folders.mask_mode") == "binary":
             d.set("classes", [names.get("255", names.get("1", "object"))], "binary masks hold one class")
             if not names:
-                d.undecided.append("binary masks: the class is named 'object' (rename it)")
+                d.undecided.append("binary masks: the class is named 'object' (rename it; a classes.txt with "
+                                   "its name is read when present)")
             return
         top = max(int(v) for v in values)
         listed = [names.get(str(k), f"class_{k}") for k in range(1, top + 1)]
@@ -63,17 +72,59 @@ def decide_classes(files: Files, lay: Layout, d: Draft) -> None:
               + (f"; names from {found[1]}" if found else ""))
         if not found:
             d.undecided.append(f"class names: none found, so class_1..class_{top} (rename them; a CSV mapping "
-                               f"pixel values to names, e.g. classes.csv with value,name, is read when present)")
+                               f"pixel values to names, e.g. classes.csv with value,name, or a classes.txt with "
+                               f"one name per line, is read when present)")
         return
     numeric = all(re.fullmatch(r"-?\d+", v) for v in values)
     if numeric or (names and any(names.get(v, v) != v for v in values)):
         mapping = {int(v) if numeric else v: names.get(v, f"class_{v}") for v in values}
         d.set("classes", mapping, f"names from {found[1]}" if found else "NOT DECIDED: no CSV names the values")
         if not found:
-            d.undecided.append(f"class names: the labels hold numbers {values} and no CSV names them, so they "
-                               f"are called class_<value> (rename them in `classes`)")
+            d.undecided.append(f"class names: the labels hold numbers {values} and no CSV or classes.txt names "
+                               f"them, so they are called class_<value> (rename them in `classes`)")
     else:
         d.set("classes", values, f"the {len(values)} labels found" + (f"; names from {found[1]}" if found else ""))
+
+
+def _classes_from_txt(files: Files, lay: Layout, d: Draft, values: list[str], listed: list[str], rel: str) -> None:
+    """``classes`` named by a classes.txt: one name per class the labels hold, in the order of the
+    class values (numbers) or in the file's order (names); a count or set that differs is an InitError."""
+    path, mode = files.root / rel, d.get("mask_folders.mask_mode")
+    one = (("the train CSV has no class column" if lay.format == "rle_csv" and not d.get("rle_csv.class_column")
+            else "the masks are binary" if lay.format == "mask_folders" and mode == "binary" else None))
+    if one:
+        names = without_background(listed, 1)
+        if len(names) != 1:
+            raise InitError(f"{path}: {len(names)} class names ({', '.join(names)}), but {one}, so the data holds "
+                            f"one class; give its one name (or remove the file: it is then called 'object')")
+        d.set("classes", names, f"one class: {one}; its name from {rel}")
+    elif lay.format == "mask_folders" and mode == "index":
+        top = max((int(v) for v in values), default=0)
+        names = without_background(listed, top)
+        if len(names) < top or (len(names) > top and not lay.sampled):
+            raise InitError(f"{path}: {len(names)} class names, but the index masks hold pixel values 1..{top} "
+                            f"({top} classes: value k is class k, 0 is background); list {top} names, one per "
+                            f"line, in value order")
+        unseen = f"; values {top + 1}..{len(names)} not seen in the masks read" if len(names) > top else ""
+        d.set("classes", names, f"index masks: class k is pixel value k, 1..{len(names)}; names from {rel}{unseen}")
+    elif values and all(re.fullmatch(r"-?\d+", v) for v in values):
+        names = without_background(listed, len(values))
+        if len(names) != len(values):
+            raise InitError(f"{path}: {len(names)} class names, but the labels hold {len(values)} class values "
+                            f"({', '.join(values)}); list {len(values)} names, one per line, in the order of the "
+                            f"values")
+        d.set("classes", {int(v): n for v, n in zip(values, names)}, f"names from {rel}, in the order of the values")
+    else:
+        void = str(d.get("ignore.value", ""))
+        names = [n for n in listed if n in values or (n.lower() not in _BACKGROUND and n != void)]
+        missing, extra = [v for v in values if v not in names], [n for n in names if n not in values]
+        if missing or extra:
+            raise InitError(f"{path}: does not list the labels' class names: "
+                            + "; ".join(x for x in (f"missing {missing}" if missing else "",
+                                                    f"not in any label {extra}" if extra else "") if x)
+                            + f"; list {', '.join(values)}, one per line, in the order the classes should take")
+        d.set("classes", names, f"the {len(names)} labels found, in the order of {rel}")
+    d.decided.append(f"class names from {rel}: {', '.join(names)}")
 
 
 def decide_groups(files: Files, lay: Layout, d: Draft) -> None:
@@ -140,14 +191,17 @@ def _perimeter(m: np.ndarray) -> int:
 
 def decide_pixel_order(files: Files, lay: Layout, d: Draft) -> str:
     """The order whose decoded masks have the shorter boundaries: the other one scatters every run
-    into stripes, unless the image is square (where the two orders differ by a transpose only)."""
+    into stripes, unless the image is square (where the two orders differ by a transpose only). With
+    square images only, the order whose mask boundaries lie on the image's edges (see
+    :mod:`competition.data.alignment`), when a clear majority of the images sampled say so."""
     table, spec = lay.table, d.data["rle_csv"]
     rows = table[~table[spec["rle_column"]].str.strip().isin(("", "-1"))]
     rows = rows[rows[spec["id_column"]].isin(set(lay.train))]
-    scores, checked = {"row-major": 0, "column-major": 0}, 0
+    scores, checked, square = {"row-major": 0, "column-major": 0}, 0, []
     for _, r in rows.iloc[_spread(list(range(len(rows))), 4 * SAMPLE)].iterrows():
         h, w = header_size(files.root / lay.train[r[spec["id_column"]]])
         if h == w:
+            square.append(r[spec["id_column"]])
             continue
         try:
             for order in scores:
@@ -164,12 +218,40 @@ def decide_pixel_order(files: Files, lay: Layout, d: Draft) -> str:
         d.set("rle_csv.pixel_order", best, f"decided: {why}")
         d.decided.append(f"RLE pixel order {best} ({why})")
         return best
+    ev = _square_evidence(files, lay, d, list(dict.fromkeys(square))) if not checked and square else None
+    if ev is not None and (ev.other_fits_better or ev.configured_fits_better):
+        best = ev.other if ev.other_fits_better else ev.configured
+        ids = ev.prefer()[0 if best == ev.other else 1]
+        ratio = ev.ratio(ids) if best == ev.other else 1 / ev.ratio(ids)
+        why = (f"square images, where both orders decode to valid masks: the mask boundaries lie on image edges "
+               f"{ratio:.1f}x more strongly with {best} on {len(ids)} of {len(ev.informative)} images scored")
+        d.set("rle_csv.pixel_order", best, f"decided: {why}")
+        d.decided.append(f"RLE pixel order {best} ({why})")
+        return best
     d.set("rle_csv.pixel_order", "row-major", "NOT DECIDED: " + (
-        "the images are square, where both orders decode to valid masks" if not checked
-        else "both orders give equally compact masks") + "; check the competition's data description")
+        "the images are square, where both orders decode to valid masks, and their edges favour neither"
+        if not checked else "both orders give equally compact masks") + "; check the competition's data description")
     d.undecided.append("RLE pixel order: not decidable from the data; row-major written (rle_csv.pixel_order, "
-                       "submission.pixel_order)")
+                       "submission.pixel_order)" + (f" [{ev.describe()}]" if ev is not None and ev.fits else ""))
     return "row-major"
+
+
+def _square_evidence(files: Files, lay: Layout, d: Draft, ids: list[str]) -> OrderEvidence | None:
+    """Row-major against column-major on up to ``alignment.SAMPLE`` square images (their rows decoded
+    row-major; column-major is then the transpose); None when an RLE does not fit its image."""
+    table, spec = lay.table, d.data["rle_csv"]
+    channels = "rgb" if d.get("image.channels") == "rgb" else "grayscale"
+    ev = OrderEvidence("row-major", "column-major")
+    for i in _spread(ids, ALIGN_SAMPLE):
+        path = files.root / lay.train[i]
+        h, w = header_size(path)
+        cells = table.loc[table[spec["id_column"]] == i, spec["rle_column"]].str.strip()
+        try:
+            masks = np.stack([rle.decode(c, (h, w), "row-major") for c in cells if c not in ("", "-1")])
+        except ValueError:  # reported by the checks through the adapter, naming the CSV line
+            return None
+        ev.fits[i] = transpose_fit(read_image(path, channels), masks)
+    return ev
 
 
 def decide_submission(files: Files, lay: Layout, d: Draft, classes_written: list[str]) -> None:
@@ -200,7 +282,8 @@ def decide_submission(files: Files, lay: Layout, d: Draft, classes_written: list
         d.set("submission.id_format", fmt, f"as {rel} writes ids")
         d.set("submission.sample_submission", rel)
         truth = [c for c in files.csvs if re.search(r"truth|solution", Path(c).name, re.I) and c not in lay.skip_csvs]
-        if truth and set(df.columns) <= set(_read(files, truth[0]).columns):
+        truth_df = _read(files, truth[0]) if truth else None
+        if truth_df is not None and set(df.columns) <= set(truth_df.columns):
             d.set("submission.test_truth", truth[0], "its columns are the submission's")
             d.decided.append(f"test truth {truth[0]}: `competition score SUB` scores against it")
         d.decided.append(f"submission columns {id_col}, {class_col or 'class'}, {rle_col} and id format {fmt} "

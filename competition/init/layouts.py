@@ -27,6 +27,7 @@ class Layout:
     skip_csvs: set = field(default_factory=set)  # CSVs already explained (train CSV, names, groups)
     table: pd.DataFrame | None = None  # rle_csv: the train CSV, ids without extension
     raw_ids: pd.Series | None = None  # rle_csv: its ids as written
+    sampled: bool = False  # the class values come from a sample of the labels (some may be missing)
 
 
 def find_polygon(files: Files, d: Draft) -> Layout | None:
@@ -155,12 +156,15 @@ def find_mask_folders(files: Files, d: Draft) -> Layout | None:
     d.set("mask_folders.images", images_dir)
     d.set("mask_folders.masks", masks_dir)
     test = _test_folder(index, [images_dir, masks_dir])
+    sampled = False
     if mode == "per_class":
         values = sorted({i.rsplit("/", 1)[1] for i in index[masks_dir] if "/" in i})
         d.set("mask_folders.mask_mode", "per_class", f"masks/<id>/<class>.png files; classes {values}")
     else:
         seen: set = set()
-        for i in _spread([i for i in train if i in index[masks_dir]], 4 * SAMPLE):
+        with_mask = [i for i in train if i in index[masks_dir]]
+        sampled = len(with_mask) > 4 * SAMPLE
+        for i in _spread(with_mask, 4 * SAMPLE):
             seen |= set(np.unique(read_mask_png(files.root / index[masks_dir][i])).tolist())
         values = [str(v) for v in sorted(seen - {0})]
         binary = seen <= {0, 255} or seen <= {0, 1}
@@ -170,4 +174,4 @@ def find_mask_folders(files: Files, d: Draft) -> Layout | None:
     d.set("mask_folders.image_ext", ext)
     if not test:
         d.undecided.append("no test image folder found (mask_folders.test_images is null)")
-    return Layout("mask_folders", train, test, values)
+    return Layout("mask_folders", train, test, values, sampled=sampled)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -11,7 +11,12 @@ import pandas as pd
 
 from competition.data.base import DataError, read_csv_table, walk_files
 from competition.data.folder import IMAGE_EXTS
-from competition.init.common import SAMPLE, _GROUP_HINT, _NAME_HINT, _RLE_CELL, _RLE_HINT
+from competition.init.common import SAMPLE, _CLASS_HINT, _GROUP_HINT, _NAME_HINT, _RLE_CELL, _RLE_HINT, InitError
+from competition.io import ReadError, read_text
+
+# A plain list of class names, one per line, beside the data.
+_NAMES_TXT = re.compile(r"^(classes|class[_-]?names|categories)\.txt$", re.I)
+_BACKGROUND = {"background", "_background_", "__background__", "bg"}
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -23,6 +28,8 @@ class Files:
     images: list[str]  # paths relative to root, posix
     jsons: list[str]
     csvs: list[str]
+    txts: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # CSV -> why it could not be read (one line)
 
     @cached_property
     def by_folder(self) -> dict[str, dict[str, str]]:
@@ -53,13 +60,13 @@ class Files:
 
 
 def scan(root: Path) -> Files:
-    images, jsons, csvs = [], [], []
+    images, jsons, csvs, txts = [], [], [], []
     for p in walk_files(root, root):
         rel = p.relative_to(root).as_posix()
         suffix = p.suffix.lower()
         (images if suffix in IMAGE_EXTS else jsons if suffix == ".json" else csvs if suffix == ".csv"
-         else []).append(rel)
-    return Files(root, images, jsons, csvs)
+         else txts if suffix == ".txt" else []).append(rel)
+    return Files(root, images, jsons, csvs, txts)
 
 
 def _spread(items: list, n: int = SAMPLE) -> list:
@@ -103,9 +110,12 @@ def _test_folder(index: dict, exclude: list[str], depth: int | None = None) -> s
 # CSV helpers
 # --------------------------------------------------------------------------------------------- #
 def _read(files: Files, rel: str) -> pd.DataFrame | None:
+    """The CSV's cells as strings; None for a CSV that cannot be read (not UTF-8, not a CSV), whose
+    reason is kept in ``files.unreadable`` for init to report."""
     try:
         return read_csv_table(files.root / rel, "CSV")
-    except DataError:
+    except DataError as e:
+        files.unreadable.setdefault(rel, str(e))
         return None
 
 
@@ -167,7 +177,11 @@ def _sort_values(values) -> list[str]:
 
 
 def _names_csv(files: Files, values: list[str], skip: set) -> tuple[dict, str] | None:
-    """{value: name} from a small CSV with a column holding ``values`` and a column of unique names."""
+    """{value: name} from a small CSV with a column holding ``values`` and a column of unique names.
+
+    A class table (a small CSV of value and name columns) that repeats a value or a name is an
+    :class:`InitError` naming the file, the line and the repeated entry: it cannot say which name a
+    value has."""
     for rel in files.csvs:
         if rel in skip or _is_sample(rel):
             continue
@@ -180,9 +194,64 @@ def _names_csv(files: Files, values: list[str], skip: set) -> tuple[dict, str] |
                 continue
             for ncol in sorted(df.columns, key=lambda c: not _NAME_HINT.search(c)):
                 names = df[ncol].str.strip()
-                if ncol != vcol and names.is_unique and vals.is_unique and not names.str.fullmatch(r"-?\d+").all():
+                if ncol == vcol or names.str.fullmatch(r"-?\d+").all():
+                    continue
+                if names.is_unique and vals.is_unique:
                     return dict(zip(vals, names)), rel
+                if _is_class_table(rel, df, vcol, ncol) and (not vals.is_unique or _NAME_HINT.search(ncol)):
+                    raise InitError(_repeated(files.root / rel, df, vcol if not vals.is_unique else None, ncol))
     return None
+
+
+def _is_class_table(rel: str, df: pd.DataFrame, vcol: str, ncol: str) -> bool:
+    """A small table mapping class values to names (repeats and all), not a per-image table."""
+    hinted = _CLASS_HINT.search(Path(rel).stem) or _CLASS_HINT.search(vcol) or _NAME_HINT.search(ncol)
+    return bool(hinted) and len(df) <= 2 * df[vcol].str.strip().nunique()
+
+
+def _repeated(path: Path, df: pd.DataFrame, vcol: str | None, ncol: str) -> str:
+    """The first repeated class value (``vcol``; None: none repeats) else name of a class table, with
+    the line it repeats and the line it first appears on."""
+    col, what = (vcol, "class value") if vcol is not None else (ncol, "class name")
+    cells = df[col].str.strip()
+    k = int(cells.duplicated().to_numpy().argmax())
+    first = int((cells == cells.iloc[k]).to_numpy().argmax())
+    return (f"{path} line {k + 2}: {what} {cells.iloc[k]!r} (column {col!r}) is listed twice, also at line "
+            f"{first + 2}; a class table gives each class one value and one name")
+
+
+def names_txt(files: Files) -> tuple[list[str], str] | None:
+    """(class names, file) from a ``classes.txt`` (or class_names.txt, categories.txt) in the data folder,
+    one name per line, blank lines ignored; the shallowest such file. A repeated name is an
+    :class:`InitError` naming the file and both lines."""
+    found = sorted((rel for rel in files.txts if _NAMES_TXT.match(Path(rel).name)), key=lambda r: (r.count("/"), r))
+    if not found:
+        return None
+    rel = found[0]
+    try:
+        text = read_text(files.root / rel, "class names file")
+    except ReadError as e:
+        raise InitError(str(e)) from None
+    names, seen = [], {}
+    for line, raw in enumerate(text.splitlines(), 1):
+        name = raw.strip()
+        if not name:
+            continue
+        if name in seen:
+            raise InitError(f"{files.root / rel} line {line}: class name {name!r} is listed twice (also on line "
+                            f"{seen[name]}); list each class once, one name per line")
+        seen[name] = line
+        names.append(name)
+    if not names:
+        raise InitError(f"{files.root / rel}: no class names in it (expected one name per line)")
+    return names, rel
+
+
+def without_background(names: list[str], n: int) -> list[str]:
+    """``names`` without a leading background entry when that leaves exactly ``n`` names."""
+    if len(names) == n + 1 and names[0].lower() in _BACKGROUND:
+        return names[1:]
+    return names
 
 
 def _find_groups_csv(files: Files, ids: set, skip: set) -> tuple[str, str, str, bool] | None:

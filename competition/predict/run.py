@@ -8,13 +8,10 @@ or a failed validation leaves no file named as a submission.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -26,9 +23,11 @@ from competition.data.adapters import make_adapter
 from competition.predict.infer import (EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for,
                                        masks_for_writer)
 from competition.predict.members import check_recipe, load_models, member_weights
+from competition.errors import UserError
+from competition.predict import plausible
 from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
 from competition.train import checkpoint as ckpt
-from competition.io import read_text
+from competition.io import read_json
 from competition.train.checkpoint import CheckpointError
 
 
@@ -95,13 +94,15 @@ def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source:
 def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, source: str,
                device: str = "auto", batch_size: int | None = None, workers: int | None = None,
                rle_workers: int | None = None, progress: bool = True, on_probs=None, save_probs: bool = False,
-               from_probs: bool = False) -> SubmitResult:
+               from_probs: bool = False, force: bool = False) -> SubmitResult:
     """Predict every test image with the recipe and write a validated CSV to ``out``.
 
     Checkpoint paths in the recipe are relative to ``root`` (the project folder, or a bundle).
     ``on_probs(test id, [uint8 (C, H, W) per member])`` sees each image's member probabilities at its
     original size (what an OOF row holds for a held-out image). ``save_probs`` keeps them under
     ``runs/<exp>/test[-<variant>]/``; ``from_probs`` blends saved ones instead of running the models.
+    A CSV that passes the format but cannot be right (:mod:`competition.predict.plausible`) is not
+    written unless ``force``.
     """
     for flag, v in (("--batch-size", batch_size), ("--workers", workers)):
         if v is not None and v < (1 if flag == "--batch-size" else 0):
@@ -155,12 +156,25 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                         writer.add(sub_ids[i], *masks_for_writer(predictor, p))
                     bar.update(len(sizes))
             rows = validate_submission(tmp, comp, expected)
+            _plausible(writer.counts, recipe, out, source, force)
             if saver is not None:
                 saver.close()
     finally:
         if saver is not None:
             saver.abort()  # a no-op once published; removes the temp stores of a failed run
     return SubmitResult(out, len(ids), rows, time.time() - t0, comp.name)
+
+
+class Implausible(UserError):
+    """The submission passed the format checks but cannot be right; nothing was written."""
+
+
+def _plausible(counts, recipe: Recipe, out: Path, source: str, force: bool) -> None:
+    share = recipe.scores.get("truth_share")
+    found = plausible.problems(counts, share if isinstance(share, dict) else None)
+    if found and not force:
+        raise Implausible(f"{out} not written: it cannot be right: {'; '.join(found)} (recipe {source}: check its "
+                          f"thresholds and weights, or the models; --force writes it anyway)")
 
 
 def _both(first, second):
@@ -175,8 +189,8 @@ def _both(first, second):
 
 def submit(ensemble: str | None = None, out: Path | None = None, device: str = "auto",
            batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-           log=print, save_probs: bool = False, from_probs: bool = False) -> SubmitResult:
-    """``competition submit``: the recipe's CSV under ``submissions/`` plus a ledger row."""
+           log=print, save_probs: bool = False, from_probs: bool = False, force: bool = False) -> SubmitResult:
+    """``competition submit``: the recipe's CSV under ``submissions/`` plus a ledger row (both or neither)."""
     from competition import ledger
     source = resolve_recipe(ensemble)
     if ensemble is None:
@@ -188,8 +202,8 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
     with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
         result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
                             str(source), device, batch_size, workers, progress=progress, save_probs=save_probs,
-                            from_probs=from_probs)
-    _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name), recipe, source)
+                            from_probs=from_probs, force=force)
+    _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name), recipe, source, result.path)
     return result
 
 
@@ -210,7 +224,7 @@ PREDICT_KEYS = ("train.threshold", "oof.tta", "oof.tta_scales", "data.batch_size
 
 def predict_experiment(experiment: str, out: Path | None = None, device: str = "auto",
                        batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-                       overrides: dict | None = None) -> SubmitResult:
+                       overrides: dict | None = None, force: bool = False) -> SubmitResult:
     """``competition predict --exp E``: all folds' best.pt, equal weights, the experiment's threshold
     (``overrides``: ``--set`` of the :data:`PREDICT_KEYS`)."""
     from competition import ledger
@@ -219,15 +233,21 @@ def predict_experiment(experiment: str, out: Path | None = None, device: str = "
     batch_size = overrides.get("data.batch_size") if batch_size is None else batch_size
     workers = overrides.get("data.workers") if workers is None else workers
     result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(experiment),
-                        f"runs/{experiment}", device, batch_size, workers, progress=progress)
-    _record(ledger.row_for(result, recipe, "", comp.name), recipe, None)
+                        f"runs/{experiment}", device, batch_size, workers, progress=progress, force=force)
+    _record(ledger.row_for(result, recipe, "", comp.name), recipe, None, result.path)
     return result
 
 
-def _record(row: dict, recipe: Recipe, source: Path | None) -> None:
-    """The ledger row, and the same row as a W&B run (the CSV an artifact made from the recipe's)."""
+def _record(row: dict, recipe: Recipe, source: Path | None, csv: Path) -> None:
+    """The ledger row, and the same row as a W&B run (the CSV an artifact made from the recipe's).
+    A ledger that cannot be written (a full disk) takes the CSV with it: a submission the ledger
+    does not list would reach the leaderboard without its CV beside it."""
     from competition import ledger, tracking
-    ledger.append(row)
+    try:
+        ledger.append(row)
+    except BaseException:
+        Path(csv).unlink(missing_ok=True)
+        raise
     tracking.log_submission(row, recipe, source)
 
 
@@ -257,19 +277,28 @@ def experiment_recipe(experiment: str, overrides: dict | None = None) -> tuple[R
         exp = validate(ExperimentConfig, apply_overrides(cfg["experiment"], overrides),
                        f"{first} (config.experiment) with --set {', '.join(overrides)}")
     folds_file = paths.folds_file(comp.name)
-    wanted = sorted(set(pd.read_csv(folds_file)["fold"])) if folds_file.is_file() else sorted(found)
+    if folds_file.is_file():
+        from competition.folds import load_folds
+        wanted = sorted(set(load_folds(comp)["fold"]))
+    else:
+        wanted = sorted(found)
     missing = [k for k in wanted if k not in found]
     if missing:
         raise CheckpointError(f"experiment {experiment!r}: no best.pt for fold(s) {missing} "
                               f"({', '.join(str(paths.run(experiment, k).best) for k in missing)}); "
                               f"train them first (make train EXP={experiment} FOLD=k)")
     rel = {k: found[k].relative_to(paths.project()).as_posix() for k in wanted}
-    metrics = [json.loads(read_text(runs[k].metrics, "metrics file")) for k in wanted if runs[k].metrics.is_file()]
+    metrics = [read_json(runs[k].metrics, "metrics file") for k in wanted if runs[k].metrics.is_file()]
 
-    def mean_of(key: str) -> float | None:
-        vals = [m.get(key) for m in metrics]
-        return sum(vals) / len(vals) if len(vals) == len(wanted) and None not in vals else None
-    native = mean_of("oof_dice_native")
+    def pooled(key: str) -> float | None:
+        """Each fold's score weighted by its held-out images: the mean over every training image, as
+        `competition oof` and the recipes define CV (an unweighted mean of folds is not)."""
+        pairs = [(m.get(key), m.get("n_val")) for m in metrics]
+        if len(pairs) != len(wanted) or any(not isinstance(v, float | int) or not isinstance(n, int) or n <= 0
+                                            for v, n in pairs):
+            return None
+        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    native = pooled("oof_dice_native")
     recipe = Recipe(
         name=experiment, competition=comp.name, task=comp.task, classes=comp.classes,
         folds_sha256=ckpt.file_hash(folds_file) if folds_file.is_file() else "",

@@ -24,6 +24,8 @@ import pandas as pd
 from competition import rle
 from competition.config import CompetitionConfig, PostProcess
 from competition.data.base import Adapter, DataError
+from competition.io import ReadError, read_csv
+from competition.predict.plausible import MaskCounts
 from competition.score import ScoreError, score_frames
 
 
@@ -54,12 +56,20 @@ def postprocess(mask: np.ndarray, rule: PostProcess | None) -> np.ndarray:
 def encode_image(masks: np.ndarray, thresholds: np.ndarray | None, rules: list, order: str) -> list[str]:
     """RLE of each class of one image. ``masks`` is (C, H, W) uint8 {0, 1}, or float probabilities
     thresholded here (``>=`` the class's threshold) one class at a time into one reused buffer."""
+    return encode_counted(masks, thresholds, rules, order)[0]
+
+
+def encode_counted(masks: np.ndarray, thresholds: np.ndarray | None, rules: list,
+                   order: str) -> tuple[list[str], list[int]]:
+    """:func:`encode_image`, and each class's positive pixel count in the final mask."""
     buf = np.empty(masks.shape[1:], bool) if thresholds is not None else None
-    out = []
+    out, counts = [], []
     for c in range(len(masks)):
         m = masks[c] if thresholds is None else np.greater_equal(masks[c], thresholds[c], out=buf)
-        out.append(rle.encode(postprocess(m, rules[c]), order))
-    return out
+        m = postprocess(m, rules[c])
+        out.append(rle.encode(m, order))
+        counts.append(int(np.count_nonzero(m)))
+    return out, counts
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -76,8 +86,9 @@ class SubmissionWriter:
         workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="rle")
         self.max_pending = max_pending or 2 * workers
-        self.pending: deque[tuple[str, Future]] = deque()
+        self.pending: deque[tuple[str, int, Future]] = deque()
         self.rows = 0
+        self.counts = MaskCounts(list(cfg.classes))  # what the plausibility check judges
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "w", newline="")
         self._csv = csv.writer(self._file, lineterminator="\n")
@@ -90,14 +101,15 @@ class SubmissionWriter:
             raise ValueError(f"{submission_id}: {len(masks)} mask channels for {len(self.cfg.classes)} classes")
         while len(self.pending) >= self.max_pending:  # back-pressure: bounded memory
             self._write_head()
-        fut = self.pool.submit(encode_image, masks, thresholds, self.rules, self.cfg.submission.pixel_order)
-        self.pending.append((submission_id, fut))
-        while self.pending and self.pending[0][1].done():  # write whatever is ready, in order
+        fut = self.pool.submit(encode_counted, masks, thresholds, self.rules, self.cfg.submission.pixel_order)
+        self.pending.append((submission_id, masks.shape[1] * masks.shape[2], fut))
+        while self.pending and self.pending[0][2].done():  # write whatever is ready, in order
             self._write_head()
 
     def _write_head(self) -> None:
-        sid, fut = self.pending.popleft()
-        texts = fut.result()
+        sid, area, fut = self.pending.popleft()
+        texts, pixels = fut.result()
+        self.counts.add(pixels, area)
         self._csv.writerows([sid, c, t] for c, t in zip(self.cfg.class_values, texts))  # the competition's values
         self.rows += len(texts)
 
@@ -106,7 +118,7 @@ class SubmissionWriter:
             while self.pending:
                 self._write_head()
         finally:
-            for _, fut in self.pending:
+            for *_, fut in self.pending:
                 fut.cancel()
             self.pool.shutdown(wait=True)
             self._file.close()
@@ -169,9 +181,9 @@ def validate_submission(path: Path, cfg: CompetitionConfig, expected: pd.DataFra
     competition's columns and exactly the expected rows with valid, in-bounds RLE; returns the row count."""
     spec = cfg.submission
     try:
-        sub = pd.read_csv(path, keep_default_na=False, dtype=str)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-        raise ScoreError(f"{path}: not a readable CSV ({e})") from None
+        sub = read_csv(path, "submission CSV")
+    except ReadError as e:
+        raise ScoreError(str(e)) from None
     cols = [spec.id_column, spec.class_column, spec.rle_column]
     if list(sub.columns) != cols:
         raise ScoreError(f"{path}: columns are {list(sub.columns)}; the competition expects exactly {cols}")

@@ -7,6 +7,7 @@ import copy
 import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,29 @@ def save(obj: dict, path: Path) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError as e:
-            # torch reports a failed write (a full disk) as "enforce fail at inline_container.cc ...".
+            # torch reports a failed write as "enforce fail at inline_container.cc ..." without the
+            # errno ("file write failed", "unexpected pos"); a full disk is told by the space left.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            code = errno.ENOSPC if "write" in str(e).lower() else errno.EIO
+            code = errno.ENOSPC if _disk_full(path.parent, obj) else errno.EIO
             raise OSError(code, f"{os.strerror(code)} while writing a checkpoint ({first[:160]})", str(path)) from None
+
+
+def _disk_full(folder: Path, obj) -> bool:
+    """Whether ``folder``'s file system has less room than ``obj``'s tensors (plus 1 MiB) need."""
+    need = 1 << 20
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            need += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    try:
+        return shutil.disk_usage(folder).free < need
+    except OSError:
+        return False
 
 
 def snapshot(obj):
