@@ -277,3 +277,239 @@ def test_unpack_mask_writes_only_bounding_boxes_but_gives_the_full_mask(width, m
         got = cache_mod.unpack_mask(np.packbits(m, axis=-1), width)
         assert got.dtype == np.uint8 and got.flags.c_contiguous
         np.testing.assert_array_equal(got, m)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Content checks: a row that fails its checksum is read from the data, a damaged folder is rebuilt
+# --------------------------------------------------------------------------------------------- #
+def cache_dir(project):
+    (name,) = folders(project)
+    return project / "runs" / "_cache" / name
+
+
+def hidden(project):
+    return [p.name for p in (project / "runs" / "_cache").iterdir() if p.name.startswith(".")]
+
+
+def filled_dataset(ad, rows, mode="val", compact=False):
+    """A cached dataset whose ``rows`` were read once (so filled), its mappings closed (the files are
+    damaged next: a process must not touch a mapping of a truncated file)."""
+    ds = SegDataset(ad, ad.ids, exp(True), "multilabel", mode)
+    ds.compact = compact
+    for i in rows:
+        ds[i]
+    ds.cache.close()
+    return ds
+
+
+@pytest.mark.parametrize("compact", [False, True])  # compact: image() + mask_bits() (passthrough)
+@pytest.mark.parametrize("which, col", [("images.npy", 0), ("masks.npy", 1)])
+def test_a_row_failing_its_checksum_is_read_from_the_data_and_refilled(tiny_project, capsys, which, col, compact):
+    import zlib
+    ad = make_adapter(load_competition("tiny-hands"))
+    plain = SegDataset(ad, ad.ids, exp(False), "multilabel", "val")
+    plain.compact = compact
+    filled_dataset(ad, [3, 5], compact=compact)
+    folder = cache_dir(tiny_project)
+    arr = np.load(folder / which, mmap_mode="r+")
+    good = np.array(arr[5])
+    assert good.any()  # zeroing changes it
+    arr[5] = 0  # flags and checksum intact: only the content is wrong
+    arr.flush()
+    del arr
+    capsys.readouterr()
+
+    fresh = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")
+    fresh.compact = compact
+    assert fresh._passthrough() == compact
+    same(plain[5], fresh[5])  # never the zeroed row
+    same(plain[3], fresh[3])  # the sound row is used as it is
+    out = capsys.readouterr().out
+    what = "image" if col == 0 else "mask"
+    assert out.count("failed its") == 1
+    assert (f"data.cache: runs/_cache/{folder.name}: row for image {ad.ids[5]!r} failed its {what} checksum; "
+            f"re-reading it from the data") in out
+    # Stored anew: the right bytes, their checksum and the flag.
+    fresh.cache.close()
+    row = np.load(folder / which)[5]
+    np.testing.assert_array_equal(row, good)
+    assert np.load(folder / "sums.npy")[5, col] == zlib.crc32(good)
+    assert np.load(folder / "filled.npy")[5].all()
+    capsys.readouterr()
+    again = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")
+    again.compact = compact
+    same(plain[5], again[5])
+    assert "failed its" not in capsys.readouterr().out
+
+
+def test_a_truncated_images_file_is_rebuilt_once(tiny_project, capsys):
+    ad = make_adapter(load_competition("tiny-hands"))
+    plain = SegDataset(ad, ad.ids, exp(False), "multilabel", "val")
+    filled_dataset(ad, [0, 1, 2])
+    folder = cache_dir(tiny_project)
+    images = folder / "images.npy"
+    os.truncate(images, images.stat().st_size // 2)
+    capsys.readouterr()
+
+    second = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")
+    assert second.cache is not None
+    for i in range(len(plain)):
+        same(plain[i], second[i])
+    out = capsys.readouterr().out
+    notices = [line for line in out.splitlines() if "rebuilding" in line]
+    assert len(notices) == 1 and "Traceback" not in out
+    assert f"runs/_cache/{folder.name}/images.npy" in notices[0] and "(truncated)" in notices[0]
+    assert folders(tiny_project) == [folder.name] and hidden(tiny_project) == []  # no damaged copy left
+
+    # Rebuilt complete: the next dataset reuses it, every row filled, without a word about damage.
+    second.cache.close()
+    third = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")
+    out = capsys.readouterr().out
+    assert f"reusing runs/_cache/{folder.name} ({len(ad.ids)} of {len(ad.ids)}" in out
+    for i in (0, 6):
+        same(plain[i], third[i])
+    out += capsys.readouterr().out
+    assert "rebuilding" not in out and "failed its" not in out and "without a cache" not in out
+
+
+def _garbage_meta(folder):
+    (folder / "meta.json").write_text("{not json")
+
+
+def _other_ids_meta(folder):
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "ids": meta["ids"][::-1]}))
+
+
+def _truncated_filled(folder):
+    os.truncate(folder / "filled.npy", (folder / "filled.npy").stat().st_size - 10)
+
+
+def _missing_sums(folder):
+    (folder / "sums.npy").unlink()
+
+
+def _fortran_masks(folder):
+    masks = np.load(folder / "masks.npy")
+    np.save(folder / "masks.npy", np.asfortranarray(masks))
+
+
+def _bad_header(folder):
+    with open(folder / "images.npy", "r+b") as f:
+        f.seek(10)
+        f.write(b"{'descr': <garbage")
+
+
+def _wrong_shape(folder):
+    np.save(folder / "filled.npy", np.zeros((3, 2), np.uint8))
+
+
+def _no_meta(folder):
+    (folder / "meta.json").unlink()
+
+
+@pytest.mark.parametrize("damage, says", [
+    (_garbage_meta, "meta.json: not a JSON cache index (JSONDecodeError"),
+    (_other_ids_meta, "meta.json: the cache index does not match"),
+    (_truncated_filled, "filled.npy: 142 bytes (truncated), expected 152"), (_missing_sums, "sums.npy: missing"),
+    (_fortran_masks, "Fortran-ordered"), (_bad_header, "images.npy: the .npy header does not parse"),
+    (_wrong_shape, "filled.npy: a uint8 (3, 2) C-ordered array, expected uint8 (12, 2)"),
+    (_no_meta, "meta.json: missing"),
+])
+@pytest.mark.parametrize("when", ["before", "after"])  # damaged before the dataset opens it, or after
+def test_a_damaged_folder_is_rebuilt_with_one_notice(tiny_project, capsys, damage, says, when):
+    ad = make_adapter(load_competition("tiny-hands"))
+    plain = SegDataset(ad, ad.ids, exp(False), "multilabel", "val")
+    filled_dataset(ad, [0, 1])
+    folder = cache_dir(tiny_project)
+    capsys.readouterr()
+    if when == "before":
+        damage(folder)
+    ds = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")  # "after": found sound, opened lazily
+    if when == "after":
+        damage(folder)
+    for i in (0, 1, 4):
+        same(plain[i], ds[i])
+    assert ds.cache is not None
+    out = capsys.readouterr().out
+    notices = [line for line in out.splitlines() if line.startswith("data.cache:")]
+    assert len(notices) <= 2  # the rebuild, and (before) that the new folder is filled this epoch
+    (notice,) = [line for line in notices if "rebuilding" in line]
+    assert says in notice and f"rebuilding runs/_cache/{folder.name}" in notice
+    assert folders(tiny_project) == [folder.name] and hidden(tiny_project) == []
+    flags = np.load(folder / "filled.npy")
+    np.testing.assert_array_equal(flags[:, 0], [1, 1, 0, 0, 1] + [0] * 7)  # a fresh folder: rows 0, 1, 4
+    ds.cache.close()
+    capsys.readouterr()
+    again = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")
+    same(plain[4], again[4])
+    assert "rebuilding" not in capsys.readouterr().out
+
+
+def test_a_damaged_folder_that_cannot_be_moved_aside_loads_uncached(tiny_project, capsys, monkeypatch):
+    """A read-only disk: no rebuild is possible, the run goes on without the cache."""
+    ad = make_adapter(load_competition("tiny-hands"))
+    plain = SegDataset(ad, ad.ids, exp(False), "multilabel", "val")
+    filled_dataset(ad, [0])
+    folder = cache_dir(tiny_project)
+    ds = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")
+    _truncated_filled(folder)
+    real = os.rename
+
+    def read_only(src, dst, *a, **k):
+        if ".damaged-" in str(dst):
+            raise OSError(30, "Read-only file system")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(cache_mod.os, "rename", read_only)
+    capsys.readouterr()
+    for i in (0, 1):
+        same(plain[i], ds[i])
+    assert ds.cache is None
+    out = capsys.readouterr().out
+    (notice,) = [line for line in out.splitlines() if line.startswith("data.cache:")]
+    assert "filled.npy" in notice and "Read-only file system" in notice and "loading without a cache" in notice
+    # A dataset made now skips the cache at once, with one line.
+    again = SegDataset(ad, ad.ids, exp(True), "multilabel", "val")
+    assert again.cache is None and "data.cache: not used" in capsys.readouterr().out
+    same(plain[1], again[1])
+
+
+def test_a_row_is_hashed_once_per_process(tiny_project, monkeypatch):
+    ad = make_adapter(load_competition("tiny-hands"))
+    calls = []
+    real = cache_mod._crc32
+    monkeypatch.setattr(cache_mod, "_crc32", lambda data: calls.append(1) or real(data))
+    ds = SegDataset(ad, ad.ids, exp(True), "multilabel", "train")
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        ds[2], ds[7]
+        assert len(calls) == 4  # stored in epoch 0 (image and mask of two rows), then never hashed again
+    ds.cache.close()
+    fresh = SegDataset(ad, ad.ids, exp(True), "multilabel", "train")  # another process, as it were
+    for epoch in range(3):
+        fresh.set_epoch(epoch)
+        fresh[2], fresh[7]
+        assert len(calls) == 8  # checked on the first read only
+
+
+def test_worker_processes_rebuild_a_folder_damaged_under_them(tiny_project, capsys):
+    """Both workers find the truncated file: one moves the folder aside and rebuilds it, the other
+    uses the rebuild; every sample is the uncached one, and the folder left behind is sound."""
+    ad = make_adapter(load_competition("tiny-hands"))
+    plain = SegDataset(ad, ad.ids, exp(False, augment=AUG), "multilabel", "train")
+    filled_dataset(ad, range(len(ad.ids)))
+    folder = cache_dir(tiny_project)
+    cached = SegDataset(ad, ad.ids, exp(True, augment=AUG), "multilabel", "train")  # found sound here
+    os.truncate(folder / "masks.npy", 1000)
+    got = [s for batch in DataLoader(cached, batch_size=3, num_workers=2) for s in _unbatch(batch)]
+    for i, s in enumerate(got):
+        same(plain[i], s)
+    assert folders(tiny_project) == [folder.name] and hidden(tiny_project) == []
+    assert np.load(folder / "filled.npy").all()  # the workers filled the rebuild
+    capsys.readouterr()
+    plain_val, again = ds_pair(ad, "multilabel", "val")
+    for i in (0, 11):
+        same(plain_val[i], again[i])
+    out = capsys.readouterr().out
+    assert "rebuilding" not in out and "failed its" not in out and again.cache is not None

@@ -176,6 +176,26 @@ def test_a_truncated_or_foreign_file_is_a_miss_and_is_rewritten(data):
         assert path.read_bytes() == whole
 
 
+def test_a_flipped_bit_is_a_miss_with_a_notice_and_is_rewritten(data, monkeypatch):
+    """Right name, shape and length, one byte of the mask changed: the CRC-32 at the end of the file
+    catches it, the mask is rasterised again (never served wrong) and the file written again."""
+    from competition.data import cache as cache_mod
+    monkeypatch.setattr(cache_mod, "_logged", set())
+    said = []
+    monkeypatch.setattr(polycache, "log_once", lambda msg, log=None: said.append(msg))
+    ad = adapter(data)
+    want = ad.load_mask(ID, (32, 40))
+    (rel,) = cache_files()
+    path = cache_root() / polycache.FOLDER / rel
+    whole = path.read_bytes()
+    bad = bytearray(whole)
+    bad[len(bad) - 20] ^= 0x10  # inside the packed data, before the 4 CRC bytes
+    path.write_bytes(bytes(bad))
+    np.testing.assert_array_equal(ad.load_mask(ID, (32, 40)), want)
+    assert said == [f"polygon mask cache: {path} fails its checksum; rasterising that mask again"]
+    assert path.read_bytes() == whole
+
+
 def test_an_unwritable_cache_is_skipped_with_one_message(data, monkeypatch, capsys):
     from competition.data import cache as cache_mod
     monkeypatch.setattr(cache_mod, "_logged", set())

@@ -190,9 +190,10 @@ class SegDataset(Dataset):
         row = self.cache.row_of.get(image_id)
         if row is None:
             return None
+        from competition.data.cache import CacheDamaged
         try:
             img, bits = self.cache.image(row), self.cache.mask_bits(row)
-        except (OSError, ValueError):
+        except (OSError, ValueError, CacheDamaged):
             return None  # _cached decides what an unreadable cache means
         if img is None or bits is None:
             return None
@@ -260,7 +261,7 @@ class SegDataset(Dataset):
 
     def _cached(self, image_id: str):
         """(image, mask) through the cache, filling what is missing; (None, None) to load uncached."""
-        from competition.data.cache import log_once
+        from competition.data.cache import CacheDamaged, log_once
         c = self.cache
         row = c.row_of.get(image_id)
         if row is None:
@@ -270,7 +271,7 @@ class SegDataset(Dataset):
             img = c.image(row)
             mask = c.mask(row) if with_mask else None
             stored = True
-            if img is None:  # first access: fill the row (another process may fill it too: same bytes)
+            if img is None:  # not filled, or failed its checksum: fill it (another process may too: same bytes)
                 img = self._image_at(image_id, c.work)
                 stored = c.put_image(row, img)
             if with_mask and mask is None:
@@ -283,7 +284,9 @@ class SegDataset(Dataset):
                          f"masks); loading without a cache")
                 self.cache = None
             return img, (None if mask is None else self._merged(mask))
-        except (OSError, ValueError) as e:  # an unreadable or vanished cache must not stop a run
+        except (OSError, ValueError, CacheDamaged) as e:
+            # An unreadable or vanished cache must not stop a run; CacheDamaged is a damaged folder
+            # that could not be rebuilt (a read-only disk), its message naming the file.
             log_once(f"data.cache: disabled for {c.display()} after an error ({type(e).__name__}: {e}); "
                      f"loading without a cache")
             self.cache = None

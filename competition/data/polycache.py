@@ -6,7 +6,8 @@ run. The adapter rasterises directly at the working size (no full-size raster is
 what is cached is the mask at the size asked for, one file per (image, size)::
 
     runs/_cache/_polygons/<comp>/<sha256(image id)[:16]>/<kind>-<h>x<w>-<key>.npy
-        uint8 (C, h, ceil(w / 8)): np.packbits of the (C, h, w) {0, 1} mask along w
+        uint8 (C, h, ceil(w / 8)): np.packbits of the (C, h, w) {0, 1} mask along w, then 4 bytes:
+        the CRC-32 of that data (a flipped bit is a miss, never a wrong mask)
         (kind ``mask``: the class masks; another kind, e.g. the void region, has its own files)
 
 The key hashes everything that decides the mask: the label file's bytes (so a fixed label, however
@@ -28,14 +29,15 @@ cache (``data.cache``) covers the few-polygon case.
 
 Files are written through :func:`competition.io.atomic_path` (a unique temp file, renamed), so
 DataLoader workers and processes writing the same mask at once each rename a complete file with
-identical bytes, and the last one wins. An unreadable, truncated or mis-shaped file is a miss and
-is rewritten; a cache that cannot be written (read-only or full disk) is skipped with one message.
+identical bytes, and the last one wins. An unreadable, truncated, mis-shaped or checksum-failing
+file is a miss and is rewritten; a cache that cannot be written (read-only or full disk) is skipped with one message.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from competition import paths
 from competition.data.cache import cache_root, log_once, unpack_mask
 from competition.io import STALE_AFTER_S, atomic_path, clean_stale_temps, file_hash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each file ends with its data's CRC-32
 FOLDER = "_polygons"  # a leading "_" is not a valid competition name: never a sample-cache folder
 MIN_LABEL_BYTES = 32 << 10  # ~150 small polygons
 MAX_PACKED_PER_LABEL_BYTE = 64  # below the ~90 at which reading back costs what parsing does
@@ -114,24 +116,44 @@ class PolygonMaskCache:
         return mask
 
     def read(self, path: Path, dst: tuple[int, int], channels: int | None = None) -> np.ndarray | None:
-        """The cached mask, or None when absent or not a complete file of the expected layout."""
+        """The cached mask, or None when absent, not a complete file of the expected layout, or its
+        bytes fail their CRC-32 (then with a one-line notice: the mask is rasterised and written again)."""
         channels = self.num_classes if channels is None else channels
+        shape = (channels, dst[0], -(-dst[1] // 8))
         try:
-            packed = np.load(path, allow_pickle=False)
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                head = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                got, fortran, dtype = head(f)
+                if got != shape or fortran or dtype != np.uint8:
+                    return None
+                data = f.read(int(np.prod(shape)))
+                tail = f.read(5)
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError, EOFError):
-            return None
-        if (not isinstance(packed, np.ndarray) or packed.dtype != np.uint8
-                or packed.shape != (channels, dst[0], -(-dst[1] // 8))):
-            return None
-        return unpack_mask(packed, dst[1])
+            return self._damaged(path, "unreadable")
+        if len(data) != int(np.prod(shape)) or len(tail) != 4:
+            return self._damaged(path, "truncated")
+        if zlib.crc32(data) != int.from_bytes(tail, "little"):
+            return self._damaged(path, "fails its checksum")
+        return unpack_mask(np.frombuffer(data, np.uint8).reshape(shape), dst[1])
+
+    @staticmethod
+    def _damaged(path: Path, why: str) -> None:
+        log_once(f"polygon mask cache: {path} {why}; rasterising that mask again")
+        return None
 
     def write(self, path: Path, mask: np.ndarray) -> None:
+        """The packed mask as a .npy followed by the CRC-32 of its data (4 bytes, little-endian)."""
         root = self.folder()
         if root in _unwritable:
             return
+        packed = np.ascontiguousarray(np.packbits(mask, axis=-1))
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, np.packbits(mask, axis=-1), allow_pickle=False)
+                np.lib.format.write_array(f, packed, allow_pickle=False)
+                f.write(zlib.crc32(packed.data).to_bytes(4, "little"))
             _remove_older(path)
         except OSError as e:
             _unwritable.add(root)
