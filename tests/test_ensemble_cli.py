@@ -138,3 +138,10 @@ def test_two_trained_experiments_end_to_end(tiny_project, capsys):
     # Training wrote the plain OOF and the competition's TTA variant: four candidate members.
     assert sorted(v["member"] for v in s["variants"]) == ["ea", "ea[identity+hflip]", "eb", "eb[identity+hflip]"]
     assert all(c.sha256 == file_hash(tiny_project / c.path) for m in rec.members for c in m.checkpoints)
+    # Every candidate's weights are printed and kept, so the search's survive when another candidate wins.
+    for p, label in (("search", "weighted ensemble"), ("equal", "equal weights")):
+        w = s["candidates"][p]["weights"]
+        assert w and abs(sum(w.values()) - 1) < 1e-4 and f"{label} weights: " in out
+    assert len(s["candidates"]["equal"]["weights"]) == 4 and len(s["candidates"]["single"]["weights"]) == 1
+    # What `submit` judges a test prediction against: the share of training images holding each class.
+    assert set(s["truth_share"]) == set(comp.classes) and all(0 <= v <= 1 for v in s["truth_share"].values())

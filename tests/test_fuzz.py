@@ -341,3 +341,88 @@ def test_metrics_json_is_read_through_the_checked_reader(tmp_path):
     p.write_bytes(json.dumps({"oof_dice": 0.5}).encode()[:-3])
     with pytest.raises(ReadError, match="metrics.json: metrics file is not valid JSON"):
         read_json(p, "metrics file")
+
+
+# --------------------------------------------------------------------------------------------- #
+# The sample cache and pseudo-label sets: damage is re-read or refused, never trained on
+# --------------------------------------------------------------------------------------------- #
+def _samples(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+def _same(a, b):
+    import torch
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k
+
+
+@FUZZ
+@given(name=st.sampled_from(["images.npy", "masks.npy", "filled.npy", "sums.npy", "meta.json"]), dmg=damage())
+def test_sample_cache(tiny, monkeypatch, name, dmg):
+    from competition.config import ExperimentConfig, load_competition
+    from competition.data import cache as cache_mod
+    from competition.data.adapters import make_adapter
+    from competition.data.dataset import SegDataset
+    monkeypatch.chdir(tiny)
+    monkeypatch.setattr(cache_mod, "_logged", set())
+    monkeypatch.setattr(cache_mod, "log_once", lambda msg, log=None: None)
+
+    def exp(cache):
+        return ExperimentConfig.model_validate({"name": "t", "competition": "tiny-hands",
+                                                "data": {"input_size": 32, "batch_size": 2, "workers": 0,
+                                                         "cache": cache}})
+    ad = make_adapter(load_competition("tiny-hands"))
+    ref = _samples(SegDataset(ad, ad.ids, exp(False), "multilabel", "val"))
+    _same(_samples(SegDataset(ad, ad.ids, exp(True), "multilabel", "val")), ref)  # fills the cache
+    (folder,) = [p for p in (tiny / "runs/_cache").iterdir() if p.name.startswith("tiny-hands-train")]
+    p = folder / name
+    p.write_bytes(dmg(p.read_bytes()))
+    _same(_samples(SegDataset(ad, ad.ids, exp(True), "multilabel", "val")), ref)
+
+
+@FUZZ
+@given(dmg=damage())
+def test_pseudo_label_set_meta(tiny, tmp_path_factory, monkeypatch, dmg):
+    import torch
+
+    from competition import paths, pseudo
+    from competition.config import load_competition
+    from competition.cv import tiles
+    from competition.data.adapters import make_adapter
+    monkeypatch.chdir(tiny)
+    comp = load_competition("tiny-hands")
+    ad = make_adapter(comp)
+    ids = list(ad.test_ids)
+    d = paths.pseudo_store("fz", 0)
+    if not tiles.exists(d):
+        rng = np.random.default_rng(2)
+        sizes = {i: ad.image_size(i, "test") for i in ids}
+        w = tiles.StoreWriter(d, ids, list(comp.classes), sizes,
+                              {"task": comp.task, "thresholds": [0.5] * len(comp.classes), "split": "test",
+                               "kept": ids, "min_confidence": 0.0})
+        for r, i in enumerate(ids):
+            w.add(r, rng.integers(0, 256, (len(comp.classes), *sizes[i]), dtype=np.uint8))
+        w.close()
+    meta = d / "meta.json"
+    good = meta.read_bytes()
+    ref = pseudo.PseudoLabels(ad, "fz", 0, comp.classes, comp.task)
+    want = {i: ref.load_mask(i) for i in ref.ids}
+    try:
+        meta.write_bytes(dmg(good))
+
+        def read():
+            pl = pseudo.PseudoLabels(ad, "fz", 0, comp.classes, comp.task)
+            return pl, {i: pl.load_mask(i) for i in pl.ids}
+        got = outcome(read, d)
+        if got is not None:  # accepted: the same labels (a `kept` list may only be shorter)
+            pl, masks = got
+            assert set(masks) <= set(want) and torch.equal(pl.thresholds, ref.thresholds)
+            for i, m in masks.items():
+                np.testing.assert_array_equal(m, want[i])
+    finally:
+        meta.write_bytes(good)
