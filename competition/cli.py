@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
             check_run(exp, k, comp)
         print(f"configuration ok: {exp.name} fold(s) {', '.join(map(str, folds))}"
               f"{f' on {comp.name}' if comp is not None else ''} "
-              f"({time.time() - t0:.1f}s; nothing was built or written)")
+              f"({time.time() - t0:.1f}s; the model was built without weights, nothing was written)")
         return 0
     try:
         for k in folds:

@@ -182,8 +182,8 @@ def test_bundle_reproduces_the_submission_byte_for_byte(proj, tmp_path):
     assert torch.get_num_threads() == 1  # the subprocess below runs with OMP_NUM_THREADS=1 too
     ref = submit("duo", out=proj / "submissions/ref.csv", progress=False, force=True).path
     bundle = make_bundle("duo", tmp_path / "bundle", log=lambda *_: None)
-    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "checkpoints", "competition.yaml",
-                                                         "recipe.yaml", "run.py"]
+    assert sorted(p.name for p in bundle.iterdir()) == [".competition-bundle.json", "README.md", "checkpoints",
+                                                         "competition.yaml", "recipe.yaml", "run.py"]
     assert len(list((bundle / "checkpoints").glob("*.pt"))) == 6
     assert set(torch.load(bundle / "checkpoints/big-fold0.pt", weights_only=True)) == {"model", "config"}
     elsewhere = tmp_path / "elsewhere"  # no project folder, no configs, no runs: only the data

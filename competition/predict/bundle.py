@@ -8,17 +8,35 @@
     DIR/wheels/                       with --wheels: the package and every runtime dependency but torch and
                                       torchvision (--wheels-torch adds them); run.py pip-installs from it
                                       with --no-index
+    DIR/.competition-bundle.json      the marker: {"format": 1, "recipe": name, "entries": [the top-level
+                                      names written], "files": [every file and folder written, relative]}
 
 The folder runs on a machine with no internet: models are rebuilt from the configs inside the
 checkpoints, no pretrained weights are fetched, and the CSV is produced by the same code as
 ``competition submit`` (so it is byte-identical on the same device). Without ``wheels/`` the package
 must be installed there already.
+
+``--out`` must be absent, an empty folder, or a bundle this command wrote; anything else is refused
+(naming what is in the way) and nothing is touched: replacing a bundle deletes the old folder, and
+that must never delete a file of the user's. A bundle of ours is one with the marker whose every
+entry, at any depth, is a file or folder the marker lists (a file the user added, even inside
+checkpoints/, refuses the replacement). A bundle written before the marker existed (recipe.yaml, no
+marker) is replaced only if it is exactly that version's layout: nothing at the top but run.py,
+recipe.yaml, competition.yaml, checkpoints/, README.md and wheels/; run.py, recipe.yaml,
+competition.yaml and checkpoints/ present; run.py the one ``competition bundle`` writes; only
+``*.pt`` files in checkpoints/ and only wheels in wheels/. What else it holds is named in the
+refusal; a folder that is not such a bundle at all is refused naming everything in it. The new
+bundle is built in a temporary folder beside ``--out`` and swapped in by two renames (the old one
+aside, the new one in), then the old one is deleted: a crash never leaves a half-written bundle
+under the name (at worst the old one, whole, as the hidden ``.<name>.<random>.tmp.old`` beside it).
 """
 from __future__ import annotations
 
 from competition.errors import UserError
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -71,7 +89,7 @@ README = """# Inference bundle: {name}
 
 Made by `competition bundle` from `{source}` (competition `{competition}`).
 
-    python run.py --data-root DATA_ROOT --out submission.csv [--device auto|cpu|cuda] [--batch-size N]
+    python run.py --data-root DATA_ROOT --out submission.csv [--device auto|cpu|cuda] [--batch-size N] [--force]
 
 `DATA_ROOT` holds the competition's test images (and sample submission) in the layout of
 `competition.yaml`. The CSV is validated before it is written. Checkpoints hold weights and the
@@ -86,6 +104,74 @@ WHEELS_README = """
 installs them with `pip install --no-index --find-links wheels` before it runs (`--no-install` skips that).
 """
 TORCH = frozenset({"torch", "torchvision"})  # preinstalled on Kaggle's GPU images, and GBs
+MARKER = ".competition-bundle.json"
+FORMAT = 1
+# What a bundle made before the marker existed holds at its top (see the module docstring).
+LEGACY = frozenset({"run.py", "recipe.yaml", "competition.yaml", "checkpoints", "README.md", "wheels"})
+LEGACY_REQUIRED = frozenset({"run.py", "recipe.yaml", "competition.yaml", "checkpoints"})
+
+
+def _relative(folder: Path) -> list[str]:
+    """Every entry under ``folder`` (files, folders, links), as sorted relative POSIX paths."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        out += [(base / n).as_posix() for n in dirs + files]
+    return sorted(out)
+
+
+def _foreign(out: Path) -> list[str]:
+    """What in the folder ``out`` a bundle of ours did not write (relative paths; [] = replaceable)."""
+    entries = _relative(out)
+    marker = out / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            data = json.loads(marker.read_text())
+            ours = set(data["files"]) | set(data["entries"]) | {MARKER}
+            if data.get("format") != FORMAT or not isinstance(data["files"], list):
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError):
+            return [MARKER + " (not a marker this version reads)"]
+        return [e for e in entries if e not in ours]
+    top = sorted(p.name for p in out.iterdir())
+    run_py = out / "run.py"
+    try:
+        ours = run_py.is_file() and not run_py.is_symlink() and \
+            "made by `competition bundle`" in run_py.read_text()[:1000]
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours or not LEGACY_REQUIRED <= set(top):
+        return top  # not a bundle: nothing in it is known to be ours
+    foreign = [e for e in top if e not in LEGACY]
+    for e in entries:
+        p = out / e
+        if e in LEGACY:
+            if p.is_symlink() or not (p.is_dir() if e in ("checkpoints", "wheels") else p.is_file()):
+                foreign.append(e)
+        elif e.startswith(("checkpoints/", "wheels/")):
+            folder, _, name = e.partition("/")
+            if "/" in name or p.is_symlink() or not p.is_file() or \
+                    not name.endswith(".pt" if folder == "checkpoints" else ".whl"):
+                foreign.append(e)
+    return foreign
+
+
+def check_out(out: Path) -> None:
+    """Refuse ``--out`` unless it is absent, an empty folder or a bundle of ours (module docstring)."""
+    out = Path(out)
+    if out.is_symlink():
+        raise ConfigError(f"--out {out}: is a symbolic link; give the folder itself (absent, empty, or a "
+                          f"bundle made by competition bundle)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; choose a new or empty folder for the bundle")
+    foreign = _foreign(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"--out {out}: is not empty and is not a bundle made by competition bundle (replacing "
+                          f"it would delete what the bundle did not write): {shown} ({len(foreign)} in all); "
+                          f"choose an empty or new folder for --out, or remove them")
 
 
 def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False, wheels_torch: bool = False,
@@ -99,14 +185,13 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
         raise ConfigError(f"--wheels-python {wheels_python!r}: expected a Python version such as 3.11")
     from competition.ledger import describe_members
     from competition.predict.run import resolve_recipe
+    out = Path(out)
+    check_out(out)  # first: what is in the way costs nothing to find
     source = resolve_recipe(ensemble)
     recipe = load_recipe(source)
     comp = load_competition(recipe.competition)
     check_recipe(recipe, comp.classes, comp.task, str(source))
     sources = iter(checkpoint_paths(recipe, Path.cwd(), str(source)))  # hashes checked here
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "recipe.yaml").is_file():
-        raise ConfigError(f"{out}: exists and is not a bundle; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # unique per process
     (tmp / "checkpoints").mkdir(parents=True)
@@ -139,15 +224,34 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
             tta="; ".join(f"{m.experiment}: {', '.join(m.tta)}" for m in recipe.members),
             scales="; ".join(f"{m.experiment}: {', '.join(f'{s:g}' for s in m.tta_scales)}" for m in recipe.members),
             wheels=note))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        (tmp / MARKER).write_text(json.dumps({
+            "format": FORMAT, "recipe": recipe.name, "made_by": f"competition {version('competition')}",
+            "entries": sorted(p.name for p in tmp.iterdir()) + [MARKER], "files": _relative(tmp)}, indent=1) + "\n")
+        _swap(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     extra = f", wheels/ ({len(list((out / 'wheels').glob('*.whl')))} wheels, {_mib(out / 'wheels'):.0f} MiB)" if wheels else ""
     log(f"wrote bundle {out}: {len(used)} checkpoints ({_mib(out / 'checkpoints'):.1f} MiB), recipe.yaml, "
         f"competition.yaml, run.py{extra}; {_mib(out):.0f} MiB in all")
     return out
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; an old ``out`` (checked again: it may have changed while we built) is set
+    aside by a rename and deleted only once the new one is in place."""
+    check_out(out)
+    old = None
+    if out.exists():
+        old = tmp.with_name(tmp.name + ".old")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)  # put the old bundle back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _mib(folder: Path) -> float:
@@ -196,8 +300,9 @@ def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None
 
 def run_bundle(folder: Path, data_root: str | None = None, out: Path = Path("submission.csv"),
                device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-               progress: bool = True):
-    """Inference from a bundle folder: the CSV at ``out`` (validated, written atomically)."""
+               progress: bool = True, force: bool = False):
+    """Inference from a bundle folder: the CSV at ``out`` (validated, written atomically; one that
+    cannot be right is refused unless ``force``, as ``competition submit`` does)."""
     from competition.predict.run import run_recipe
     folder = Path(folder).resolve()
     comp_file = folder / "competition.yaml"
@@ -207,7 +312,7 @@ def run_bundle(folder: Path, data_root: str | None = None, out: Path = Path("sub
     comp = validate(CompetitionConfig, data, comp_file)
     recipe = load_recipe(folder / "recipe.yaml")
     return run_recipe(recipe, comp, folder, Path(out), str(folder / "recipe.yaml"), device, batch_size,
-                      workers, progress=progress)
+                      workers, progress=progress, force=force)
 
 
 def main(folder: Path, argv: list[str]) -> int:
@@ -220,10 +325,12 @@ def main(folder: Path, argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-install", action="store_true", help="do not pip-install wheels/ first (run.py reads it)")
+    ap.add_argument("--force", action="store_true",
+                    help="write the CSV even where it cannot be right (the checks of competition submit --force)")
     args = ap.parse_args(argv)
     try:
         r = run_bundle(folder, args.data_root, Path(args.out), args.device, args.batch_size, args.workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, force=args.force)
     except (UserError, OSError) as e:
         from competition.cli import describe_error
         print(f"error: {describe_error(e)}", file=sys.stderr)
