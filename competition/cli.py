@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from competition.config import DEFAULT_COMPETITION, DEFAULT_EXPERIMENT, ConfigError
-from competition.errors import UserError
+from competition.errors import UserError, describe_error
 
 
 def _comp(p: argparse.ArgumentParser) -> None:
@@ -433,26 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wheels for this Python version (default: this interpreter's; implies --wheels)")
     p.set_defaults(fn=cmd_bundle)
     return ap
-
-
-_OS_HINTS = {
-    errno.ENOSPC: "the disk is full: free space (old runs/, submissions/, wandb/) and run the command again",
-    errno.EDQUOT: "the disk quota is exceeded: free space and run the command again",
-    errno.EROFS: "the file system is read-only: run from a writable copy of the project",
-    errno.EACCES: "permission denied: check the folder's owner and mode (a teammate's files?)",
-    errno.EPERM: "operation not permitted: check the folder's owner and mode",
-    errno.ENOENT: "not found",
-}
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for an expected failure: the message of a UserError; for an OSError the file, what
-    happened and what to do."""
-    if isinstance(e, OSError) and not isinstance(e, UserError):
-        what = e.strerror or str(e) or type(e).__name__
-        hint = _OS_HINTS.get(e.errno)
-        return (f"{e.filename}: " if e.filename else "") + what + (f"; {hint}" if hint and hint != what else "")
-    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,10 @@ class ConfigError(UserError, ValueError):
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored)."""
+    """Unknown keys are errors (a typo must never be silently ignored), and so are NaN and infinity in
+    any number (``lr: .nan`` would train to NaN; a NaN threshold or weight empties every mask)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -656,8 +657,8 @@ def _resolve_extends(path: Path, seen: tuple) -> dict:
 # --------------------------------------------------------------------------------------------- #
 # Ensemble recipe (ensembles/<name>.yaml): written by `competition ensemble`, read by `submit`
 # --------------------------------------------------------------------------------------------- #
-# A recipe is written by `make ensemble` but read back from a file anyone can edit: NaN or inf would
-# pass pydantic's float and turn every RLE empty (NaN weights) or full (a negative threshold).
+# A recipe is written by `make ensemble` but read back from a file anyone can edit (Strict refuses NaN
+# and inf in every model; said again here, where a NaN weight would empty every RLE).
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 

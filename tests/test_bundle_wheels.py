@@ -44,7 +44,7 @@ def test_bundle_with_wheels_runs_offline_in_a_fresh_venv(tiny_project, tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
     write_recipe(tiny_project)
     r = subprocess.run([sys.executable, "-m", "competition", "submit", "--ensemble", "core", "--out", "ref.csv",
-                        "--no-progress"], cwd=tiny_project, capture_output=True, text=True, timeout=600,
+                        "--no-progress", "--force"], cwd=tiny_project, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     bundle = tmp_path / "bundle"
@@ -72,8 +72,8 @@ def test_bundle_with_wheels_runs_offline_in_a_fresh_venv(tiny_project, tmp_path)
     elsewhere = tmp_path / "elsewhere"  # no project: only the bundle and the data
     elsewhere.mkdir()
     r = subprocess.run([str(fresh / "bin/python"), str(bundle / "run.py"), "--data-root",
-                        str(tiny_project / "data/tiny-hands"), "--out", "submission.csv", "--no-progress"],
-                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+                        str(tiny_project / "data/tiny-hands"), "--out", "submission.csv", "--no-progress",
+                        "--force"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert "48 rows" in r.stdout
     assert (elsewhere / "submission.csv").read_bytes() == (tiny_project / "ref.csv").read_bytes()

@@ -83,6 +83,7 @@ def test_writer_refuses_wrong_shapes_and_an_incomplete_store(tmp_path):
     ("index_range", "out of range or out of order"),
     ("index_dtype", "expected int32"),
     ("ids", "no original size for id"),
+    ("ids_short", "out of range or out of order"),  # one id fewer than the rows: the last rows point past it
     ("meta", "not valid JSON"),
     ("missing", "missing; the store is incomplete"),
     ("format", "not a version-2 'tiles' store"),
@@ -105,6 +106,8 @@ def test_a_damaged_store_is_refused_naming_the_file(tmp_path, damage, message):
         np.save(d / tiles.INDEX, np.load(d / tiles.INDEX).astype(np.float64))
     elif damage == "ids":
         (d / tiles.IDS).write_text(json.dumps(["img0", "other"]))
+    elif damage == "ids_short":
+        (d / tiles.IDS).write_text(json.dumps(["img0"]))
     elif damage == "meta":
         (d / tiles.META).write_text("{not json")
     elif damage == "missing":

@@ -737,7 +737,7 @@ def test_kill_while_publishing_the_truth_store(trained, tmp_path, hooks, monkeyp
 def test_submit_killed_streaming_validating_and_recording(trained, tmp_path, hooks):
     proj = copy_project(trained, tmp_path / "proj")
     r = Runner(proj, hooks, tmp_path / "logs")
-    args = ("submit", "--ensemble", "blend", "--no-progress", "--batch-size", "1")
+    args = ("submit", "--ensemble", "blend", "--no-progress", "--batch-size", "1", "--force")  # tiny models
     subs = proj / "submissions"
     _, t_ref = r.run(*args)
     found = check_artifacts(proj)

@@ -90,14 +90,15 @@ def test_folds_train_submit_and_bundle_run_without_optuna_wandb_matplotlib(tiny_
         assert r.returncode == 0, r.stderr[-3000:]
     assert (tiny_project / "runs/core/fold0/best.pt").is_file()
     write_recipe(tiny_project)
-    r = python(CLI, "submit", "--ensemble", "core", "--out", "ref.csv", "--no-progress", cwd=tiny_project)
+    r = python(CLI, "submit", "--ensemble", "core", "--out", "ref.csv", "--no-progress", "--force",
+               cwd=tiny_project)
     assert r.returncode == 0, r.stderr[-3000:]
     r = python(CLI, "bundle", "core", "--out", str(tmp_path / "bundle"), cwd=tiny_project)
     assert r.returncode == 0, r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     r = python(RUN_PATH, str(tmp_path / "bundle/run.py"), "--data-root", str(tiny_project / "data/tiny-hands"),
-               "--out", "sub.csv", "--no-progress", cwd=elsewhere)
+               "--out", "sub.csv", "--no-progress", "--force", cwd=elsewhere)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (elsewhere / "sub.csv").read_bytes() == (tiny_project / "ref.csv").read_bytes()
     # The commands that do need an extra say which.

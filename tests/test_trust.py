@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import math
+import re
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_a_valid_recipe_loads(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"thresholds.0": 1.5}, r"thresholds: 1.5 for class 'a'; expected a probability strictly between 0 and 1"),
     ({"thresholds.1": -0.2}, r"thresholds: -0.2 for class 'b'"),
-    ({"thresholds.0": float("nan")}, r"thresholds: nan for class 'a'"),
+    ({"thresholds.0": float("nan")}, r"thresholds.0: Input should be a finite number"),
     ({"thresholds.0": 0.0}, r"strictly between 0 and 1"),
     ({"thresholds": [0.5]}, r"thresholds: 1 values for 2 classes"),
     ({"members.0.weights": [float("nan")]}, r"members.0.weights.0.*finite number"),
@@ -71,7 +72,7 @@ def test_a_hand_edited_recipe_is_refused_naming_the_file_and_key(tmp_path, chang
 def test_nan_written_by_hand_as_yaml_text_is_refused(tmp_path):
     p = recipe_file(tmp_path)
     p.write_text(p.read_text().replace("- 0.4", "- .nan"))
-    with pytest.raises(ConfigError, match="thresholds: nan"):
+    with pytest.raises(ConfigError, match="thresholds.1: Input should be a finite number"):
         load_recipe(p)
 
 
@@ -161,3 +162,28 @@ def test_a_failed_checkpoint_write_is_called_a_full_disk_only_when_it_is(tmp_pat
         ckpt.save({"w": torch.zeros(1000)}, tmp_path / "last.pt")
     assert e.value.errno == code and e.value.filename == str(tmp_path / "last.pt")
     assert not list(tmp_path.iterdir())  # the temp file is gone
+
+
+def test_a_full_or_damaged_optuna_database_is_one_line_naming_it():
+    from sqlalchemy.exc import OperationalError
+
+    from competition.errors import describe_error
+    from competition.tune.study import storage_errors
+    url = "sqlite:////tmp/proj/runs/_tune/e.db"
+    with pytest.raises(OSError) as e:
+        with storage_errors(url):
+            raise OperationalError("INSERT ...", {}, Exception("database or disk is full"))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == "/tmp/proj/runs/_tune/e.db"
+    assert "the disk is full" in describe_error(e.value)
+    with pytest.raises(ConfigError, match=r"storage .*e.db.* failed: OperationalError: database disk image is "
+                                          r"malformed; if it is a damaged SQLite file"):
+        with storage_errors(url):
+            raise OperationalError("SELECT ...", {}, Exception("database disk image is malformed"))
+
+
+@pytest.mark.parametrize("override", ["optimizer.lr=nan", "train.threshold=.inf", "data.pseudo.weight=.inf"])
+def test_nan_and_infinity_are_refused_in_every_config(override):
+    from competition.config import load_experiment, parse_overrides
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be a finite number"):
+        load_experiment("baseline", parse_overrides([override]))

@@ -32,7 +32,7 @@ under the name (at worst the old one, whole, as the hidden ``.<name>.<random>.tm
 """
 from __future__ import annotations
 
-from competition.errors import UserError
+from competition.errors import UserError, describe_error
 
 import argparse
 import json
@@ -332,7 +332,6 @@ def main(folder: Path, argv: list[str]) -> int:
         r = run_bundle(folder, args.data_root, Path(args.out), args.device, args.batch_size, args.workers,
                        progress=not args.no_progress, force=args.force)
     except (UserError, OSError) as e:
-        from competition.cli import describe_error
         print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
     print(f"wrote {r.path}: {r.rows} rows, {r.images} images in {r.seconds:.1f}s ({r.images_per_s:.2f} img/s)")

@@ -11,6 +11,8 @@ continues the search.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.util
 import itertools
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from optuna.trial import TrialState
 
 from competition import paths
 from competition.config import ConfigError, SearchSpace, load_experiment, load_search, to_plain
+from competition.errors import UserError, describe_error
 from competition.tune import space as sp
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -227,12 +231,29 @@ def work(job: Job, index: int, n_trials: int) -> None:
     from competition.tune.objective import Objective
     space = load_search(job.space)
     storage = open_storage(job.storage)
-    n_before = len(optuna.load_study(study_name=job.study, storage=storage).trials)
-    seed = sampler_seed(space, index, n_before)
-    study = optuna.load_study(study_name=job.study, storage=storage, pruner=make_pruner(space, len(job.folds)),
-                              sampler=make_sampler(space, seed))
-    stop = optuna.study.MaxTrialsCallback(job.trials, states=FINISHED)
-    study.optimize(Objective(job, space, worker=index, seed=seed), n_trials=n_trials, callbacks=[stop], catch=())
+    with storage_errors(job.storage):
+        n_before = len(optuna.load_study(study_name=job.study, storage=storage).trials)
+        seed = sampler_seed(space, index, n_before)
+        study = optuna.load_study(study_name=job.study, storage=storage, pruner=make_pruner(space, len(job.folds)),
+                                  sampler=make_sampler(space, seed))
+        stop = optuna.study.MaxTrialsCallback(job.trials, states=FINISHED)
+        study.optimize(Objective(job, space, worker=index, seed=seed), n_trials=n_trials, callbacks=[stop], catch=())
+
+
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """The database's own errors mid-study as one line naming the storage: a full disk as ENOSPC (SQLite
+    says "database or disk is full"), a damaged file or a lost server as a ConfigError."""
+    from sqlalchemy.exc import SQLAlchemyError
+    try:
+        yield
+    except SQLAlchemyError as e:
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        if "disk is full" in first or "No space left" in first:
+            path = url.split("///", 1)[-1] if url.startswith("sqlite") else shown(url)
+            raise OSError(errno.ENOSPC, f"No space left on device (Optuna storage: {first})", path) from None
+        raise ConfigError(f"Optuna storage {shown(url)!r} failed: {type(e).__name__}: {first}; if it is a "
+                          f"damaged SQLite file, move it aside and run again (the study starts over)") from None
 
 
 def run(job: Job, workers: int, log=print) -> optuna.Study:
@@ -250,13 +271,23 @@ def run(job: Job, workers: int, log=print) -> optuna.Study:
         return study
     shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
     ctx = mp.get_context("spawn")  # torch and fork do not mix; spawn starts clean interpreters
-    procs = [ctx.Process(target=work, args=(job, i, n), name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
+    procs = [ctx.Process(target=_worker, args=(job, i, n), name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
     bad = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode != 0]
     if bad:
-        raise RuntimeError(f"tuning worker(s) failed: {', '.join(bad)}; their trials are marked failed in "
-                           f"{shown(job.storage)}; re-run the same command to continue")
+        raise UserError(f"tuning worker(s) failed: {', '.join(bad)} (each said why above); their trials are marked "
+                        f"failed in {shown(job.storage)}; re-run the same command to continue")
     return study
+
+
+def _worker(job: Job, index: int, n_trials: int) -> None:
+    """A worker process: an expected failure is its one line and exit code 2, as the CLI's; a bug keeps
+    its traceback."""
+    try:
+        work(job, index, n_trials)
+    except (UserError, OSError) as e:
+        print(f"error: tune-worker-{index}: {describe_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
