@@ -1,5 +1,6 @@
 """`competition ensemble` end to end: the recipe it writes, its scores, refusals; one slow test that
 trains two tiny experiments on every fold, as a new user would."""
+import re
 import shutil
 
 import numpy as np
@@ -141,7 +142,8 @@ def test_two_trained_experiments_end_to_end(tiny_project, capsys):
     # Every candidate's weights are printed and kept, so the search's survive when another candidate wins.
     for p, label in (("search", "weighted ensemble"), ("equal", "equal weights")):
         w = s["candidates"][p]["weights"]
-        assert w and abs(sum(w.values()) - 1) < 1e-4 and f"{label} weights: " in out
+        assert w and abs(sum(w.values()) - 1) < 1e-4
+        assert re.search(rf"^    {label} +" + ", ".join(rf"{re.escape(k)} {v:.3f}" for k, v in w.items()) + "$", out, re.M)
     assert len(s["candidates"]["equal"]["weights"]) == 4 and len(s["candidates"]["single"]["weights"]) == 1
     # What `submit` judges a test prediction against: the share of training images holding each class.
     assert set(s["truth_share"]) == set(comp.classes) and all(0 <= v <= 1 for v in s["truth_share"].values())

@@ -205,9 +205,10 @@ def summary(rec: Recipe) -> list[str]:
     for p, label, nums in rows:
         lines.append(f"  {'*' if p == s['chosen'] else ' '} {label:<{width}}" +
                      "".join(f"{f(x):>{w}}" for x, w in zip(nums, (10, 16))))
+    lines.append("weights of each candidate:")
     for p, label, _ in rows:
         if "weights" in s["candidates"][p]:
-            lines.append(f"  {label} weights: " + ", ".join(f"{k} {v:.3f}" for k, v in s["candidates"][p]["weights"].items()))
+            lines.append(f"    {label:<{width}}  " + ", ".join(f"{k} {v:.3f}" for k, v in s["candidates"][p]["weights"].items()))
     lines += [f"chosen: {CANDIDATE_NAMES[s['chosen']]} ({s['chosen_because']})",
               f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}",
               f"  gain over best single {g(s['gain_over_best_single']['nested'])} nested, "
