@@ -33,7 +33,7 @@ LAUNCH = $(if $(filter-out 1,$(NODES)),$(VENV)/bin/torchrun $(RENDEZVOUS) --npro
 	$(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m competition,\
 	$(PY) -m competition))
 
-.PHONY: venv constraints test-floors folds train train-all test bench clean-venv help
+.PHONY: venv constraints test-floors folds train train-all test lint bench clean-venv help
 .PHONY: submit predict bundle
 .PHONY: tune tune-report runs wandb-sync
 .PHONY: ensemble oof init pseudo
@@ -60,6 +60,7 @@ help:
 	@echo "make runs                            table of every finished run + runs/per_class_dice.png"
 	@echo "make wandb-sync                      upload offline W&B runs (wandb/) once online"
 	@echo "make test                             run the test suite"
+	@echo "make lint                             ruff, and the import layers of pyproject.toml (import-linter)"
 	@echo "make constraints                      re-pin constraints.txt from .venv (after an intended upgrade)"
 	@echo "make test-floors                      the suite's fast part on the oldest allowed versions (constraints-min.txt)"
 	@echo "make bench                            run the benchmarks (ratios measured in the same run)"
@@ -112,6 +113,12 @@ bundle: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The layers contract in pyproject.toml ([tool.importlinter]) keeps imports flowing one way, and ruff
+# the rest (unused names, import order, line length).
+lint: venv
+	$(PY) -m ruff check competition tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # BENCH="rle submit" runs only the benchmarks whose names contain those words.
 bench: venv

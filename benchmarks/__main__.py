@@ -50,7 +50,8 @@ def main(argv: list[str]) -> int:
     missing = [m for m in PEERS if importlib.util.find_spec(m) is None]
     if missing:
         print(f"the benchmark peers {', '.join(missing)} are not installed: `make venv` installs the `bench` extra "
-              f"(or: pip install --no-deps pytorch-toolbelt ttach zarr numcodecs donfig google-crc32c)", file=sys.stderr)
+              f"(or: pip install --no-deps pytorch-toolbelt ttach zarr numcodecs donfig google-crc32c)",
+              file=sys.stderr)
         return 2
     start = time.perf_counter()
     print(f"benchmarks: {', '.join(wanted)}; {_versions()}; {load()}", flush=True)

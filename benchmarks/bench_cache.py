@@ -28,10 +28,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-import torch
 from benchmarks.harness import Side, cached_vs_uncached, compare, measure, rates, temp_project
 from competition.config import CompetitionConfig, ExperimentConfig, validate
 from competition.data.adapters import make_adapter
@@ -133,7 +133,8 @@ def _main(adapter) -> None:
             f"{work}² work size and mask",
             Side(lambda: in_process(cached), note="memory-mapped rows, filled in the warm-up"),
             Side(lambda: in_process(plain), note="decode + resize + rasterise"), samples)
-        print(f"   (target >= 3x); cached vs the PNG-decode floor {samples / res.min('cached') / floor:.1f}x", flush=True)
+        print(f"   (target >= 3x); cached vs the PNG-decode floor {samples / res.min('cached') / floor:.1f}x",
+              flush=True)
         summary.append(f"{input_size}² input / {work}² work: {ratio:.1f}x in one process")
 
     # One DataLoader worker process at 1024² input, compact samples as on a GPU (see the docstring).

@@ -1,7 +1,7 @@
 """Caruana's ensemble search on a synthetic OOF store: ours against two numpy peers.
 
 Store: 3 experiments x N images x 29 classes x 256² (5 folds), written with the store's own writer
-(``competition.cv.tiles.StoreWriter``);
+(``competition.store.tiles.StoreWriter``);
 one bone-sized ellipse per image and class, members with their own blur, gain, boundary shift and
 low-frequency noise with a positive bias, the kind of soft, disagreeing predictions real OOF of the
 default experiments has (15.5% of its pixel·class pairs were uncertain; the printed fraction here must
@@ -66,7 +66,6 @@ def make_store(root: Path, n: int, noise_member: bool = False, seed: int = 0) ->
     """Write runs/m<k>/fold<f>/oof/ for each member, folds.csv and the truth store under ``root``."""
     import pandas as pd
 
-    from competition.cv import tiles
     rng = np.random.default_rng(seed)
     ids = [f"img{i:04d}" for i in range(n)]
     folds = pd.DataFrame({"id": ids, "group": ids, "fold": np.arange(n) % FOLDS})
@@ -86,7 +85,7 @@ def make_store(root: Path, n: int, noise_member: bool = False, seed: int = 0) ->
 
 
 def _write(folder: Path, ids: list, classes: list, sizes: dict, probs: np.ndarray) -> None:
-    from competition.cv import tiles
+    from competition.store import tiles
     w = tiles.StoreWriter(folder, ids, classes, sizes, {"task": "multilabel"})
     for r in range(len(ids)):
         w.add(r, probs[r])
@@ -96,7 +95,8 @@ def _write(folder: Path, ids: list, classes: list, sizes: dict, probs: np.ndarra
 def _open(root: Path):
     import pandas as pd
 
-    from competition.cv import tiles, views as store
+    from competition.store import tiles
+    from competition.store import views as store
     folds = pd.read_csv(root / "folds.csv", dtype={"id": str, "group": str})
     classes = [f"c{c}" for c in range(N_CLASSES)]
     views = [store.open_experiment(f"m{m}", folds, classes, "multilabel") for m in range(N_MEMBERS)]
@@ -104,8 +104,8 @@ def _open(root: Path):
 
 
 def ours(views, truth, stats: dict):
-    from competition.cv.views import Images
     from competition.cv import compact
+    from competition.cv.views import Images
     from competition.ensemble import search
     ev = compact.from_images(Images(views, truth, None, "multilabel"), 0.5, workers=1)
     res = search.caruana(ev, np.ones(len(truth), bool), 1.0, steps=STEPS, patience=STEPS)

@@ -29,8 +29,8 @@ C, SIZE, MODEL, M = 29, 2048, 512, 4
 
 def _case():
     from benchmarks.scale import member_probs
-    from competition.cv import tiles
     from competition.data import synthetic
+    from competition.store import tiles
     rng = np.random.default_rng(3)
     polys = synthetic._pose(synthetic._hand_29(rng), rng, SIZE, False)
     names = list(dict.fromkeys(n for n, _ in polys))
@@ -88,15 +88,17 @@ class Dense:
 
 
 def main() -> None:
-    from competition.cv import sparse, tiles
+    from competition.cv import sparse
     from competition.cv.blend import threshold_table
+    from competition.store import tiles
     members, truth, sm, st = _case()
     table = threshold_table()
     blends = [_weights(k) for k in range(3)]
     plans = [(blends[0], np.full(C, 128)), (blends[1], np.full(C, 100))]
     stack = sparse.stack(sm, st, C)
     print(f"case: 1 image x {C} classes x {SIZE}^2, {M} members; {stack.vals.shape[1]} of "
-          f"{C * (SIZE // tiles.TILE) ** 2} tiles gathered ({stack.vals.shape[1] * tiles.TILE ** 2 / (C * SIZE * SIZE):.2%} "
+          f"{C * (SIZE // tiles.TILE) ** 2} tiles gathered "
+          f"({stack.vals.shape[1] * tiles.TILE ** 2 / (C * SIZE * SIZE):.2%} "
           f"of the pixels)", flush=True)
     dense = Dense(members, truth)
 

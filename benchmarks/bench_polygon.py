@@ -104,7 +104,8 @@ def _main(cached, plain) -> None:
     ds_cached, ds_plain = dataset(cached), dataset(plain)
     _, ratio = cached_vs_uncached(f"training samples, {W}x{H} PNG + {N_POLYGONS} polygons -> {WORK[0]}² "
                                   f"(baseline augment, data.workers 0)",
-                                  Side(lambda: samples(ds_cached), note="decode + resize + augment; mask from the cache"),
+                                  Side(lambda: samples(ds_cached),
+                                       note="decode + resize + augment; mask from the cache"),
                                   Side(lambda: samples(ds_plain), note="+ parse and rasterise every epoch"), n)
     summary.append(f"training samples {ratio:.1f}x")
 

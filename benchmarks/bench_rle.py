@@ -56,7 +56,8 @@ def kaggle_decode(mask_rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 def same_values(ours: np.ndarray, peer: np.ndarray) -> str:
     """Same shape, dtype and values; the layout is reported, not required."""
-    assert ours.shape == peer.shape and ours.dtype == peer.dtype, f"{ours.shape} {ours.dtype} vs {peer.shape} {peer.dtype}"
+    assert ours.shape == peer.shape and ours.dtype == peer.dtype, (
+        f"{ours.shape} {ours.dtype} vs {peer.shape} {peer.dtype}")
     assert np.array_equal(ours, peer), f"{np.count_nonzero(ours != peer)} pixels differ"
 
     def layout(a):
@@ -65,7 +66,9 @@ def same_values(ours: np.ndarray, peer: np.ndarray) -> str:
 
 
 def main() -> None:
-    from pytorch_toolbelt.utils.rle import rle_decode as tb_decode, rle_encode as tb_encode, rle_to_string
+    from pytorch_toolbelt.utils.rle import rle_decode as tb_decode
+    from pytorch_toolbelt.utils.rle import rle_encode as tb_encode
+    from pytorch_toolbelt.utils.rle import rle_to_string
 
     mask = make_mask()
     shape, (h, w) = mask.shape, mask.shape

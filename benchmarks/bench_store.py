@@ -1,4 +1,4 @@
-"""The probability store (``competition.cv.tiles``) against zarr v3, the format the bio-imaging field uses
+"""The probability store (``competition.store.tiles``) against zarr v3, the format the bio-imaging field uses
 for large sparse arrays.
 
 Case: one hand-bone-sized image (2048^2) of one plausible member from ``benchmarks/scale.py`` (a model's
@@ -55,7 +55,7 @@ def _du(path: Path) -> int:
 def main() -> None:
     import zarr
 
-    from competition.cv import tiles
+    from competition.store import tiles
     probs = _case()
     root = Path(tempfile.mkdtemp(prefix="bench-store-"))
     ids = [f"img{k}" for k in range(N_IMAGES)]
@@ -119,7 +119,8 @@ def main() -> None:
                 raise AssertionError("different tiles")
             return "same index and tiles"
         compare("store: read one image's non-constant tiles (every ensemble pass)", lambda: as_tiles(st.sparse(0)),
-                {"zarr v3 32^2 + split": lambda: tiles.split(az[0]), "zarr v3 128^2 + split": lambda: tiles.split(ar[0])},
+                {"zarr v3 32^2 + split": lambda: tiles.split(az[0]),
+                 "zarr v3 128^2 + split": lambda: tiles.split(ar[0])},
                 check=same_tiles, extrapolate=per_image)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -79,9 +79,9 @@ def _inference(root: Path, recipe: str, smoke: bool) -> dict:
     from competition.config import load_competition, load_experiment
     from competition.data.adapters import make_adapter
     from competition.models import build_model
+    from competition.models.precision import autocast_dtype
     from competition.predict.infer import MemberPredictor, TestInputs
     from competition.predict.members import LoadedModel
-    from competition.train.engine import autocast_dtype
     cwd = os.getcwd()
     os.chdir(root)
     try:

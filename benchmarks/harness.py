@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import tempfile
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field

@@ -84,7 +84,8 @@ def recipe_line(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks pipeline", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rev", default="HEAD", help="the commit to measure (default: HEAD; uncommitted edits are not seen)")
+    ap.add_argument("--rev", default="HEAD",
+                    help="the commit to measure (default: HEAD; uncommitted edits are not seen)")
     ap.add_argument("--keep", default=None, help="run in this (new) folder and keep it, instead of a temp folder")
     args = ap.parse_args(argv)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pipeline-"))

@@ -6,7 +6,7 @@ project, for each N of ``--images`` (default 100 then 200):
 1. ``competition folds`` on a copy of ``synthetic-hands-2048`` with N training images (the generator's
    polygons are the truth; 5 group folds);
 2. 8 candidate members = 4 experiments x (plain, identity+hflip) written through the store's own
-   writer (:class:`competition.cv.tiles.StoreWriter`) fold by fold, exactly where training puts them.
+   writer (:class:`competition.store.tiles.StoreWriter`) fold by fold, exactly where training puts them.
    Each member's probabilities look like a model's at 512 -> 2048: the truth rasterised at 512, blurred,
    a smooth per-member logit field (so members disagree along the boundaries), a few spurious blobs,
    a sigmoid, uint8, then bilinear x4 to 2048 (a model's upsampling head). Experiment ``scale-d`` is the
@@ -90,9 +90,9 @@ def _write_store(task: tuple[str, str, int]) -> tuple[int, float]:
     """One member's store for one fold (run in a worker, in the project folder) -> (bytes, seconds)."""
     from competition import paths
     from competition.config import load_competition
-    from competition.cv import tiles
     from competition.data.adapters import make_adapter
     from competition.folds import load_folds
+    from competition.store import tiles
     exp, variant, fold = task
     t = time.perf_counter()
     comp = load_competition(COMP)
@@ -262,7 +262,8 @@ def main(argv: list[str]) -> int:
     if last["images"] >= TARGET_IMAGES or len(runs) == 1:
         scale = TARGET_IMAGES / last["images"]
         per_member, ens_s, peak = last["per_member"] * scale, last["ensemble_s"] * scale, last["peak"]
-        how = "measured" if last["images"] >= TARGET_IMAGES else f"x{scale:g} from {last['images']} images (peak RSS as measured)"
+        how = ("measured" if last["images"] >= TARGET_IMAGES
+               else f"x{scale:g} from {last['images']} images (peak RSS as measured)")
     else:
         a, b = runs[-2], runs[-1]
         for key in ("per_member", "ensemble_s", "peak", "write_s"):
@@ -276,7 +277,9 @@ def main(argv: list[str]) -> int:
     print(f"\nat {TARGET_IMAGES} images ({how}):")
     print(f"  the dense store of earlier versions (uint8 at the 2048 output): {dense / 1e9:.1f} GB per member "
           f"(computed), {dense * 8 / 1e9:.0f} GB for these 8 members")
-    print(f"  writing the 8 members: {_extrapolate(runs[-2], runs[-1], 'write_s') / 60 if len(runs) > 1 else last['write_s'] * TARGET_IMAGES / last['images'] / 60:.1f} min "
+    write_min = (_extrapolate(runs[-2], runs[-1], "write_s") / 60 if len(runs) > 1
+                 else last["write_s"] * TARGET_IMAGES / last["images"] / 60)
+    print(f"  writing the 8 members: {write_min:.1f} min "
           f"on this machine (a GPU run writes each fold's OOF while predicting it)")
     print(f"OOF per member: {per_member / 1e9:.2f} GB")
     print(f"ensemble: {ens_s / 60:.1f} min")

@@ -60,11 +60,10 @@ def cmd_score(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from competition.config import load_competition, load_experiment
+    from competition.config import load_competition, load_experiment, parse_overrides
     from competition.folds import load_folds
     from competition.train import distributed as dd
     from competition.train.loop import fit
-    from competition.config import parse_overrides
     exp = load_experiment(args.exp, parse_overrides(args.set))
     overrides = {"--batch-size": args.batch_size, "--input-size": args.input_size, "--workers": args.workers}
     if not args.dry_run:
@@ -190,8 +189,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from competition.predict.run import predict_experiment
     from competition.config import parse_overrides
+    from competition.predict.run import predict_experiment
     r = predict_experiment(args.exp, args.out, args.device, args.batch_size, args.workers,
                            progress=not args.no_progress, overrides=parse_overrides(args.set), force=args.force)
     _report_submission(r, args.upload, args.message, r.competition)
@@ -209,7 +208,8 @@ def cmd_lb(args) -> int:
     df = ledger.read()
     print(ledger.format_table(df))
     png = ledger.scatter(df)
-    print(f"wrote {png}" if png else "no leaderboard scores yet: record one with `competition lb SUBMISSION --public X`")
+    print(f"wrote {png}" if png
+          else "no leaderboard scores yet: record one with `competition lb SUBMISSION --public X`")
     return 0
 
 
@@ -221,8 +221,8 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_oof(args) -> int:
-    from competition.cv import oofscore
     from competition.config import parse_overrides
+    from competition.cv import oofscore
     oofscore.run(args.exp, overrides=parse_overrides(args.set), suspects=args.suspects, top=args.top, tta=args.tta,
                  scales=args.scales, csv=args.csv, truth_csv=args.truth_csv, workers=args.workers)
     return 0
@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search space: configs/search/<name>.yaml or a path (default: <exp> if present, else default)")
     p.add_argument("--trials", type=int, default=None,
                    help="finished trials the study should hold (default: the space's `trials`)")
-    p.add_argument("--fold", default=None, help="fold(s) each trial trains, e.g. 0 or 0,1 (default: the space's budget)")
+    p.add_argument("--fold", default=None,
+                   help="fold(s) each trial trains, e.g. 0 or 0,1 (default: the space's budget)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite under runs/studies/)")
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wheels", action="store_true",
                    help="add wheels/: the package and every runtime dependency but torch/torchvision (needs internet "
                         "now, none where it runs)")
-    p.add_argument("--wheels-torch", action="store_true", help="include torch and torchvision in wheels/ (GBs; implies --wheels)")
+    p.add_argument("--wheels-torch", action="store_true",
+                   help="include torch and torchvision in wheels/ (GBs; implies --wheels)")
     p.add_argument("--wheels-python", default=None, metavar="X.Y",
                    help="wheels for this Python version (default: this interpreter's; implies --wheels)")
     p.set_defaults(fn=cmd_bundle)

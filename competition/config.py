@@ -7,15 +7,25 @@ allowed values; everything downstream receives these frozen models, never raw di
 """
 from __future__ import annotations
 
-from competition.errors import UserError
-
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from competition import paths
+from competition.errors import ConfigError
+from competition.paths import NAME_RULE, is_safe_name
 
 # The project folder is the current directory (as for make and git): configs/, data/, folds/, runs/,
 # ensembles/ and submissions/ are found there. Built-in configs ship beside the package as a fallback.
@@ -27,10 +37,6 @@ def config_dirs(kind: str) -> list[Path]:
     """Where ``configs/<kind>/`` YAML files are looked up: the project first, then the checkout."""
     dirs = [Path.cwd() / "configs" / kind, PACKAGE_ROOT / "configs" / kind]
     return list(dict.fromkeys(d.resolve() for d in dirs))
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration file is invalid; the message names the file and the key."""
 
 
 class Strict(BaseModel):
@@ -558,7 +564,6 @@ class TrackingConfig(Strict):
 
 def _safe_name(v: str) -> str:
     """Names become folder and file names (runs/<exp>/, folds/<comp>.csv, ensembles/<name>.yaml)."""
-    from competition.paths import NAME_RULE, is_safe_name
     if not is_safe_name(v):
         raise ValueError(f"{v!r} is not a safe name: use {NAME_RULE}")
     return v
@@ -751,7 +756,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     """``ensembles/<name>.yaml`` in the project, or a path."""
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml"):
-        from competition import paths
         p = paths.recipe(str(name_or_path))
     return validate(Recipe, read_yaml(p), p)
 

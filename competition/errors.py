@@ -14,6 +14,10 @@ class UserError(Exception):
     """An expected failure; the message names the file, key or row and what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration file, key or name is invalid; the message names the file and the key."""
+
+
 _OS_HINTS = {
     errno.ENOSPC: "the disk is full: free space (old runs/, submissions/, wandb/) and run the command again",
     errno.EDQUOT: "the disk quota is exceeded: free space and run the command again",

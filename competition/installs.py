@@ -94,9 +94,11 @@ def project_requirements(pyproject: str | Path, extras: tuple[str, ...] = ()) ->
 
 
 def write_constraints(path: str | Path = "constraints.txt", pyproject: str | Path = "pyproject.toml",
-                      extras: tuple[str, ...] = ("all", "dev", "postgres"), no_deps: tuple[str, ...] = ("bench",)) -> int:
+                      extras: tuple[str, ...] = ("all", "dev", "postgres"),
+                      no_deps: tuple[str, ...] = ("bench",)) -> int:
     """Pin everything ``make venv`` installs to the versions installed now (``make constraints``)."""
     from packaging.requirements import Requirement
+
     from competition.io import atomic_write_text
     pins = closure(project_requirements(pyproject, extras))
     core = set(project_requirements(pyproject))

@@ -6,8 +6,6 @@ writing the same target never share a temp file.
 """
 from __future__ import annotations
 
-from competition.errors import UserError
-
 import hashlib
 import json
 import os
@@ -22,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from competition.errors import UserError
 
 _CHUNK = 1 << 20
 # ``.<target name>.<tempfile's 8 random characters>.tmp``: what atomic_path creates, and the only

@@ -109,7 +109,8 @@ def row_for(result, recipe: Recipe, recipe_sha: str, competition: str) -> dict:
             "oof_nested": _score(recipe.scores.get("at_oof_size") or {}, "nested"),
             "tta": " ".join(f"{m.experiment}:{'+'.join(m.tta)}@{','.join(f'{s:g}' for s in m.tta_scales)}"
                             for m in recipe.members),
-            "pseudo_labels": " ".join(recipe.pseudo_labels), "images": str(result.images), "seconds": f"{result.seconds:.1f}", "public_lb": "", "private_lb": ""}
+            "pseudo_labels": " ".join(recipe.pseudo_labels), "images": str(result.images),
+            "seconds": f"{result.seconds:.1f}", "public_lb": "", "private_lb": ""}
 
 
 def append(row: dict) -> None:
@@ -154,7 +155,8 @@ def cv_table(df: pd.DataFrame) -> pd.DataFrame:
     cv = nested.fillna(in_sample)
     return pd.DataFrame({"file": [Path(f).name for f in df["file"]], "ensemble": df["ensemble"],
                          "cv_in_sample": in_sample, "cv_nested": nested,
-                         "public": num["public_lb"], "private": num["private_lb"], "public_minus_cv": num["public_lb"] - cv})
+                         "public": num["public_lb"], "private": num["private_lb"],
+                         "public_minus_cv": num["public_lb"] - cv})
 
 
 def format_table(df: pd.DataFrame) -> str:

@@ -266,8 +266,10 @@ def build_loss(cfg: LossConfig, mode: str, num_classes: int,
             terms.append((t.name, t.weight, build(mode, num_classes, None if w is None else w.clone(), **kw)))
         except TypeError as e:
             target = getattr(build, "cls", None)
-            valid = [p for p in inspect.signature(target.__init__).parameters if p not in ("self", "mode")] if target else []
-            raise ConfigError(f"loss.terms[{i}] ({t.name}).kwargs: {e}" + (f"; valid: {valid}" if valid else "")) from None
+            valid = ([p for p in inspect.signature(target.__init__).parameters if p not in ("self", "mode")]
+                     if target else [])
+            raise ConfigError(f"loss.terms[{i}] ({t.name}).kwargs: {e}"
+                              + (f"; valid: {valid}" if valid else "")) from None
     return SegLoss(terms, list(ds) if ds is not None else None, ignore_index)
 
 

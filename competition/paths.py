@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from competition.errors import ConfigError
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]*")
 NAME_RULE = "letters, digits, '_', '-', '.', '+', '@' (not starting with '.' or '-'; it names a folder or file)"
 
@@ -38,7 +40,6 @@ def is_safe_name(name) -> bool:
 
 def check_name(kind: str, name: str) -> str:
     """``name`` if it is a safe single path component, else a ConfigError naming ``kind``."""
-    from competition.config import ConfigError
     if not is_safe_name(name):
         raise ConfigError(f"{kind} name {name!r}: use {NAME_RULE}")
     return name
@@ -46,7 +47,6 @@ def check_name(kind: str, name: str) -> str:
 
 def inside(root: Path, path: Path) -> Path:
     """``path``, proven to lie inside ``root`` (resolving symlinks and ``..``)."""
-    from competition.config import ConfigError
     r, p = Path(root).resolve(), Path(path).resolve()
     if p != r and r not in p.parents:
         raise ConfigError(f"{path} lies outside {root}; refusing to write there")

@@ -10,12 +10,12 @@ then tested per uint64 word, and only the few words that contain a transition ar
 """
 from __future__ import annotations
 
-from competition.errors import UserError
-
 import math
 import re
 
 import numpy as np
+
+from competition.errors import UserError
 
 ORDERS = ("row-major", "column-major")
 

@@ -50,7 +50,8 @@ def collect(pattern: str = "*") -> tuple[pd.DataFrame, dict[str, dict]]:
         try:
             m = json.loads(read_text(mfile, "metrics file"))
         except (ReadError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{mfile}: unreadable metrics file ({e}); delete the fold folder or re-train it") from None
+            raise ConfigError(f"{mfile}: unreadable metrics file ({e}); "
+                              f"delete the fold folder or re-train it") from None
         cfg = read_yaml(rp.config) if rp.config.is_file() else {}
         params = flatten((cfg or {}).get("experiment", {}))
         pc = m.get("val_dice_per_class") or {}
@@ -107,7 +108,8 @@ def plot(df: pd.DataFrame, per_class: dict[str, dict], path: Path) -> Path:
     for i, e in enumerate(exps):
         s = frames[e].reindex(classes)
         folds = int((df["experiment"] == e).sum())
-        ax.bar(x - 0.4 + width * (i + 0.5), s.values, width, label=f"{e} ({s.mean():.3f}, {folds} fold{'s' * (folds > 1)})")
+        ax.bar(x - 0.4 + width * (i + 0.5), s.values, width,
+               label=f"{e} ({s.mean():.3f}, {folds} fold{'s' * (folds > 1)})")
     ax.set_xticks(x, classes, rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("best validation Dice")

@@ -11,8 +11,6 @@ extra rows are ignored, and what was forgiven is listed in ``ScoreResult.problem
 """
 from __future__ import annotations
 
-from competition.errors import UserError
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pandas as pd
 
 from competition import rle
 from competition.config import CompetitionConfig
+from competition.errors import UserError
 from competition.io import ReadError, read_csv
 from competition.metrics import pair_metric, score_counts
 
@@ -48,7 +47,8 @@ class ScoreResult:
         lines += [f"  also {name}: {r['mean']:.4f}" for name, r in self.report.items()]
         width = max([len("class"), *map(len, self.per_class)])
         lines.append(f"  {'class':<{width}}  {self.metric:>6}" + "".join(f"  {n:>11}" for n in self.report))
-        lines += [f"  {name:<{width}}  {score:6.4f}" + "".join(f"  {r['per_class'][name]:11.4f}" for r in self.report.values())
+        lines += [f"  {name:<{width}}  {score:6.4f}"
+                  + "".join(f"  {r['per_class'][name]:11.4f}" for r in self.report.values())
                   for name, score in self.per_class.items()]
         if self.problems:
             lines.append(f"{len(self.problems)} problems forgiven by lenient scoring ({ROWS_NOTE}):")

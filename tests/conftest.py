@@ -39,7 +39,7 @@ def tiny_data_cache(tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        from competition.config import validate, CompetitionConfig
+        from competition.config import CompetitionConfig, validate
         from competition.data.synthetic import ensure_generated
         ensure_generated(validate(CompetitionConfig, tiny_competition(), "tiny"))
     finally:

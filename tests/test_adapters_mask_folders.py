@@ -77,7 +77,8 @@ def test_binary_ids_groups_test_ids_and_masks(binary):
 def test_requested_size_is_nearest_resize(binary, size):
     ad = make_adapter(cfg(binary))
     h, w = size
-    np.testing.assert_array_equal(ad.load_mask("a", size)[0], cv2.resize(BIN["a"], (w, h), interpolation=cv2.INTER_NEAREST))
+    np.testing.assert_array_equal(ad.load_mask("a", size)[0],
+                                  cv2.resize(BIN["a"], (w, h), interpolation=cv2.INTER_NEAREST))
 
 
 def test_groups_none_folder_and_default_meta(binary, tmp_path):
@@ -179,7 +180,8 @@ def test_duplicate_stem(binary):
 def test_meta_csv_group_conflicts_and_gaps(binary):
     (binary / "meta.csv").write_text("id,group\na,g1\nb,g1\nc,g2\nc,g3\n")
     ad = make_adapter(cfg(binary, groups={"source": "column", "column": "group"}))
-    with pytest.raises(DataError, match=r"meta\.csv: conflicting 'group' values .*'c': 'g2' \(line 4\), 'g3' \(line 5\)"):
+    with pytest.raises(DataError,
+                       match=r"meta\.csv: conflicting 'group' values .*'c': 'g2' \(line 4\), 'g3' \(line 5\)"):
         ad.groups()
     (binary / "meta.csv").write_text("id,group\na,g1\nb,g1\n")
     with pytest.raises(DataError, match=r"meta\.csv: no 'group' \(group\) for training image\(s\) c"):

@@ -10,15 +10,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_competition
 
 from competition.config import CompetitionConfig, load_competition, validate
 from competition.data.adapters import make_adapter
-from competition.data.alignment import (LabelFitError, boundary, check_pixel_order, edge_map, order_evidence,
-                                        transpose_fit)
+from competition.data.alignment import (
+    LabelFitError,
+    boundary,
+    check_pixel_order,
+    edge_map,
+    order_evidence,
+    transpose_fit,
+)
 from competition.folds import run
 from competition.rle import encode
-
-from conftest import tiny_competition
 
 SIZE = 128  # the synthetic hands at 64 px are too coarse for the bones' edges to be told apart reliably
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from test_train import write_exp
 
 from competition.cli import main
 from competition.config import load_experiment
 from competition.train.averaging import mean_state
-from test_train import write_exp
 
 
 def test_mean_state_is_the_elementwise_mean_and_keeps_counters():

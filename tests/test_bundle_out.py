@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_competition
+from test_installs import EXP, write_recipe
 
 from competition.cli import main
 from competition.predict import bundle as b
-from conftest import tiny_competition
-from test_installs import EXP, write_recipe
 
 LAYOUT = ["README.md", "checkpoints", "competition.yaml", "recipe.yaml", "run.py"]
 

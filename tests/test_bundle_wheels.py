@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_installs import CLI, EXP, REPO, python, write_recipe
 
 from competition.installs import closure, project_requirements
-
-from test_installs import CLI, EXP, REPO, python, write_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -72,6 +72,7 @@ def test_cached_samples_are_bit_identical(tiny_project, task, mode, kw):
 
 def test_rgb_and_16_bit_images_are_cached_exactly(project):
     import yaml
+
     from tests.conftest import tiny_competition
     for name, image in (("tiny-rgb", {"channels": "rgb", "bit_depth": 8}),
                         ("tiny-16", {"channels": "grayscale", "bit_depth": 16})):
@@ -238,6 +239,7 @@ def test_a_cached_training_run_equals_an_uncached_one(tiny_project):
     """Train (2 epochs), validate and write the OOF with and without the cache: the same run."""
     import pandas as pd
     import yaml
+
     from competition.cli import main
     from competition.config import load_experiment
     from competition.train.loop import fit
@@ -255,7 +257,7 @@ def test_a_cached_training_run_equals_an_uncached_one(tiny_project):
     a, b = (pd.read_csv(runs / n / "fold0/history.csv") for n in ("plain", "cached"))
     assert a["val_dice"].tolist() == pytest.approx(b["val_dice"].tolist(), abs=1e-6)
     assert a["train_loss"].tolist() == pytest.approx(b["train_loss"].tolist(), abs=1e-6)
-    from competition.cv import tiles
+    from competition.store import tiles
     pa, pb = (tiles.open_store(runs / n / "fold0/oof") for n in ("plain", "cached"))
     assert pa.ids == pb.ids
     for i in range(len(pa)):

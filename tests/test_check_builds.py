@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train import write_exp
 
 from competition.cli import main
-from test_train import write_exp
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The tiled probability store (competition.cv.tiles) and the sparse ensemble passes (competition.cv.sparse):
+"""The tiled probability store (competition.store.tiles) and the sparse ensemble passes (competition.cv.sparse):
 round trips, every check of a damaged store, and each pass against a dense reference computed pixel by
 pixel with the submission's own arithmetic."""
 import json
@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from competition.cv import sparse, tiles
+from competition.cv import sparse
 from competition.cv.blend import threshold_table
-from competition.predict.infer import blend
+from competition.store import tiles
+from competition.store.probs import blend
 
 
 def _probs(rng, C: int, H: int, W: int) -> np.ndarray:
@@ -87,8 +88,10 @@ def test_writer_refuses_wrong_shapes_and_an_incomplete_store(tmp_path):
     ("meta", "not valid JSON"),
     ("missing", "missing; the store is incomplete"),
     ("format", "not a version-2 'tiles' store"),
+    # one byte of a tile changed, the length kept
     ("flip", "image 'img1' fails its checksum"),
-    ("swap", "image 'img1' fails its checksum"),  # ids.json edited: two images' tiles trade names  # one byte of a tile changed, the length kept
+    # ids.json edited: two images' tiles trade names
+    ("swap", "image 'img1' fails its checksum"),
     ("sums", "sums.npy: expected uint32"),
 ])
 def test_a_damaged_store_is_refused_naming_the_file(tmp_path, damage, message):
@@ -125,7 +128,8 @@ def test_a_damaged_store_is_refused_naming_the_file(tmp_path, damage, message):
         (d / tiles.IDS).write_text(json.dumps(["img1", "img0"]))
         meta = json.loads((d / tiles.META).read_text())
         sizes = meta["original_sizes"]
-        (d / tiles.META).write_text(json.dumps({**meta, "original_sizes": {"img0": sizes["img1"], "img1": sizes["img0"]}}))
+        (d / tiles.META).write_text(json.dumps(
+            {**meta, "original_sizes": {"img0": sizes["img1"], "img1": sizes["img0"]}}))
     elif damage == "sums":
         np.save(d / tiles.SUMS, np.zeros(5, np.int64))
     with pytest.raises(tiles.StoreError, match=message) as e:
@@ -144,8 +148,9 @@ def test_a_dense_store_of_an_earlier_version_is_refused(tmp_path):
 
 
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
-    from competition.config import ConfigError
     import shutil
+
+    from competition.config import ConfigError
     need = tiles.estimate_sizes([(2048, 2048)] * 160, 29)
     assert 1.5e9 < need < 3e9  # one hand-bone fold at 10 % of its dense 19.5 GB
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
@@ -253,8 +258,8 @@ def test_writer_on_threads_writes_the_same_store(tmp_path):
     ids = [f"i{k}" for k in range(7)]
     probs = [_probs(rng, 3, 40 + k, 33) for k in range(7)]
     for workers in (1, 3):
-        w = tiles.StoreWriter(tmp_path / f"w{workers}", ids, ["a", "b", "c"], {i: p.shape[1:] for i, p in zip(ids, probs)},
-                              {}, tile=16, workers=workers)
+        w = tiles.StoreWriter(tmp_path / f"w{workers}", ids, ["a", "b", "c"],
+                              {i: p.shape[1:] for i, p in zip(ids, probs)}, {}, tile=16, workers=workers)
         for r in (3, 0, 6, 1, 2, 5, 4):
             w.add(r, probs[r])
         w.close()

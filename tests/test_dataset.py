@@ -66,7 +66,8 @@ def test_multiclass_target_is_an_index_map(tiny_project):
 
 def test_unknown_transform_and_bad_params_name_the_key():
     from competition.config import Transform
-    with pytest.raises(ConfigError, match=r"augment.train\[0\]: unknown albumentations transform 'Flipp'.*HorizontalFlip"):
+    with pytest.raises(ConfigError,
+                       match=r"augment.train\[0\]: unknown albumentations transform 'Flipp'.*HorizontalFlip"):
         build_pipeline([Transform(name="Flipp")], "augment.train")
     with pytest.raises(ConfigError, match=r"augment.train\[0\]: invalid parameters for Affine"):
         build_pipeline([Transform(name="Affine", rotatee=3)], "augment.train")

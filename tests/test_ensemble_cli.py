@@ -6,13 +6,13 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from test_ensemble_util import blurred, fold_project, good, noise, write_member
 
 from competition import paths
 from competition.cli import main
 from competition.config import load_recipe
-from competition.cv import tiles
-from competition.train.checkpoint import file_hash
-from test_ensemble_util import blurred, fold_project, good, noise, write_member
+from competition.io import file_hash
+from competition.store import tiles
 
 
 @pytest.fixture
@@ -143,7 +143,8 @@ def test_two_trained_experiments_end_to_end(tiny_project, capsys):
     for p, label in (("search", "weighted ensemble"), ("equal", "equal weights")):
         w = s["candidates"][p]["weights"]
         assert w and abs(sum(w.values()) - 1) < 1e-4
-        assert re.search(rf"^    {label} +" + ", ".join(rf"{re.escape(k)} {v:.3f}" for k, v in w.items()) + "$", out, re.M)
+        assert re.search(rf"^    {label} +" + ", ".join(rf"{re.escape(k)} {v:.3f}" for k, v in w.items()) + "$",
+                         out, re.M)
     assert len(s["candidates"]["equal"]["weights"]) == 4 and len(s["candidates"]["single"]["weights"]) == 1
     # What `submit` judges a test prediction against: the share of training images holding each class.
     assert set(s["truth_share"]) == set(comp.classes) and all(0 <= v <= 1 for v in s["truth_share"].values())

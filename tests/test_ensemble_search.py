@@ -2,12 +2,12 @@
 constructed members (a noise member gets weight 0, complementary members are both used)."""
 import numpy as np
 import pytest
+from test_ensemble_util import ArrayView, brute_counts
 
 from competition.cv import compact
-from competition.ensemble import search
 from competition.cv.blend import blend_labels, truth_labels
+from competition.ensemble import search
 from competition.metrics import dice_from_counts
-from test_ensemble_util import ArrayView, brute_counts
 
 
 def _random_case(seed=0, N=5, C=3, M=3, size=(16, 12)):

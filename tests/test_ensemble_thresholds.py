@@ -2,13 +2,14 @@
 the ensemble's native passes (``competition.cv.native``) on in-memory stores."""
 import cv2
 import numpy as np
+from test_ensemble_util import ArrayView, memory_images, underconfident
 
 from competition.config import PostProcess
-from competition.cv import compact, native, postprocess as pp
+from competition.cv import compact, native
+from competition.cv import postprocess as pp
 from competition.cv.blend import blend_levels, threshold_value
 from competition.cv.thresholds import HALF, at_levels, choose_levels
 from competition.metrics import dice_per_class
-from test_ensemble_util import ArrayView, memory_images, underconfident
 
 
 def curves(members, truth, blends, task, metric):

@@ -2,7 +2,7 @@
 
 A member is a function truth (n, C, H, W) uint8 {0,1} + rng -> probabilities uint8 (n, C, H, W) at the
 images' original size; it is written fold by fold through the store's own writer
-(``competition.cv.tiles.StoreWriter``), exactly where training would put it.
+(``competition.store.tiles.StoreWriter``), exactly where training would put it.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import yaml
 
 from competition import paths
-from competition.cv import tiles
 from competition.config import load_competition
 from competition.data.adapters import make_adapter
 from competition.folds import load_folds
+from competition.store import tiles
 
 SIZE = 64
 

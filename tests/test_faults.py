@@ -46,7 +46,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_competition
 
 EXP = {"competition": "tiny-hands",
@@ -305,8 +304,8 @@ def _check_data(root: Path, temps: list) -> bool:
 
 
 def _check_run(rp_root: Path, fold: int, folds: pd.DataFrame | None, temps: list) -> dict:
-    from competition.cv import tiles
-    from competition.train import checkpoint as ckpt
+    from competition import checkpoint as ckpt
+    from competition.store import tiles
     info = {}
     for p in _entries(rp_root, temps):
         if p.name in ("last.pt", "best.pt"):
@@ -365,7 +364,7 @@ def check_artifacts(root: Path) -> dict:
         if (root / "runs").is_dir():
             for e in _entries(root / "runs", temps):
                 if e.name == "_truth":
-                    from competition.cv import tiles
+                    from competition.store import tiles
                     for t in _entries(e, temps):
                         if not t.is_dir():
                             _bad(t, "unknown file in runs/_truth")
@@ -494,7 +493,7 @@ def test_folds_killed_during_generation_install_and_writing(tmp_path, hooks):
 # train
 # --------------------------------------------------------------------------------------------- #
 def _last_epochs(proj: Path) -> dict:
-    from competition.train import checkpoint as ckpt
+    from competition import checkpoint as ckpt
     return {p.parent.name: ckpt.load(p)["state"]["epoch"] for p in sorted(proj.glob("runs/t/fold*/last.pt"))}
 
 
@@ -503,7 +502,7 @@ def test_train_all_folds_killed_at_every_phase_then_resumed(tmp_path, tiny_data_
     """`competition train --fold all` (3 folds x 3 epochs) killed during start-up and data listing,
     while writing last.pt, mid-epoch, while writing and while swapping an OOF store, and later; the
     last rerun equals an uninterrupted run."""
-    from competition.cv import tiles
+    from competition.store import tiles
     cfg = exp_with(train={"epochs": 3})
     ref = new_project(tmp_path / "ref", tiny_data_cache, t=cfg)
     proj = new_project(tmp_path / "proj", tiny_data_cache, t=cfg)
@@ -537,7 +536,7 @@ def test_train_all_folds_killed_at_every_phase_then_resumed(tmp_path, tiny_data_
     assert _last_epochs(proj) == before  # ... and the named one is untouched
     # 5. Injected: writing fold 0's second OOF store (the TTA variant; its writer has just made its
     #    hidden temp folder): the plain store is whole under its name, the variant is not there.
-    r.inject({"target": "competition.cv.tiles:StoreWriter.__init__", "match": "oof-identity+hflip", "n": 1,
+    r.inject({"target": "competition.store.tiles:StoreWriter.__init__", "match": "oof-identity+hflip", "n": 1,
               "when": "after"}, *args)
     found = check_artifacts(proj)
     assert not half & temp_files(proj, "runs/t/fold*/.*.tmp"), "the rerun removed the half-written last.pt temp"
@@ -601,8 +600,8 @@ def test_full_disk_while_writing_last_pt_is_one_line_and_keeps_the_previous_chec
     import shutil as sh
     from collections import namedtuple
 
+    from competition import checkpoint as ckpt
     from competition.cli import main
-    from competition.train import checkpoint as ckpt
     (tiny_project / "configs/experiments/t.yaml").write_text(yaml.safe_dump(exp_with()))
     assert main(["folds", "--comp", COMP]) == 0
     capsys.readouterr()
@@ -685,7 +684,7 @@ def test_ensemble_killed_during_truth_cache_search_native_pass_and_writing(train
 
     # Building the truth store: killed after its second image, the store is only a hidden temp folder.
     shutil.rmtree(proj / "runs/_truth")
-    r.inject({"target": "competition.cv.tiles:StoreWriter.add_split", "n": 2, "when": "after"}, *args)
+    r.inject({"target": "competition.store.tiles:StoreWriter.add_split", "n": 2, "when": "after"}, *args)
     assert not [p for p in (proj / "runs/_truth").iterdir() if not p.name.startswith(".")] and unchanged()["temps"]
     # The weight search (the second Caruana selection: a nested fold's).
     r.inject({"target": "competition.ensemble.search:caruana", "n": 2, "when": "before"}, *args)
@@ -721,7 +720,7 @@ def test_kill_while_publishing_the_truth_store(trained, tmp_path, hooks, monkeyp
     shutil.rmtree(proj / "runs/_truth")
     r = Runner(proj, hooks, tmp_path / "logs")
     args = ("ensemble", "--name", "blend", "a", "b")
-    r.inject({"target": "competition.cv.tiles:StoreWriter.close", "n": 1, "when": "before"}, *args)
+    r.inject({"target": "competition.store.tiles:StoreWriter.close", "n": 1, "when": "before"}, *args)
     truth = proj / "runs/_truth"
     (temp,) = [p for p in truth.iterdir()]  # written whole, never published
     assert temp.name.startswith(".") and temp.is_dir()

@@ -254,6 +254,7 @@ def test_balance_warning_names_the_sizes_and_the_remedies():
 
 def test_cli_folds_warns_about_lopsided_folds(tmp_path, monkeypatch, capsys):
     import yaml
+
     from competition.cli import main
     monkeypatch.chdir(tmp_path)
     for s, n in (("p1", 2), ("p2", 3), ("p3", 9)):

@@ -121,7 +121,7 @@ def test_experiment_yaml(tmp_path_factory, dmg):
 # --------------------------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from competition.cv import tiles
+    from competition.store import tiles
     rng = np.random.default_rng(0)
     d = tmp_path_factory.mktemp("store") / "oof"
     sizes = {"a": (40, 50), "b": (33, 17), "c": (64, 64)}
@@ -140,7 +140,7 @@ def store(tmp_path_factory):
 @FUZZ
 @given(name=st.sampled_from(["meta.json", "ids.json", "index.npy", "tiles.bin", "sums.npy"]), dmg=damage())
 def test_tile_store(store, tmp_path_factory, name, dmg):
-    from competition.cv import tiles
+    from competition.store import tiles
     src, probs = store
     d = tmp_path_factory.mktemp("s") / "oof"
     damaged_copy(src, d, name, dmg)
@@ -158,7 +158,7 @@ def test_tile_store(store, tmp_path_factory, name, dmg):
 
 @pytest.mark.parametrize("array", ["float64", "object", "shape", "nan"])
 def test_tile_store_arrays_of_the_wrong_kind(store, tmp_path, array):
-    from competition.cv import tiles
+    from competition.store import tiles
     src, _ = store
     d = tmp_path / "oof"
     shutil.copytree(src, d)
@@ -185,7 +185,8 @@ CLASSES = ["thumb", "index"]
 @pytest.fixture(scope="module")
 def csvs(tmp_path_factory):
     from competition.config import CompetitionConfig, validate
-    base = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs/competitions/synthetic-hands.yaml").read_text())
+    base = yaml.safe_load(
+        (Path(__file__).resolve().parent.parent / "configs/competitions/synthetic-hands.yaml").read_text())
     base.update(classes=CLASSES)
     base["submission"] = {**base["submission"], "sample_submission": None, "test_truth": None}
     cfg = validate(CompetitionConfig, base, "test")
@@ -390,10 +391,11 @@ def test_sample_cache(tiny, monkeypatch, name, dmg):
 def test_pseudo_label_set_meta(tiny, tmp_path_factory, monkeypatch, dmg):
     import torch
 
-    from competition import paths, pseudo
+    from competition import paths
     from competition.config import load_competition
-    from competition.cv import tiles
+    from competition.data import pseudo as data_pseudo
     from competition.data.adapters import make_adapter
+    from competition.store import tiles
     monkeypatch.chdir(tiny)
     comp = load_competition("tiny-hands")
     ad = make_adapter(comp)
@@ -410,13 +412,13 @@ def test_pseudo_label_set_meta(tiny, tmp_path_factory, monkeypatch, dmg):
         w.close()
     meta = d / "meta.json"
     good = meta.read_bytes()
-    ref = pseudo.PseudoLabels(ad, "fz", 0, comp.classes, comp.task)
+    ref = data_pseudo.PseudoLabels(ad, "fz", 0, comp.classes, comp.task)
     want = {i: ref.load_mask(i) for i in ref.ids}
     try:
         meta.write_bytes(dmg(good))
 
         def read():
-            pl = pseudo.PseudoLabels(ad, "fz", 0, comp.classes, comp.task)
+            pl = data_pseudo.PseudoLabels(ad, "fz", 0, comp.classes, comp.task)
             return pl, {i: pl.load_mask(i) for i in pl.ids}
         got = outcome(read, d)
         if got is not None:  # accepted: the same labels (a `kept` list may only be shorter)

@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from competition.config import (IGNORE_INDEX, CompetitionConfig, ConfigError, ExperimentConfig, LossConfig,
-                                LossTerm)
+from competition.config import IGNORE_INDEX, CompetitionConfig, ConfigError, ExperimentConfig, LossConfig, LossTerm
 from competition.data.adapters import make_adapter
 from competition.losses import build_loss
 from competition.rle import encode
@@ -235,9 +234,9 @@ def test_validation_dice_leaves_ignored_pixels_out_only_for_exclude(tmp_path, me
 def test_oof_dice_excludes_ignored_pixels_only_for_exclude(tmp_path, metric):
     """An OOF store at the original size (class a predicted on its pixels and on every void pixel)
     scored against the truth: the void pixels count only with ``ignore.metric: background``."""
-    from competition.cv import tiles
-    from competition.cv.views import Images, MemoryTruth
     from competition.cv.oofscore import per_image
+    from competition.cv.views import Images, MemoryTruth
+    from competition.store import tiles
     comp = mask_folders(tmp_path / "data", metric=metric)
     ad = make_adapter(comp)
     m = index_mask()
@@ -264,11 +263,11 @@ def test_report_metrics_binarise_a_multiclass_oof_as_the_submission_does(tmp_pat
     import torch
 
     from competition.config import MetricSpec
-    from competition.cv import tiles
-    from competition.cv.views import Images, MemoryTruth
     from competition.cv.oofscore import per_image, report_metrics
+    from competition.cv.views import Images, MemoryTruth
     from competition.metrics import PairMetric
-    from competition.predict.infer import binarize, blend
+    from competition.store import tiles
+    from competition.store.probs import binarize, blend
     comp = mask_folders(tmp_path / "data", metric="exclude")
     ad = make_adapter(comp)
     m = index_mask()

@@ -8,10 +8,10 @@ import importlib.metadata as md
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -42,7 +42,7 @@ def python(code: str, *args: str, blocked=EXTRAS, cwd: Path = REPO, timeout: int
 def write_recipe(project: Path, exp: str = "core", name: str = "core") -> None:
     """A one-member, one-fold recipe over runs/<exp>/fold0/best.pt."""
     from competition.config import Recipe, RecipeCheckpoint, RecipeMember, dump_yaml, load_competition
-    from competition.train.checkpoint import file_hash
+    from competition.io import file_hash
     comp = load_competition("tiny-hands")
     ck = RecipeCheckpoint(path=f"runs/{exp}/fold0/best.pt", sha256=file_hash(project / f"runs/{exp}/fold0/best.pt"))
     recipe = Recipe(name=name, competition="tiny-hands", task="multilabel", classes=comp.classes,

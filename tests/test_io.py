@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from competition.io import (ReadError, atomic_path, atomic_write_bytes, atomic_write_text, clean_stale_temps,
-                            file_hash, is_temp_name, read_text)
+from competition.io import (
+    ReadError,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    clean_stale_temps,
+    file_hash,
+    is_temp_name,
+    read_text,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 

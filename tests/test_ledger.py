@@ -53,7 +53,8 @@ def test_rows_scores_and_table(project):
     t = ledger.cv_table(ledger.read())
     assert t.loc[0, "public_minus_cv"] == pytest.approx(0.8512 - 0.88)  # nested CV when known
     assert "0.8512" in ledger.format_table(ledger.read())
-    with pytest.raises(ValueError, match=r"nope.csv: not in .*ledger.csv; recent submissions: 2025-e1.csv, 2025-e2.csv"):
+    with pytest.raises(ValueError,
+                       match=r"nope.csv: not in .*ledger.csv; recent submissions: 2025-e1.csv, 2025-e2.csv"):
         ledger.record("nope.csv", public=0.5)
     with pytest.raises(ValueError, match="between 0 and 1"):
         ledger.record(first, public=97.3)
@@ -123,4 +124,5 @@ def test_upload_says_clearly_why_not(tmp_path, monkeypatch):
     (tmp_path / "kcfg").mkdir()
     (tmp_path / "kcfg/kaggle.json").write_text("{}")
     assert ledger.upload(sub, kaggle_comp(), "first try") == "Successfully submitted"
-    assert log.read_text().split() == ["competitions", "submit", "-c", "hand-bones", "-f", str(sub), "-m", "first", "try"]
+    assert log.read_text().split() == ["competitions", "submit", "-c", "hand-bones", "-f", str(sub),
+                                       "-m", "first", "try"]

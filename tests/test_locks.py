@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import write_exp
 
 from competition import locks, paths
 from competition.cli import main
-from test_train import write_exp
 
 # A process holding a lock: argv = lock path, ex|sh, then the command it pretends to be (the record's
 # command is `competition <args>` for `python -c`). It prints "ready" once it holds the lock and keeps

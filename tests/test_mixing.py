@@ -3,6 +3,7 @@ multiclass), seeding (pure function of seed/epoch/step/op/rank, never the global
 validation, and end to end: training with mixup (also interrupted and resumed) and with
 copy_paste + cutmix on a multiclass competition."""
 import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -217,8 +218,9 @@ def test_rare_classes_come_from_the_training_set_when_the_loader_has_one():
 
 # -- config ----------------------------------------------------------------------------------------
 def _exp_comp(**sections):
-    from competition.config import CompetitionConfig, ExperimentConfig, validate
     from conftest import tiny_competition
+
+    from competition.config import CompetitionConfig, ExperimentConfig, validate
     comp = validate(CompetitionConfig, tiny_competition(), "tiny-hands")
     exp = validate(ExperimentConfig, {"name": "e", "competition": "tiny-hands", **sections}, "e")
     return exp, comp
@@ -256,8 +258,9 @@ class _Stop(Exception):
 def test_mixup_trains_scores_and_resumes_exactly(folded, monkeypatch):
     """A tiny multilabel run with mixup at p=1 trains and scores; the same run stopped after epoch 1
     and resumed from last.pt reproduces it (the mix of every batch is seeded, not drawn globally)."""
-    from competition.train.loop import fit
     from test_train import write_exp
+
+    from competition.train.loop import fit
     mix = {"batch": [{"name": "mixup", "p": 1.0, "alpha": 0.4}]}
     write_exp(folded, "mix", augment=mix, train={"epochs": 2}, tracking={"wandb": False})
     n_targets, loss = [], mixing.mixed_loss
@@ -288,10 +291,11 @@ def test_mixup_trains_scores_and_resumes_exactly(folded, monkeypatch):
 
 @pytest.mark.slow
 def test_copy_paste_and_cutmix_train_a_multiclass_competition(tiny_project, monkeypatch):
-    from competition.cli import main
-    from competition.train.loop import fit
     from conftest import tiny_competition
     from test_train import write_exp
+
+    from competition.cli import main
+    from competition.train.loop import fit
     (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition(**MC)))
     assert main(["folds", "--comp", "tiny-hands"]) == 0
     write_exp(tiny_project, "mc", model={"arch": "Unet", "encoder": "tu-test_resnet"}, data={"input_size": 32},
@@ -315,8 +319,9 @@ def test_copy_paste_and_cutmix_train_a_multiclass_competition(tiny_project, monk
 
 
 def test_unknown_class_fails_training_before_the_first_step(folded):
-    from competition.train.loop import fit
     from test_train import write_exp
+
+    from competition.train.loop import fit
     write_exp(folded, "bad", augment={"batch": [{"name": "copy_paste", "classes": ["nope"]}]},
               train={"epochs": 1}, tracking={"wandb": False})
     with pytest.raises(ConfigError, match=r"augment\.batch\[0\]\.classes: unknown class 'nope'; valid: "):

@@ -144,8 +144,9 @@ def test_imagenet_offline_fails_fast_with_the_remedy(encoder, monkeypatch, empty
 
 def test_unreachable_hub_fails_fast_without_hf_hub_offline(monkeypatch, empty_hub_cache):
     """No HF_HUB_OFFLINE and no network: the hub alone would retry for ~25 s; the probe stops that."""
-    import competition.models as models
     from huggingface_hub import constants
+
+    import competition.models as models
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)

@@ -211,8 +211,8 @@ def test_nonsquare_multiclass_with_void_trains_and_maps_back_to_native_sizes(ns_
     meta = json.loads((ns_project / "runs/lb/fold0/oof/meta.json").read_text())
     assert "size" not in meta and {tuple(v) for v in meta["original_sizes"].values()} <= {(64, 96), (48, 80)}
     # Each OOF row is the whole native image (no letterbox padding, not the 32x64 model input).
-    from competition.cv import tiles
     from competition.data.adapters import make_adapter
+    from competition.store import tiles
     adapter = make_adapter(load_competition("ns"))
     for k in (0, 1):
         st = tiles.open_store(ns_project / f"runs/lb/fold{k}/oof")

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from test_ensemble_util import fold_project, good, write_member
 
 from competition import paths
 from competition.cli import main
-from competition.cv import tiles
 from competition.cv import views as store
 from competition.io import file_hash
-from test_ensemble_util import fold_project, good, write_member
+from competition.store import tiles
 
 
 @pytest.fixture

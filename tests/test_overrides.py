@@ -4,10 +4,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import yaml
+from test_train import write_exp
 
 from competition.cli import main
 from competition.config import ConfigError, load_experiment, merge, parse_overrides
-from test_train import write_exp
 
 
 def test_merge_rule_deep_with_name_reset():

@@ -123,8 +123,9 @@ def test_run_based_dice_equals_decoded_dice(h, w, seed, order):
     rng = np.random.default_rng(seed)
     pred = rng.random((len(CLASSES), h, w)) < rng.choice([0.0, 0.1, 0.5, 0.9])
     true = rng.random((len(CLASSES), h, w)) < rng.choice([0.0, 0.1, 0.5, 0.9])
-    rows = lambda ms: pd.DataFrame([("x", c, encode(m, order), h, w) for c, m in zip(CLASSES, ms)],
-                                   columns=["image_name", "class", "rle", "height", "width"])
+    def rows(ms):
+        return pd.DataFrame([("x", c, encode(m, order), h, w) for c, m in zip(CLASSES, ms)],
+                            columns=["image_name", "class", "rle", "height", "width"])
     result = score_frames(rows(pred), rows(true), make_cfg(order))
     np.testing.assert_allclose(result.per_row["dice"], dice_per_class(pred, true), rtol=0, atol=1e-15)
 

@@ -16,12 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import tiny_competition
 
 from competition import rle
 from competition.config import Recipe, RecipeCheckpoint, RecipeMember, dump_yaml, load_competition
-from competition.train.checkpoint import file_hash
-
-from conftest import tiny_competition
+from competition.io import file_hash
 
 EXP = {"competition": "tiny-hands", "model": {"arch": "Unet", "encoder": "tu-test_resnet",
                                               "decoder_channels": [16, 16, 16, 16, 16]},
@@ -189,17 +188,17 @@ def test_bundle_reproduces_the_submission_byte_for_byte(proj, tmp_path):
     elsewhere = tmp_path / "elsewhere"  # no project folder, no configs, no runs: only the data
     elsewhere.mkdir()
     r = subprocess.run([sys.executable, str(bundle / "run.py"), "--data-root", str(proj / "data/tiny-hands"),
-                        "--out", "submission.csv", "--no-progress", "--force"], cwd=elsewhere, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                        "--out", "submission.csv", "--no-progress", "--force"], cwd=elsewhere, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "48 rows" in r.stdout
     assert (elsewhere / "submission.csv").read_bytes() == ref.read_bytes()
 
 
 def test_missing_run_and_corrupt_checkpoints_are_errors_naming_them(proj, capsys):
+    from competition.checkpoint import CheckpointError
     from competition.cli import main
     from competition.predict.run import submit
-    from competition.train.checkpoint import CheckpointError
     ghost = RecipeMember(experiment="ghost", folds=[0], weights=[1.0],
                          checkpoints=[RecipeCheckpoint(path="runs/ghost/fold0/best.pt", sha256="0" * 16)])
     write_recipe("ghostly", members=[ghost])
@@ -273,9 +272,9 @@ def test_predict_one_experiment_and_a_missing_fold(proj, capsys):
 
 def test_large_inputs_go_through_gaussian_sliding_windows(proj, monkeypatch):
     """A crop-policy member (32 px windows over 64 px images) is predicted window by window."""
+    from competition.checkpoint import save
     from competition.predict import infer
     from competition.predict.run import submit
-    from competition.train.checkpoint import save
     data = torch.load("runs/big/fold0/best.pt", weights_only=True)
     data["config"]["experiment"]["data"].update(policy="crop", input_size=32, crop_from=64)
     save(data, Path("runs/big/fold0/crop.pt"))
@@ -315,10 +314,10 @@ def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta, exp):
     as a test image by `submit`, are the same bytes (plain OOF and the TTA variant training wrote), at
     the image's original size whether the model's output is that size (big) or half of it (small)."""
     from competition.config import Recipe as R
-    from competition.cv import tiles
     from competition.data.adapters import make_adapter
     from competition.predict.run import run_recipe
     from competition.predict.tta import variant_name
+    from competition.store import tiles
     ids = serve_fold_as_test(proj_oof, 0)
     store = proj_oof / f"runs/{exp}/fold0" / (f"oof-{variant_name(tta)}" if variant_name(tta) else "oof")
     oof = tiles.open_store(store)
@@ -404,9 +403,9 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
     """`submit --save-probs` keeps each member's test probabilities; `submit --from-probs` re-blends them
     without any model and writes the same bytes; a changed member is refused."""
     from competition.cli import main
-    from competition.predict import run as run_mod
-    from competition.cv import tiles
     from competition.data.adapters import make_adapter
+    from competition.predict import run as run_mod
+    from competition.store import tiles
     write_recipe(postprocess={"thumb": {"min_area": 5}})
     assert main(["submit", "--ensemble", "duo", "--no-progress", "--save-probs", "--out", "full.csv", "--force"]) == 0
     adapter = make_adapter(load_competition("tiny-hands"))
@@ -419,7 +418,8 @@ def test_saved_test_probabilities_reblend_to_the_same_csv(proj, capsys):
     real = run_mod.build_predictor
     run_mod.build_predictor = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        assert main(["submit", "--ensemble", "duo", "--no-progress", "--from-probs", "--out", "again.csv", "--force"]) == 0
+        assert main(["submit", "--ensemble", "duo", "--no-progress", "--from-probs", "--out", "again.csv",
+                     "--force"]) == 0
     finally:
         run_mod.build_predictor = real
     assert not calls  # no model was built
@@ -481,9 +481,9 @@ def test_confidence_known_answers():
 def test_pseudo_labels_per_fold_and_training_on_them(proj, capsys):
     from competition.cli import main
     from competition.config import load_experiment
-    from competition.cv import tiles
     from competition.data.adapters import make_adapter
-    from competition.predict.infer import binarize, to_size
+    from competition.store import tiles
+    from competition.store.probs import binarize, to_size
     from competition.train.distributed import setup
     from competition.train.loop import fit, training_loader
     recipe = write_recipe("duo")
@@ -527,7 +527,8 @@ def test_pseudo_labels_per_fold_and_training_on_them(proj, capsys):
     assert f"data.pseudo: {len(adapter.test_ids)} pseudo-labelled test images of 'duo'" in out
     # validation is fold 0's labelled images only: its OOF rows are exactly those
     assert sorted(tiles.open_store(Path("runs/pl/fold0/oof")).ids) == sorted(folds.loc[folds["fold"] == 0, "id"])
-    assert yaml.safe_load(Path("runs/pl/fold0/config.yaml").read_text())["experiment"]["data"]["pseudo"]["name"] == "duo"
+    assert (yaml.safe_load(Path("runs/pl/fold0/config.yaml").read_text())["experiment"]["data"]["pseudo"]["name"]
+            == "duo")
 
 
 def test_pseudo_min_confidence_and_missing_sets_are_clear_errors(proj, capsys):
@@ -539,7 +540,8 @@ def test_pseudo_min_confidence_and_missing_sets_are_clear_errors(proj, capsys):
     assert "competition pseudo --ensemble RECIPE --name none-yet" in capsys.readouterr().err
     assert main(["pseudo", "--ensemble", "duo", "--name", "strict", "--min-confidence", "1"]) == 0
     assert "fold 0: 0" in capsys.readouterr().out
-    Path("configs/experiments/pl.yaml").write_text(yaml.safe_dump({**exp_cfg, "data": {**EXP["data"], "pseudo": {"name": "strict"}}}))
+    Path("configs/experiments/pl.yaml").write_text(
+        yaml.safe_dump({**exp_cfg, "data": {**EXP["data"], "pseudo": {"name": "strict"}}}))
     assert main(["train", "--exp", "pl", "--fold", "0"]) == 2
     assert "keeps no image" in capsys.readouterr().err
     assert main(["pseudo", "--ensemble", "duo", "--min-confidence", "1.5"]) == 2

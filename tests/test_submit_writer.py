@@ -8,10 +8,9 @@ import torch
 
 from competition import rle
 from competition.config import CompetitionConfig, PostProcess
-from competition.predict.infer import binarize
-from competition.predict.submit import (SubmissionWriter, encode_image, expected_rows, postprocess,
-                                        validate_submission)
+from competition.predict.submit import SubmissionWriter, encode_image, expected_rows, postprocess, validate_submission
 from competition.score import ScoreError
+from competition.store.probs import binarize
 
 CLASSES = ["radius", "ulna", "thumb"]
 

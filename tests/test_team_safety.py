@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import TINY, cli, write_exp
 
 from competition import locks, paths
 from competition.cli import main
-from test_train import TINY, cli, write_exp
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,9 +133,10 @@ def test_expected_failures_are_one_line_and_bugs_keep_their_traceback(folded, ca
 
 
 def test_shared_artifacts_follow_the_umask(folded):
-    from competition.config import dump_yaml
-    from competition.train import checkpoint as ckpt
     import torch
+
+    from competition import checkpoint as ckpt
+    from competition.config import dump_yaml
     old = os.umask(0o022)
     try:
         dump_yaml({"a": 1}, folded / "ensembles/r.yaml")

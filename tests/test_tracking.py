@@ -66,6 +66,7 @@ def by_job(project) -> dict:
 @pytest.fixture
 def folded(tiny_project):
     import torch
+
     from competition.cli import main
     assert main(["folds", "--comp", "tiny-hands"]) == 0
     threads = torch.get_num_threads()
@@ -98,7 +99,8 @@ def test_training_run_is_a_train_job_with_history_tables_summary_and_a_model_art
     assert s["best_dice/thumb"] == pytest.approx(m["val_dice_per_class"]["thumb"])
     assert s["val_dice_per_class"]["_type"] == "table-file" and s["val_overlays"]["count"] == 3
     table = json.loads((only_run(folded) / "files" / s["val_dice_per_class"]["path"]).read_text())
-    assert table["columns"] == ["class", "val_dice", "oof_dice", "oof_dice_native"] and [r[0] for r in table["data"]] == CLASSES
+    assert (table["columns"] == ["class", "val_dice", "oof_dice", "oof_dice_native"]
+            and [r[0] for r in table["data"]] == CLASSES)
     assert len(list((only_run(folded) / "files/media/images").glob("val_overlays_*.png"))) == 3
     # The fold's model artifact: recorded in the offline run, its files staged for `wandb sync`.
     [art] = ours(rec)
@@ -303,7 +305,8 @@ def test_without_wandb_installed_one_warning_and_no_failure(project, monkeypatch
         t = Tracker(True, project="p", name="n")
         t.log({"a": 1.0})
         t.finish()
-    assert [str(w.message) for w in caught] == [str(caught[0].message)] and "wandb is not installed" in str(caught[0].message)
+    assert ([str(w.message) for w in caught] == [str(caught[0].message)]
+            and "wandb is not installed" in str(caught[0].message))
     log_ensemble({"name": "x"}, {})
     log_submission({"file": "x.csv"})
     assert not (project / "wandb").exists()

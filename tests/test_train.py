@@ -47,9 +47,9 @@ def folded(tiny_project):
 @pytest.mark.slow
 def test_training_improves_and_writes_every_artifact(folded):
     from competition.config import load_competition
-    from competition.cv import tiles
     from competition.data.adapters import make_adapter
     from competition.metrics import dice_per_class
+    from competition.store import tiles
     from competition.train.loop import fit
     write_exp(folded, "tiny")
     m = fit(load_experiment("tiny"), fold=0, log=lambda *_: None)
@@ -58,7 +58,8 @@ def test_training_improves_and_writes_every_artifact(folded):
     assert len(hist) == 8 and hist["val_dice"].max() > hist["val_dice"].iloc[0] + 0.05
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val_dice"] == pytest.approx(hist["val_dice"].max())
-    assert set(metrics["val_dice_per_class"]) == set(m["val_dice_per_class"]) and len(metrics["val_dice_per_class"]) == 12
+    assert (set(metrics["val_dice_per_class"]) == set(m["val_dice_per_class"])
+            and len(metrics["val_dice_per_class"]) == 12)
     assert metrics["best_epoch"] == int(hist["val_dice"].idxmax()) + 1
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["experiment"]["optimizer"]["lr"] == 0.003 and saved["fold"] == 0
@@ -92,11 +93,13 @@ def test_training_improves_and_writes_every_artifact(folded):
 def test_multiclass_oof_dice_uses_the_argmax(tiny_project):
     """metrics.json's multiclass OOF Dice is the argmax against the background, as `competition oof`
     and the submission binarise, not a per-class 0.5 threshold."""
+    from conftest import tiny_competition
+
     from competition.cli import main
     from competition.cv import oofscore
     from competition.train.loop import fit
-    from conftest import tiny_competition
-    (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition(task="multiclass")))
+    (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(
+        yaml.safe_dump(tiny_competition(task="multiclass")))
     assert main(["folds", "--comp", "tiny-hands"]) == 0
     write_exp(tiny_project, "mc", model={"arch": "Unet", "encoder": "tu-test_resnet"},
               data={"input_size": 32}, train={"epochs": 2}, tracking={"wandb": False})
@@ -112,11 +115,12 @@ def test_multiclass_oof_dice_uses_the_argmax(tiny_project):
 def test_iou_metric_drives_validation_and_report_metrics_reach_metrics_json(tiny_project):
     """metric.name: iou is what validation picks best.pt by and OOF scores with; metric.report adds
     dice, f1_at_iou and hausdorff95 at the original sizes to metrics.json and the runs table."""
+    from conftest import tiny_competition
+
     from competition import runs_table
     from competition.cli import main
     from competition.cv import oofscore
     from competition.train.loop import fit
-    from conftest import tiny_competition
     comp = tiny_competition(metric={"name": "iou", "report": ["dice", "f1_at_iou", "hausdorff95"]})
     (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(comp))
     assert main(["folds", "--comp", "tiny-hands"]) == 0
@@ -221,7 +225,7 @@ def test_ddp_two_processes_gloo(folded):
 
 def test_precision_on_the_cpu(monkeypatch):
     """auto and fp16 stay fp32 on the CPU; bf16 autocasts only where the CPU runs bf16 natively."""
-    from competition.train import engine
+    from competition.models import precision as engine
     cpu = torch.device("cpu")
     assert engine.autocast_dtype("auto", cpu) is None and engine.autocast_dtype("fp16", cpu) is None
     monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)

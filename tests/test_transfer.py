@@ -47,10 +47,11 @@ def test_multiclass_targets_travel_as_bytes():
 
 @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
 def test_dataset_samples_compact_or_plain_give_the_same_batch(tiny_project, task):
+    from conftest import tiny_competition
+
     from competition.config import load_competition, load_experiment
     from competition.data.adapters import make_adapter
     from competition.data.dataset import SegDataset
-    from conftest import tiny_competition
     (tiny_project / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition(task=task)))
     (tiny_project / "configs/experiments/t.yaml").write_text(yaml.safe_dump(
         {"competition": "tiny-hands", "model": {"output_scale": 2}, "data": {"input_size": 32}}))
@@ -90,8 +91,8 @@ def test_training_with_a_worker_process_equals_training_without(tiny_project):
 def test_cached_rows_pass_through_as_stored_bits_and_equal_the_packed_sample(tiny_project, scale, monkeypatch):
     """Without transforms a cached compact sample is the cache row's bits (no unpack + re-pack), and
     it is exactly what packing the unpacked sample gives; with an augmentation the row is unpacked."""
-    from competition.config import load_competition, load_experiment
     import competition.data.dataset as dataset_mod
+    from competition.config import load_competition, load_experiment
     from competition.data import transfer
     from competition.data.adapters import make_adapter
     from competition.data.dataset import SegDataset

@@ -150,14 +150,15 @@ def test_a_failed_checkpoint_write_is_called_a_full_disk_only_when_it_is(tmp_pat
 
     import torch
 
-    from competition.train import checkpoint as ckpt
+    from competition import checkpoint as ckpt
 
     def failing(obj, f, *a, **kw):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 3456 vs 3392")
     monkeypatch.setattr(torch, "save", failing)
     real = shutil.disk_usage
     monkeypatch.setattr(ckpt.shutil, "disk_usage",
-                        lambda p: namedtuple("u", "total used free")(1, 1, free) if str(p) == str(tmp_path) else real(p))
+                        lambda p: (namedtuple("u", "total used free")(1, 1, free) if str(p) == str(tmp_path)
+                                   else real(p)))
     with pytest.raises(OSError) as e:
         ckpt.save({"w": torch.zeros(1000)}, tmp_path / "last.pt")
     assert e.value.errno == code and e.value.filename == str(tmp_path / "last.pt")

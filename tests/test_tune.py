@@ -42,6 +42,7 @@ def write(project: Path, kind: str, name: str, data: dict) -> None:
 @pytest.fixture
 def tune_project(tiny_project):
     import torch
+
     from competition.cli import main
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a shared 2-core box
@@ -127,7 +128,8 @@ def test_study_runs_resumes_grows_and_writes_a_tuned_config(tune_project, capsys
     run = tune_project / f"runs/tiny-tiny-t{best.number}/fold0"
     assert (run / "metrics.json").is_file() and (run / "best.pt").is_file() and not (run / "last.pt").exists()
     assert len((run / "history.csv").read_text().strip().splitlines()) == 1 + 2
-    assert yaml.safe_load((run / "config.yaml").read_text())["experiment"]["optimizer"]["lr"] == best.params["optimizer.lr"]
+    assert (yaml.safe_load((run / "config.yaml").read_text())["experiment"]["optimizer"]["lr"]
+            == best.params["optimizer.lr"])
 
     # The tuned config: the base experiment with the best values, the base's epochs, ready to train.
     tuned = load_experiment("tiny-tuned")
@@ -202,6 +204,7 @@ def test_report_without_a_study_is_a_clear_error(tune_project, capsys):
 
 def test_pruned_trial_stops_its_training_and_keeps_no_checkpoints(tune_project):
     from wandb_offline import read_offline_run
+
     from competition.tune.objective import Objective
     from competition.tune.study import Job
     write(tune_project, "search", "tiny", {**TINY_SPACE, "budget": {"epochs": 3, "folds": [0]},

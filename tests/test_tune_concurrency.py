@@ -19,10 +19,10 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_tune import TINY_SPACE, tune_project, write  # noqa: F401, F811 (tune_project is a fixture)
 
 from competition.config import ConfigError, load_search
 from competition.tune.study import driver_url
-from test_tune import TINY_SPACE, tune_project, write  # noqa: F401 (tune_project is a fixture)
 
 REQUIRE_POSTGRES = os.environ.get("COMPETITION_REQUIRE_POSTGRES") == "1"
 
@@ -154,6 +154,7 @@ def load(url: str, name: str = "tiny-tiny") -> optuna.Study:
 # -- URLs, drivers, seeds --------------------------------------------------------------------------
 def test_postgres_urls_as_users_write_them_name_the_installed_driver(monkeypatch):
     import importlib.util
+
     from competition.tune import study
     rest = "user:secret@db.example:5432/optuna"
     have = {"psycopg": False, "psycopg2": True}
@@ -173,6 +174,7 @@ def test_postgres_urls_as_users_write_them_name_the_installed_driver(monkeypatch
 
 def test_a_missing_driver_is_one_line_naming_the_extra():
     import importlib.util
+
     from competition.tune.study import open_storage
     if importlib.util.find_spec("psycopg2") is not None:
         pytest.skip("psycopg2 is installed here")

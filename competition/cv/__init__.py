@@ -1,7 +1,5 @@
 """Out-of-fold predictions: produced, stored, read and scored, at each image's original size.
 
-    tiles.py        the probability store (OOF, saved test probabilities, pseudo-labels, the truth)
-    probs.py        logits -> the uint8 probabilities every store holds
     heldout.py      a trained fold's held-out images through the submission's inference -> its OOF store
     views.py        an experiment's OOF across folds, the truth store, the image-by-image process pool
     sparse.py       one image's members and truth by uncertain tiles: the passes' per-image work
@@ -13,5 +11,6 @@
     oofscore.py     ``competition oof``: an experiment's OOF score, per-image table, missing OOF
     suspects.py     ``competition oof --suspects``: likely label errors, with overlays
 
-``train`` (its last step), ``ensemble`` and ``pseudo`` read and write OOF through this package only.
+``train`` (its last step), ``ensemble`` and ``pseudo`` read and write OOF through this package only;
+the store format itself (``competition.store``) sits below, where ``predict`` and ``data`` read it too.
 """

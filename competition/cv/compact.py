@@ -21,8 +21,14 @@ from fractions import Fraction
 
 import numpy as np
 
-from competition.cv.blend import (is_integer, labels_from_full, normalized, threshold_level, truth_labels,
-                                        with_background)
+from competition.cv.blend import (
+    is_integer,
+    labels_from_full,
+    normalized,
+    threshold_level,
+    truth_labels,
+    with_background,
+)
 
 MAX_ELEMS = 1 << 22  # uncertain pixels evaluated at once (bounds the per-step temporaries)
 

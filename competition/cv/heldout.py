@@ -2,7 +2,7 @@
 member path (:class:`~competition.predict.infer.MemberPredictor`: the model rebuilt from ``best.pt``
 and the resolved config inside it, the same preprocessing, sliding windows, TTA views and scales,
 resize to each image's original size and uint8 quantisation), written image by image to the store
-``runs/<exp>/fold<k>/oof[-<variant>]/`` (:mod:`competition.cv.tiles`).
+``runs/<exp>/fold<k>/oof[-<variant>]/`` (:mod:`competition.store.tiles`).
 
 Training's last step, ``competition oof`` (a trained fold without OOF, or a TTA variant) and nothing
 else call :func:`predict_fold`; there is no second copy of inference to drift away from ``submit``.
@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from competition import paths
-from competition.cv import tiles
+from competition.checkpoint import CheckpointError
 from competition.cv.views import default_workers
 from competition.io import file_hash
 from competition.predict.infer import MemberPredictor, TestInputs, batch_size_for
 from competition.predict.members import load_model
 from competition.predict.tta import variant_name
-from competition.train.checkpoint import CheckpointError
+from competition.store import tiles
 
 
 def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], views=("identity",),

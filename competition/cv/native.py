@@ -2,7 +2,7 @@
 
 The OOF stores hold each member's uint8 probabilities at the original size (what the submission
 blends), so the search, the thresholds, the post-processing and the nested CV all run at the size
-the leaderboard scores, through the submission's arithmetic (:func:`competition.predict.infer.blend`,
+the leaderboard scores, through the submission's arithmetic (:func:`competition.store.probs.blend`,
 ``binarize`` and the writer's post-processing).
 
 Choices made here, for every plan (candidate x selection set: in-sample and each nested fold):
@@ -26,14 +26,15 @@ import torch
 
 from competition import rle
 from competition.config import PostProcess
-from competition.cv import sparse
-from competition.cv.views import Images, map_images
 from competition.cv import postprocess as pp
+from competition.cv import sparse
 from competition.cv.blend import LEVELS, normalized, threshold_table, threshold_value, truth_labels
 from competition.cv.thresholds import at_levels, choose_levels
+from competition.cv.views import Images, map_images
 from competition.metrics import PairMetric, score_counts
-from competition.predict.infer import binarize, blend
 from competition.predict.submit import postprocess as apply_rule
+from competition.store.probs import binarize, blend
+
 
 def member_weights(w: np.ndarray) -> torch.Tensor:
     """(C, M) weights (counts or floats) -> the (M, C) float32 per-class simplex the submission uses."""

@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from competition.metrics import pair_metric
 from competition import locks, paths
 from competition.config import ConfigError, atomic_write_text
-from competition.cv import tiles
-from competition.metrics import PairMetric, scores_per_class
+from competition.metrics import PairMetric, pair_metric
+from competition.store import tiles
 
 
 def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identity",), scales=(1.0,),
@@ -45,7 +44,8 @@ def pass_level(threshold: float) -> int:
     by the submission's own arithmetic (float32 u * (1 / 255) >= float32 threshold): pixels at levels
     >= this are exactly the predicted ones."""
     import torch
-    from competition.predict.infer import blend
+
+    from competition.store.probs import blend
     u = torch.arange(256, dtype=torch.uint8).view(1, 256, 1)
     p = blend([u], torch.ones(1, 1))[0, :, 0]
     hit = torch.nonzero(p >= torch.tensor(float(threshold), dtype=torch.float32))
@@ -75,6 +75,7 @@ def report_metrics(images, task: str, threshold: float, spec) -> dict:
     if not wanted:
         return {}
     import torch
+
     from competition.cv import native
     view = images.members[0]
     N, C = len(view), len(view.classes)
@@ -136,9 +137,9 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
         truth_csv: str | None = None, workers: int | None = None, log=print) -> dict:
     """Score an experiment's OOF (producing missing folds' OOF first); optionally list label suspects."""
     from competition.config import load_competition, load_experiment
+    from competition.cv import native
     from competition.cv import views as store
     from competition.data.adapters import make_adapter
-    from competition.cv import native
     from competition.folds import load_folds
     from competition.io import file_hash
     from competition.predict.tta import check_views, variant_name

@@ -10,7 +10,7 @@ threshold curves, the connected components) works on what is left, so its cost f
 pixels, not the 29 x 2048^2 of an image.
 
 The arithmetic is the submission's: the blend is sum_m float32(u_m) * float32(w_m / 255) in member
-order (:func:`competition.predict.infer.blend`), a pixel is positive at ``p >= float32(threshold)``,
+order (:func:`competition.store.probs.blend`), a pixel is positive at ``p >= float32(threshold)``,
 components are 8-connected (OpenCV) at the original size. Written by hand: no library blends or
 labels sparse tiles.
 """
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from competition.cv.blend import LEVELS
-from competition.cv.tiles import SparseImage
+from competition.store.tiles import SparseImage
 
 
 def levels_of(p: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -130,7 +130,8 @@ def stack(members: list[SparseImage], truth: SparseImage, classes: int, ignore: 
     vals = np.zeros((M, len(ukeys), P), np.uint8)
     for j, (m, (k, stored)) in enumerate(zip(members, mkeys)):
         pos = np.searchsorted(ukeys, k)
-        hit = (pos < len(ukeys)) & (ukeys[np.minimum(pos, len(ukeys) - 1)] == k) if len(ukeys) else np.zeros(len(k), bool)
+        hit = ((pos < len(ukeys)) & (ukeys[np.minimum(pos, len(ukeys) - 1)] == k) if len(ukeys)
+               else np.zeros(len(k), bool))
         full = hit & ~stored
         vals[j, pos[full]] = 255
         st = hit & stored

@@ -83,7 +83,6 @@ def run(exp_name: str, images, adapter, task: str, level: int, top: int, log=pri
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     row_of = {i: r for r, i in enumerate(view.ids)}
-    C = len(view.classes)
     pngs = []
     for rank, r in enumerate(top_df.to_dict("records"), 1):
         row = row_of[r["id"]]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 HALF = 128  # the level that stands for the threshold 0.5
 
 

@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from competition import paths
-from competition.cv import sparse, tiles
+from competition.cv import sparse
 from competition.errors import UserError
 from competition.io import data_fingerprint
+from competition.store import tiles
 
 
 class OOFIncomplete(UserError, ValueError):

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from competition.metrics import pair_metric
 from competition import locks, paths
 from competition.config import ConfigError, load_competition, load_experiment
-from competition.data.adapters import make_adapter
-from competition.cv import views as store
 from competition.cv import compact, native, postprocess
+from competition.cv import views as store
+from competition.data.adapters import make_adapter
 from competition.ensemble import nested, recipe
 from competition.folds import load_folds
+from competition.metrics import pair_metric
+
 
 def parse_member(spec: str) -> tuple[str, str | None]:
     """``EXP`` (every complete OOF variant of the experiment) or ``EXP:VARIANT`` (one; ``EXP:plain``
@@ -45,8 +46,8 @@ def open_members(specs: list[str], log=print):
     Every (experiment, TTA variant) pair is a candidate member: the search decides whether a view
     helps exactly as it decides whether an experiment helps.
     """
+    from competition.io import file_hash
     from competition.predict.tta import check_views
-    from competition.train.checkpoint import file_hash
     if not specs:
         raise ConfigError("name at least one experiment to ensemble")
     parsed = [parse_member(s) for s in specs]

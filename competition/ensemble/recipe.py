@@ -13,7 +13,7 @@ from competition.cv.blend import normalized, threshold_value
 
 def checkpoints(experiments: list[str], folds: list[int]) -> dict[str, list[RecipeCheckpoint]]:
     """Every member's ``best.pt`` per fold, with its content hash; a missing one is an error."""
-    from competition.train.checkpoint import file_hash
+    from competition.io import file_hash
     out, missing = {}, []
     for e in experiments:
         out[e] = []
@@ -208,7 +208,8 @@ def summary(rec: Recipe) -> list[str]:
     lines.append("weights of each candidate:")
     for p, label, _ in rows:
         if "weights" in s["candidates"][p]:
-            lines.append(f"    {label:<{width}}  " + ", ".join(f"{k} {v:.3f}" for k, v in s["candidates"][p]["weights"].items()))
+            lines.append(f"    {label:<{width}}  "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in s["candidates"][p]["weights"].items()))
     lines += [f"chosen: {CANDIDATE_NAMES[s['chosen']]} ({s['chosen_because']})",
               f"native-resolution CV  in-sample {f(s['in_sample'])}  nested {f(s['nested'])}",
               f"  gain over best single {g(s['gain_over_best_single']['nested'])} nested, "

@@ -30,14 +30,21 @@ from competition.config import CompetitionConfig, ConfigError, ExperimentConfig,
 from competition.data.alignment import check_pixel_order
 from competition.data.folder import IMAGE_EXTS
 from competition.errors import UserError
-from competition.io import atomic_write_text
-from competition.paths import NAME_RULE, is_safe_name
 from competition.init.common import SAMPLE, InitError
+from competition.init.decide import (
+    decide_classes,
+    decide_groups,
+    decide_images,
+    decide_pixel_order,
+    decide_submission,
+    decide_task,
+    starter_experiment,
+)
+from competition.init.layouts import find_mask_folders, find_polygon, find_rle_csv
 from competition.init.render import DOC, EXP_DOC, Draft, _checked, _ordered, render
 from competition.init.scan import _spread, scan
-from competition.init.layouts import find_mask_folders, find_polygon, find_rle_csv
-from competition.init.decide import (decide_classes, decide_groups, decide_images, decide_pixel_order,
-                                     decide_submission, decide_task, starter_experiment)
+from competition.io import atomic_write_text
+from competition.paths import NAME_RULE, is_safe_name
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import re
 
-
 from competition.errors import UserError
-
 
 SAMPLE = 24  # images / rows read to decide sizes, channels, pixel order and overlaps
 VOID_NAMES = {"void", "ignore", "ignored", "unlabelled", "unlabeled", "dontcare", "dont_care", "don't care"}

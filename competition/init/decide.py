@@ -9,14 +9,26 @@ from pathlib import Path
 import numpy as np
 
 from competition import rle
-from competition.config import (CompetitionConfig, DataConfig)
-from competition.data.alignment import SAMPLE as ALIGN_SAMPLE, OrderEvidence, transpose_fit
+from competition.config import CompetitionConfig, DataConfig
+from competition.data.alignment import SAMPLE as ALIGN_SAMPLE
+from competition.data.alignment import OrderEvidence, transpose_fit
 from competition.data.base import header_size, read_image
-from competition.init.common import SAMPLE, VOID_NAMES, _RLE_HINT, InitError
-from competition.init.render import Draft, _checked
-from competition.init.scan import (_BACKGROUND, Files, _find_groups_csv, _group_column, _id_column, _is_sample,
-                                   _names_csv, _read, _spread, names_txt, without_background)
+from competition.init.common import _RLE_HINT, SAMPLE, VOID_NAMES, InitError
 from competition.init.layouts import Layout
+from competition.init.render import Draft, _checked
+from competition.init.scan import (
+    _BACKGROUND,
+    Files,
+    _find_groups_csv,
+    _group_column,
+    _id_column,
+    _is_sample,
+    _names_csv,
+    _read,
+    _spread,
+    names_txt,
+    without_background,
+)
 
 
 # --------------------------------------------------------------------------------------------- #

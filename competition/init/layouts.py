@@ -11,8 +11,19 @@ import pandas as pd
 
 from competition.init.common import _CLASS_HINT, _MASK_HINT, SAMPLE, InitError
 from competition.init.render import Draft
-from competition.init.scan import (Files, _constant_per_id, _ext, _is_sample, _is_test, _read, _rle_column,
-                                   _sort_values, _spread, _strip_any_ext, _test_folder)
+from competition.init.scan import (
+    Files,
+    _constant_per_id,
+    _ext,
+    _is_sample,
+    _is_test,
+    _read,
+    _rle_column,
+    _sort_values,
+    _spread,
+    _strip_any_ext,
+    _test_folder,
+)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -5,9 +5,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from competition.config import (CompetitionConfig, ConfigError, validate)
-
-
+from competition.config import CompetitionConfig, ConfigError, validate
 
 # --------------------------------------------------------------------------------------------- #
 # What every key means (the comment written above it); a draft adds how it was chosen

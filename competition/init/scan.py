@@ -11,7 +11,7 @@ import pandas as pd
 
 from competition.data.base import DataError, read_csv_table, walk_files
 from competition.data.folder import IMAGE_EXTS
-from competition.init.common import SAMPLE, _CLASS_HINT, _GROUP_HINT, _NAME_HINT, _RLE_CELL, _RLE_HINT, InitError
+from competition.init.common import _CLASS_HINT, _GROUP_HINT, _NAME_HINT, _RLE_CELL, _RLE_HINT, SAMPLE, InitError
 from competition.io import ReadError, read_text
 
 # A plain list of class names, one per line, beside the data.

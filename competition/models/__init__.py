@@ -116,7 +116,8 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Modu
         raise ConfigError(f"model.deep_supervision is supported by {', '.join(ds)} only, not {entry.name}")
     bad = sorted(set(cfg.kwargs) & set(_RESERVED))
     if bad:
-        raise ConfigError(f"model.kwargs may not set {bad}: " + "; ".join(f"{k} comes from {_RESERVED[k]}" for k in bad))
+        raise ConfigError(f"model.kwargs may not set {bad}: "
+                          + "; ".join(f"{k} comes from {_RESERVED[k]}" for k in bad))
     _check_encoder(cfg.encoder)
     weights, kind = cfg.encoder_weights, _weights_kind(cfg.encoder_weights)
     if kind == "named":
@@ -217,7 +218,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                           f"expected a state_dict saved with torch.save or safetensors") from None
     # Tolerate checkpoint wrappers: {"state_dict": ...}, {"model": ...} (our own best.pt is one).
     while isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        inner = next((sd[k] for k in ("state_dict", "model", "model_state_dict", "encoder") if isinstance(sd.get(k), dict)), None)
+        inner = next((sd[k] for k in ("state_dict", "model", "model_state_dict", "encoder")
+                      if isinstance(sd.get(k), dict)), None)
         if inner is None:
             break
         sd = inner
@@ -250,7 +252,8 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> dict[str, list
     for k, v in best.items():
         if k not in own:
             continue
-        if v.shape != own[k].shape and v.ndim == 4 and v.shape[0] == own[k].shape[0] and v.shape[2:] == own[k].shape[2:]:
+        if (v.shape != own[k].shape and v.ndim == 4 and v.shape[0] == own[k].shape[0]
+                and v.shape[2:] == own[k].shape[2:]):
             v = timm.models.adapt_input_conv(own[k].shape[1], v)  # first conv: 3 -> 1 (or n) input channels
         if v.shape == own[k].shape:
             load[k] = v.to(own[k].dtype)

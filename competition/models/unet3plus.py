@@ -22,11 +22,10 @@ CPU (``benchmarks/bench_step.py``), and costs four full-resolution logit tensors
 """
 from __future__ import annotations
 
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import segmentation_models_pytorch as smp
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

@@ -32,23 +32,32 @@ under the name (at worst the old one, whole, as the hidden ``.<name>.<random>.tm
 """
 from __future__ import annotations
 
-from competition.errors import UserError, describe_error
-
 import argparse
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import zipfile
 from email.parser import Parser
 from pathlib import Path
 
-from competition.config import (CompetitionConfig, ConfigError, RecipeCheckpoint, dump_yaml, load_competition,
-                                load_recipe, read_yaml, to_plain, validate)
+from competition import checkpoint as ckpt
+from competition.config import (
+    CompetitionConfig,
+    ConfigError,
+    RecipeCheckpoint,
+    dump_yaml,
+    load_competition,
+    load_recipe,
+    read_yaml,
+    to_plain,
+    validate,
+)
+from competition.errors import UserError, describe_error
+from competition.io import file_hash
 from competition.predict.members import check_recipe, checkpoint_paths, read_checkpoint
-from competition.train import checkpoint as ckpt
 
 RUN_PY = '''#!/usr/bin/env python3
 """Offline inference for ensemble {name!r}, made by `competition bundle`.
@@ -207,7 +216,7 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
                     name, n = f"{m.experiment}-fold{fold}-{n}.pt", n + 1
                 used.add(name)
                 ckpt.save({"model": data["model"], "config": data["config"]}, tmp / "checkpoints" / name)
-                cks.append(RecipeCheckpoint(path=f"checkpoints/{name}", sha256=ckpt.file_hash(tmp / "checkpoints" / name)))
+                cks.append(RecipeCheckpoint(path=f"checkpoints/{name}", sha256=file_hash(tmp / "checkpoints" / name)))
             members.append(m.model_copy(update={"checkpoints": cks}))
         bundled = recipe.model_copy(update={"members": members})
         dump_yaml(bundled, tmp / "recipe.yaml")
@@ -230,7 +239,8 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
         _swap(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    extra = f", wheels/ ({len(list((out / 'wheels').glob('*.whl')))} wheels, {_mib(out / 'wheels'):.0f} MiB)" if wheels else ""
+    extra = (f", wheels/ ({len(list((out / 'wheels').glob('*.whl')))} wheels, {_mib(out / 'wheels'):.0f} MiB)"
+             if wheels else "")
     log(f"wrote bundle {out}: {len(used)} checkpoints ({_mib(out / 'checkpoints'):.1f} MiB), recipe.yaml, "
         f"competition.yaml, run.py{extra}; {_mib(out):.0f} MiB in all")
     return out
@@ -280,7 +290,8 @@ def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="competition-wheel-") as t:
         src = Path(t) / "src"  # a clean copy: the build writes nothing into the working tree
-        shutil.copytree(root / "competition", src / "competition", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(root / "competition", src / "competition",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         for f in ("pyproject.toml", "README.md"):
             shutil.copy2(root / f, src / f)
         log("building the package's wheel")

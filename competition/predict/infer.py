@@ -23,10 +23,10 @@ from torch.utils.data import Dataset
 
 from competition.data.base import Adapter
 from competition.data.dataset import Geometry, SegDataset, unletterbox
-from competition.cv.probs import probabilities, quantize_tensor
 from competition.predict.members import LoadedModel
 from competition.predict.sliding import sliding_window
 from competition.predict.tta import tta_predict
+from competition.store.probs import binarize, blend, probabilities, quantize_tensor, to_size
 
 OVERLAP = 0.5  # sliding-window overlap (nnU-Net's default)
 
@@ -114,35 +114,6 @@ class MemberPredictor:
         if x.shape[-2] > wh or x.shape[-1] > ww:
             return sliding_window(with_tta, x, window, OVERLAP, batch=max(1, m.experiment.data.batch_size))
         return with_tta(x)
-
-
-def blend(members: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., C, H, W) member probabilities and (M, C) weights (each class's column sums to 1)
-    -> float32 probabilities, summed in member order: the same arithmetic for OOF and test images
-    (:mod:`competition.cv.sparse` repeats it on gathered tiles)."""
-    total = None
-    for u, w in zip(members, weights):
-        term = u.float().mul_((w.float() / 255.0).view(-1, 1, 1))
-        total = term if total is None else total.add_(term)
-    return total
-
-
-def to_size(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, h, w) -> (C, H, W), bilinear (half-pixel centres), as the submission resizes."""
-    if tuple(probs.shape[-2:]) == tuple(size):
-        return probs
-    return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
-def binarize(probs: torch.Tensor, task: str, thresholds: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) probabilities -> (C, H, W) uint8 {0, 1}: ``>=`` per-class thresholds (multilabel), or
-    the argmax against the implicit background ``1 - sum`` (multiclass; thresholds unused)."""
-    if task == "multilabel":
-        return (probs >= thresholds.view(-1, 1, 1)).to(torch.uint8)
-    background = (1 - probs.sum(0, keepdim=True)).clamp_min_(0)
-    winner = torch.cat([background, probs]).argmax(0)
-    k = torch.arange(1, len(probs) + 1, device=probs.device).view(-1, 1, 1)
-    return (winner.unsqueeze(0) == k).to(torch.uint8)
 
 
 class EnsemblePredictor:

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from competition import checkpoint as ckpt
+from competition.checkpoint import CheckpointError
 from competition.config import ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint, RecipeMember, validate
 from competition.data.base import safe_join
-from competition.train import checkpoint as ckpt
-from competition.train.checkpoint import CheckpointError
-from competition.train.engine import autocast_dtype
+from competition.io import file_hash
+from competition.models.precision import autocast_dtype
 
 
 @dataclass
@@ -77,7 +78,7 @@ def verify_checkpoint(member: RecipeMember, fold: int, c: RecipeCheckpoint, root
     if not path.is_file():
         raise CheckpointError(f"{what}: checkpoint {c.path} not found under {root}; the run is missing "
                               f"(train it: make train EXP={member.experiment} FOLD={fold}) or the recipe is stale")
-    digest = ckpt.file_hash(path, n=len(c.sha256))
+    digest = file_hash(path, n=len(c.sha256))
     if digest != c.sha256.lower():
         raise CheckpointError(f"{what}: checkpoint {c.path} has sha256 {digest}, the recipe expects {c.sha256}; "
                               f"the file changed (retrained or corrupt) since the ensemble was built: "
@@ -125,10 +126,12 @@ def load_model(path: Path, classes: list[str], task: str, device: torch.device, 
     data, exp = read_checkpoint(path, classes, task)
     model = build_from_checkpoint(data, exp, path, len(classes), task, in_channels)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return LoadedModel(path, exp, model.to(device=device, memory_format=fmt), autocast_dtype(exp.train.precision, device))
+    return LoadedModel(path, exp, model.to(device=device, memory_format=fmt),
+                       autocast_dtype(exp.train.precision, device))
 
 
-def load_models(recipe: Recipe, root: Path, source: str, device: torch.device, in_channels: int) -> list[list[LoadedModel]]:
+def load_models(recipe: Recipe, root: Path, source: str, device: torch.device,
+                in_channels: int) -> list[list[LoadedModel]]:
     """Per member, its fold models. Every checkpoint is verified first (a missing or changed file
     fails before any work), then loaded once even when two members (TTA variants) share it."""
     paths = checkpoint_paths(recipe, root, source)

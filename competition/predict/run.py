@@ -16,19 +16,27 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from competition import checkpoint as ckpt
 from competition import locks, paths
-from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint,
-                                RecipeMember, load_competition, load_recipe, validate)
+from competition.checkpoint import CheckpointError
+from competition.config import (
+    CompetitionConfig,
+    ConfigError,
+    ExperimentConfig,
+    Recipe,
+    RecipeCheckpoint,
+    RecipeMember,
+    load_competition,
+    load_recipe,
+    validate,
+)
 from competition.data.adapters import make_adapter
-from competition.predict.infer import (EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for,
-                                       masks_for_writer)
-from competition.predict.members import check_recipe, load_models, member_weights
 from competition.errors import UserError
+from competition.io import file_hash, read_json
 from competition.predict import plausible
+from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for, masks_for_writer
+from competition.predict.members import check_recipe, load_models, member_weights
 from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
-from competition.train import checkpoint as ckpt
-from competition.io import read_json
-from competition.train.checkpoint import CheckpointError
 
 
 @dataclass
@@ -203,7 +211,7 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
         result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
                             str(source), device, batch_size, workers, progress=progress, save_probs=save_probs,
                             from_probs=from_probs, force=force)
-    _record(ledger.row_for(result, recipe, ckpt.file_hash(source), comp.name), recipe, source, result.path)
+    _record(ledger.row_for(result, recipe, file_hash(source), comp.name), recipe, source, result.path)
     return result
 
 
@@ -301,11 +309,11 @@ def experiment_recipe(experiment: str, overrides: dict | None = None) -> tuple[R
     native = pooled("oof_dice_native")
     recipe = Recipe(
         name=experiment, competition=comp.name, task=comp.task, classes=comp.classes,
-        folds_sha256=ckpt.file_hash(folds_file) if folds_file.is_file() else "",
+        folds_sha256=file_hash(folds_file) if folds_file.is_file() else "",
         members=[RecipeMember(experiment=experiment, folds=wanted, weights=[1.0],
                               tta=comp.tta if not overrides or exp.oof.tta is None else exp.oof.tta,
                               tta_scales=exp.oof.tta_scales if overrides else [1.0],
-                              checkpoints=[RecipeCheckpoint(path=rel[k], sha256=ckpt.file_hash(found[k]))
+                              checkpoints=[RecipeCheckpoint(path=rel[k], sha256=file_hash(found[k]))
                                            for k in wanted])],
         thresholds=[exp.train.threshold] * comp.num_classes,
         scores={"in_sample": native} if native is not None else {})

@@ -1,6 +1,6 @@
 """Saved test-set probabilities (nnU-Net's ``--save_probabilities``): ``competition submit --save-probs``
 keeps each member's uint8 probabilities of every test image, at its original size, in the store
-format (:mod:`competition.cv.tiles`) under ``runs/<exp>/test[-<variant>]/``; ``competition submit
+format (:mod:`competition.store.tiles`) under ``runs/<exp>/test[-<variant>]/``; ``competition submit
 --from-probs`` blends them again — new weights, thresholds, post-processing — without loading or
 running a model.
 
@@ -13,8 +13,8 @@ import numpy as np
 
 from competition import paths
 from competition.config import ConfigError, Recipe
-from competition.cv import tiles
 from competition.predict.tta import variant_name
+from competition.store import tiles
 
 
 def signature(member) -> dict:

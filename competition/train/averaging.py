@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from competition.train import checkpoint as ckpt
+from competition import checkpoint as ckpt
 
 
 def mean_state(states: list[dict]) -> dict:

@@ -26,8 +26,7 @@ import time
 import torch
 
 from competition import paths
-from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, load_competition, to_plain,
-                                validate)
+from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, load_competition, to_plain, validate
 
 __all__ = ["dry_run", "resolve_competition", "same_classes"]
 
@@ -92,7 +91,7 @@ def _oof_estimate(exp: ExperimentConfig, comp: CompetitionConfig, adapter, folds
     images at their original sizes, once per OOF variant training writes."""
     import shutil
 
-    from competition.cv import tiles
+    from competition.store import tiles
     from competition.train.loop import oof_variants
     sizes = [tuple(adapter.image_size(i)) for i in folds["id"]]
     n_var = len(oof_variants(exp, comp))
@@ -114,10 +113,11 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
     competition), building everything as ``fit`` does and writing nothing; returns the figures."""
     from competition.folds import FoldsError
     from competition.models import build_model
+    from competition.models.precision import autocast_dtype
     from competition.optim import build_scheduler
     from competition.train import distributed as dd
     from competition.train.check import check_run
-    from competition.train.engine import autocast_dtype, seed_everything
+    from competition.train.engine import seed_everything
     from competition.train.loop import Engine, _class_weights, build_loss, build_optimizer, training_loader
 
     if comp is None:

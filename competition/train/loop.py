@@ -5,7 +5,7 @@
     runs/<exp>/fold<k>/best.pt        weights of the best epoch by the competition metric
     runs/<exp>/fold<k>/history.csv    one row per epoch
     runs/<exp>/fold<k>/metrics.json   best validation Dice per class and mean, timings
-    runs/<exp>/fold<k>/oof/           the fold's out-of-fold probabilities (see competition.cv.tiles)
+    runs/<exp>/fold<k>/oof/           the fold's out-of-fold probabilities (see competition.store.tiles)
 """
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from competition.metrics import pair_metric
+from competition import checkpoint as ckpt
 from competition import paths, tracking, viz
-from competition.config import (CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text,
-                                dump_yaml, to_plain)
+from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text, dump_yaml, to_plain
 from competition.data.dataset import EpochSampler, SegDataset, rare_class_weights
 from competition.folds import presence_matrix
 from competition.losses import build_loss, inverse_frequency_weights
+from competition.metrics import pair_metric
 from competition.models import build_model
 from competition.optim import build_optimizer, build_scheduler
-from competition.train import checkpoint as ckpt
 from competition.train import distributed as dd
 from competition.train.engine import Engine, TrainingDiverged, seed_everything
 
@@ -59,7 +58,7 @@ def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, tra
     """(dataset, sampler, loader) of a fold's training images: augmentations, rare-class oversampling,
     fold ``fold``'s pseudo-labelled test images (``data.pseudo``), DDP shards; what ``train`` and
     ``--dry-run`` both use."""
-    from competition.pseudo import add_pseudo
+    from competition.data.pseudo import add_pseudo
     train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
     weights = None
     if exp.data.rare_class_oversample > 0:
@@ -119,8 +118,9 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     run_cfg = _run_config(exp, comp, fold)
     if d.main:
         from competition.io import clean_stale_temps
+
         # We hold the folder's lock, so any temp file in it was left by a killed run of ours.
-        from competition.cv.tiles import clean_stale
+        from competition.store.tiles import clean_stale
         for t in clean_stale_temps(rp.root, 0) + clean_stale(rp.root):
             log(f"removed {t.name}, left by an interrupted run")
         extend = _check_run_dir(rp, run_cfg, restart)
@@ -343,12 +343,12 @@ def oof_variants(exp: ExperimentConfig, comp: CompetitionConfig) -> list[tuple[l
 def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log, tracker) -> dict:
     """Predict the held-out fold from best.pt through the submission's inference path (every OOF
     variant), then metrics.json: the OOF score at each image's original size."""
-    from competition.cv import tiles
-    from competition.cv import views as store
     from competition.cv import oofscore
-    from competition.metrics import summarize
+    from competition.cv import views as store
     from competition.cv.heldout import predict_fold
+    from competition.metrics import summarize
     from competition.predict.tta import variant_name
+    from competition.store import tiles
 
     rp = paths.run(exp.name, fold)
     best = ckpt.load(rp.best)

@@ -38,7 +38,8 @@ def tune(exp: str, space: str, trials: int | None = None, folds: list[int] | Non
         values = {**dict(job.overrides),
                   **{k: sp.config_value(search.params[k], v) for k, v in b.params.items() if k in search.params}}
         comment = (f"Written by `competition tune` ({datetime.now():%Y-%m-%d %H:%M}) from study {job.study!r}\n"
-                   f"({shown(job.storage)}): best of {count_finished(st)} finished trials = trial {b.number}, mean best\n"
+                   f"({shown(job.storage)}): best of {count_finished(st)} finished trials = trial {b.number}, "
+                   f"mean best\n"
                    f"val Dice {b.value:.4f} on fold(s) {list(job.folds)} after at most {search.budget.epochs} "
                    f"epochs.\nThe epoch budget and the search's `fixed` values are not carried over. Train it:\n"
                    f"  make train-all EXP={sp.tuned_config_path(exp).stem}")

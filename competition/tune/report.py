@@ -17,7 +17,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         steps = max(t.intermediate_values) if t.intermediate_values else 0
-        secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        secs = ((t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete and t.datetime_start else None)
         rows.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value, "epochs": steps,
                      "seconds": round(secs, 1) if secs is not None else None, **t.params})
     return pd.DataFrame(rows)

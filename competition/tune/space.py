@@ -12,8 +12,16 @@ from typing import Any
 
 import yaml
 
-from competition.config import (ConfigError, ExperimentConfig, SearchParam, SearchSpace, atomic_write_text,
-                                load_experiment, to_plain, validate)
+from competition.config import (
+    ConfigError,
+    ExperimentConfig,
+    SearchParam,
+    SearchSpace,
+    atomic_write_text,
+    load_experiment,
+    to_plain,
+    validate,
+)
 
 
 def set_path(data: dict, key: str, value: Any, source: str = "") -> None:

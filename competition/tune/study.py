@@ -103,7 +103,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     # SQLite serialises writers: wait for the lock rather than fail when two workers write at once.
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     # Renamed in Optuna 4.9; both are marked experimental, which is not news to our users.
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    retry = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+             or optuna.storages.RetryFailedTrialCallback)
     for attempt in itertools.count(1):
         try:
             with warnings.catch_warnings():

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from competition.errors import UserError
+from competition.errors import ConfigError, UserError
+from competition.io import default_mode, read_text
 from competition.paths import OOF_PROBS
 
 FORMAT, VERSION = "tiles", 2
@@ -163,7 +164,7 @@ class StoreWriter:
                                    self.meta.get("task"), part, data)
 
     def close(self) -> Path:
-        from competition.io import default_mode
+
         while self._pending:
             self._drain_one()
         self._shutdown()
@@ -287,7 +288,7 @@ _REMEDY = "delete the folder and predict it again (an OOF store: `competition oo
 
 
 def _json(path: Path):
-    from competition.io import read_text
+
     try:
         return json.loads(read_text(path, "store file"))
     except json.JSONDecodeError as e:
@@ -374,8 +375,8 @@ def clean_stale(folder: Path, max_age_s: float = 0.0) -> list[Path]:
     """Remove the hidden temp folders of store writes that were killed (``.<name>.<random>.tmp[.old]``)
     in a folder whose lock the caller holds, or older than ``max_age_s`` (a younger one may belong to
     a writer that is still running); each is a whole copy of a store."""
-    import time
     import re
+    import time
     ours = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.old)?$")  # mkdtemp's names in StoreWriter
     out = []
     for p in Path(folder).glob(".*.tmp*"):
@@ -399,7 +400,7 @@ def estimate_sizes(sizes: list[tuple[int, int]], n_classes: int, fraction: float
 
 def check_space(target: Path, need: int, what: str, remedy_cmd: str) -> None:
     """Refuse, before any work, when ``need`` bytes would not fit on the disk holding ``target``."""
-    from competition.config import ConfigError
+
     folder = Path(target).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -1,8 +1,6 @@
 """Atomic checkpoints that load with ``torch.load(weights_only=True)``: tensors and plain data only."""
 from __future__ import annotations
 
-from competition.errors import UserError
-
 import copy
 import errno
 import os
@@ -12,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from competition.errors import UserError
 
 
 class CheckpointError(UserError, ValueError):
@@ -101,11 +101,6 @@ def load(path: Path, map_location="cpu") -> dict:
     except Exception as e:  # truncated zip, pickle of a forbidden type, ...
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e}); "
                               f"it may be corrupt or not one of ours") from None
-
-
-def file_hash(path: Path, n: int = 16) -> str:
-    from competition.io import file_hash as digest
-    return digest(path, n)
 
 
 def rng_state() -> dict:
