@@ -33,7 +33,7 @@ LAUNCH = $(if $(filter-out 1,$(NODES)),$(VENV)/bin/torchrun $(RENDEZVOUS) --npro
 	$(if $(filter-out 0 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m competition,\
 	$(PY) -m competition))
 
-.PHONY: venv constraints test-floors folds train train-all test lint bench clean-venv help
+.PHONY: venv constraints test-floors folds train train-all test lint docs bench clean-venv help
 .PHONY: submit predict bundle
 .PHONY: tune tune-report runs wandb-sync
 .PHONY: ensemble oof init pseudo
@@ -61,6 +61,7 @@ help:
 	@echo "make wandb-sync                      upload offline W&B runs (wandb/) once online"
 	@echo "make test                             run the test suite"
 	@echo "make lint                             ruff, and the import layers of pyproject.toml (import-linter)"
+	@echo "make docs                             build the documentation site into site/ (strict: a broken link fails)"
 	@echo "make constraints                      re-pin constraints.txt from .venv (after an intended upgrade)"
 	@echo "make test-floors                      the suite's fast part on the oldest allowed versions (constraints-min.txt)"
 	@echo "make bench                            run the benchmarks (ratios measured in the same run)"
@@ -72,7 +73,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev,postgres]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev,docs,postgres]'
 	@# The bench extra (benchmark peers), read from pyproject.toml, without dependencies: see its comment there.
 	$(PY) -m pip install -q -c constraints.txt --no-deps $$($(PY) -c 'import re; line = re.search(r"(?m)^bench = \[(.*)\]", \
 		open("pyproject.toml").read()).group(1); print(" ".join(re.findall(r"\"([^\"]+)\"", line)))')
@@ -119,6 +120,11 @@ test: venv
 lint: venv
 	$(PY) -m ruff check competition tests benchmarks
 	$(VENV)/bin/lint-imports
+
+# mkdocs.yml: strict, so a broken link or a page missing from the nav fails; the configuration
+# reference is generated from the pydantic schema at build time (docs/hooks/reference.py).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # BENCH="rle submit" runs only the benchmarks whose names contain those words.
 bench: venv
