@@ -6,12 +6,14 @@ import errno
 import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from competition.errors import UserError
+from competition.io import atomic_path
 
 
 class CheckpointError(UserError, ValueError):
@@ -20,7 +22,6 @@ class CheckpointError(UserError, ValueError):
 
 def save(obj: dict, path: Path) -> None:
     """Write to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    from competition.io import atomic_path
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
@@ -69,7 +70,6 @@ class AsyncSaver:
     epoch in flight: after a SIGKILL, ``last.pt`` is complete and at most one epoch behind."""
 
     def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._pending = []
 

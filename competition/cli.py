@@ -2,10 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
 
-from competition.config import DEFAULT_COMPETITION, DEFAULT_EXPERIMENT, ConfigError
+import pandas as pd
+
+from competition.config import (
+    DEFAULT_COMPETITION,
+    DEFAULT_EXPERIMENT,
+    ConfigError,
+    find_config,
+    load_competition,
+    load_experiment,
+    parse_overrides,
+)
+from competition.data.adapters import make_adapter
+from competition.data.base import safe_join
 from competition.errors import UserError, describe_error
+from competition.installs import missing_extra
+
+# Each verb imports its stage (folds, score, train, tune, ...) inside its cmd_* function, when it runs:
+# so the core works without the optional extras (optuna, wandb, matplotlib) and `competition --help`
+# answers without importing torch. Those imports are the only ones kept inside functions here.
 
 
 def _comp(p: argparse.ArgumentParser) -> None:
@@ -14,9 +34,7 @@ def _comp(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_folds(args) -> int:
-    from competition import folds
-    from competition.config import load_competition
-    from competition.data.adapters import make_adapter
+    from competition import folds  # noqa: PLC0415 (stage, imported when its verb runs)
     cfg = load_competition(args.comp)
     adapter = make_adapter(cfg)
     path, df, created = folds.run(cfg, adapter, k=args.k, seed=args.seed, force=args.force,
@@ -32,16 +50,14 @@ def cmd_folds(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from competition.init import init
+    from competition.init import init  # noqa: PLC0415 (stage, imported when its verb runs)
     result = init(args.data_dir, name=args.name, force=args.force)
     print(result.format())
     return 1 if result.problems else 0
 
 
 def cmd_score(args) -> int:
-    from competition import score
-    from competition.config import load_competition
-    from competition.data.base import safe_join
+    from competition import score  # noqa: PLC0415 (stage, imported when its verb runs)
     if args.size is not None and args.sizes_from is not None:
         raise ConfigError("give --size HxW (one size for every image) or --sizes-from DIR, not both")
     size = score.parse_size(args.size) if args.size is not None else None
@@ -50,7 +66,6 @@ def cmd_score(args) -> int:
     if truth is None:
         if not cfg.submission.test_truth:
             raise ConfigError(f"{cfg.name}: no --truth given and submission.test_truth is not set")
-        from competition.data.adapters import make_adapter
         make_adapter(cfg)  # generates the embedded data (and its truth) on first use
         truth = safe_join(cfg.root(), cfg.submission.test_truth, "submission.test_truth")
     result = score.score_files(args.submission, truth, cfg, sizes=size, lenient=args.lenient,
@@ -60,10 +75,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from competition.config import load_competition, load_experiment, parse_overrides
-    from competition.folds import load_folds
-    from competition.train import distributed as dd
-    from competition.train.loop import fit
+    from competition.folds import load_folds  # noqa: PLC0415 (stage, imported when its verb runs)
+    from competition.train import distributed as dd  # noqa: PLC0415 (stage, imported when its verb runs)
+    from competition.train.loop import fit  # noqa: PLC0415 (stage, imported when its verb runs)
     exp = load_experiment(args.exp, parse_overrides(args.set))
     overrides = {"--batch-size": args.batch_size, "--input-size": args.input_size, "--workers": args.workers}
     if not args.dry_run:
@@ -79,7 +93,7 @@ def cmd_train(args) -> int:
         raise ConfigError("--restart does nothing with --dry-run (a dry run never reads or writes a run folder)")
     comp = None
     if args.comp is not None:
-        from competition.train.dryrun import resolve_competition
+        from competition.train.dryrun import resolve_competition  # noqa: PLC0415 (stage, imported when its verb runs)
         comp = resolve_competition(exp, args.comp)  # refused unless it has the experiment's classes
     if args.fold == "all":
         folds = sorted(set(load_folds(comp or load_competition(exp.competition))["fold"]))
@@ -89,14 +103,12 @@ def cmd_train(args) -> int:
         except ValueError:
             raise ConfigError(f"--fold expects a fold number or 'all', got {args.fold!r}") from None
     if args.dry_run:
-        from competition.train.dryrun import dry_run
+        from competition.train.dryrun import dry_run  # noqa: PLC0415 (stage, imported when its verb runs)
         for k in folds:
             dry_run(exp, k, comp, batch_size=args.batch_size, input_size=args.input_size, workers=args.workers)
         return 0
     if args.check:
-        import time
-
-        from competition.train.check import check_run
+        from competition.train.check import check_run  # noqa: PLC0415 (stage, imported when its verb runs)
         t0 = time.time()
         for k in folds:
             check_run(exp, k, comp)
@@ -113,13 +125,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_pseudo(args) -> int:
-    from competition import pseudo
+    from competition import pseudo  # noqa: PLC0415 (stage, imported when its verb runs)
     pseudo.produce(args.ensemble, args.name, args.min_confidence, args.device)
     return 0
 
 
 def cmd_tune(args) -> int:
-    from competition import tune
+    from competition import tune  # noqa: PLC0415 (stage, imported when its verb runs; optuna: the tune extra)
     space = args.space or _default_space(args.exp)
     if args.report:
         tune.show_report(args.exp, space, storage=args.storage, study=args.study)
@@ -132,7 +144,6 @@ def cmd_tune(args) -> int:
             raise ConfigError(f"--fold expects fold numbers separated by commas, got {args.fold!r}") from None
     if args.workers < 1:
         raise ConfigError(f"--workers expects a number >= 1, got {args.workers}")
-    from competition.config import parse_overrides
     tune.tune(args.exp, space, trials=args.trials, folds=folds, workers=args.workers, storage=args.storage,
               study=args.study, overrides=parse_overrides(args.set))
     return 0
@@ -140,9 +151,6 @@ def cmd_tune(args) -> int:
 
 def _default_space(exp: str) -> str:
     """configs/search/<exp>.yaml when there is one, else configs/search/default.yaml."""
-    from pathlib import Path
-
-    from competition.config import find_config
     try:
         find_config("search", Path(exp).stem)
         return Path(exp).stem
@@ -151,11 +159,7 @@ def _default_space(exp: str) -> str:
 
 
 def cmd_runs(args) -> int:
-    from pathlib import Path
-
-    import pandas as pd
-
-    from competition import runs_table
+    from competition import runs_table  # noqa: PLC0415 (stage, imported when its verb runs)
     df, per_class = runs_table.collect(pattern=args.exp)
     if df.empty:
         print(f"no finished runs{f' matching {args.exp!r}' if args.exp != '*' else ''} under runs/ "
@@ -175,13 +179,12 @@ def _report_submission(r, upload: bool, message: str | None, competition: str) -
     print(f"wrote {r.path}: {r.rows} rows, validated; {r.images} images in {r.seconds:.1f}s "
           f"({r.images_per_s:.2f} img/s); row added to submissions/ledger.csv")
     if upload:
-        from competition import ledger
-        from competition.config import load_competition
+        from competition import ledger  # noqa: PLC0415 (the lb verb's stage, imported for --upload only)
         print(ledger.upload(r.path, load_competition(competition), message or r.path.name))
 
 
 def cmd_submit(args) -> int:
-    from competition.predict.run import submit
+    from competition.predict.run import submit  # noqa: PLC0415 (stage, imported when its verb runs)
     r = submit(args.ensemble, args.out, args.device, args.batch_size, args.workers, progress=not args.no_progress,
                save_probs=args.save_probs, from_probs=args.from_probs, force=args.force)
     _report_submission(r, args.upload, args.message, r.competition)
@@ -189,8 +192,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from competition.config import parse_overrides
-    from competition.predict.run import predict_experiment
+    from competition.predict.run import predict_experiment  # noqa: PLC0415 (stage, imported when its verb runs)
     r = predict_experiment(args.exp, args.out, args.device, args.batch_size, args.workers,
                            progress=not args.no_progress, overrides=parse_overrides(args.set), force=args.force)
     _report_submission(r, args.upload, args.message, r.competition)
@@ -198,7 +200,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_lb(args) -> int:
-    from competition import ledger
+    from competition import ledger  # noqa: PLC0415 (stage, imported when its verb runs)
     if args.submission is None and (args.public is not None or args.private is not None or args.upload):
         raise ConfigError("--public, --private and --upload need the SUBMISSION they are about")
     if args.upload:
@@ -214,22 +216,21 @@ def cmd_lb(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from competition.predict.bundle import make_bundle
+    from competition.predict.bundle import make_bundle  # noqa: PLC0415 (stage, imported when its verb runs)
     make_bundle(args.ensemble, args.out, wheels=args.wheels, wheels_torch=args.wheels_torch,
                 wheels_python=args.wheels_python)
     return 0
 
 
 def cmd_oof(args) -> int:
-    from competition.config import parse_overrides
-    from competition.cv import oofscore
+    from competition.cv import oofscore  # noqa: PLC0415 (stage, imported when its verb runs)
     oofscore.run(args.exp, overrides=parse_overrides(args.set), suspects=args.suspects, top=args.top, tta=args.tta,
                  scales=args.scales, csv=args.csv, truth_csv=args.truth_csv, workers=args.workers)
     return 0
 
 
 def cmd_ensemble(args) -> int:
-    from competition import ensemble
+    from competition import ensemble  # noqa: PLC0415 (stage, imported when its verb runs)
     ensemble.run(args.name, args.experiments, method=args.method, per_class=args.per_class, steps=args.steps,
                  trials=args.trials, postprocess_=not args.no_postprocess, nested_cv=not args.no_nested,
                  threshold=args.threshold, workers=args.workers, force_blend=args.force_blend,
@@ -441,11 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except BrokenPipeError:  # `competition ... | head`: stop quietly, as other command-line tools do
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except ModuleNotFoundError as e:  # an optional extra (optuna, wandb, matplotlib) is not installed
-        from competition.installs import missing_extra
         if (err := missing_extra(e, args.command)) is None:
             raise
         print(f"error: {err}", file=sys.stderr)

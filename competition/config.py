@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -25,6 +25,8 @@ from pydantic import (
 
 from competition import paths
 from competition.errors import ConfigError
+from competition.io import ReadError, read_text
+from competition.io import atomic_write_text as _io_atomic_write_text
 from competition.paths import NAME_RULE, is_safe_name
 
 # The project folder is the current directory (as for make and git): configs/, data/, folds/, runs/,
@@ -44,6 +46,12 @@ class Strict(BaseModel):
     any number (``lr: .nan`` would train to NaN; a NaN threshold or weight empties every mask)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# The test-time augmentation views, defined once: the schema, `init`'s comments, the error messages and
+# competition.predict.tta (each view's transform and its inverse) all read this list.
+TTAView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]
+TTA_VIEWS: tuple[str, ...] = get_args(TTAView)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -211,9 +219,8 @@ class CompetitionConfig(Strict):
     rle_csv: RleCsvSpec = RleCsvSpec()
     mask_folders: MaskFoldersSpec = MaskFoldersSpec()
     synthetic: SyntheticSpec | None = None
-    # Test-time augmentations allowed for this competition (e.g. no vflip for upright hand X-rays):
-    # identity, hflip, vflip, rot90, rot180, rot270.
-    tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]] = ["identity", "hflip"]
+    # Test-time augmentations allowed for this competition (e.g. no vflip for upright hand X-rays).
+    tta: list[TTAView] = ["identity", "hflip"]
     folds: int = Field(5, ge=2)
     fold_seed: int = 42
     ignore: IgnoreSpec | None = None  # void pixels (see IgnoreSpec); null: every pixel is labelled
@@ -310,7 +317,6 @@ def _unwrap(ann: Any) -> Any:
 
 
 def read_yaml(path: Path | str) -> dict:
-    from competition.io import ReadError, read_text
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such configuration file")
@@ -359,8 +365,7 @@ def to_plain(cfg: BaseModel) -> dict:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Kept for the modules that import it from here: :func:`competition.io.atomic_write_text`."""
-    from competition.io import atomic_write_text as write
-    write(path, text)
+    _io_atomic_write_text(path, text)
 
 
 def dump_yaml(data: dict | BaseModel, path: Path | str) -> None:
@@ -528,9 +533,6 @@ class TrainConfig(Strict):
     deterministic: bool = True
     threshold: float = 0.5  # validation binarisation threshold (multilabel)
     progress: bool = True
-
-
-TTAView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]
 
 
 class OofConfig(Strict):

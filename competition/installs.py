@@ -15,7 +15,10 @@ import importlib.metadata as md
 import re
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 from competition.errors import UserError
+from competition.io import atomic_write_text
 
 # top-level module -> the extra that installs it (pyproject.toml's [project.optional-dependencies])
 EXTRAS = {"optuna": "tune", "wandb": "track", "matplotlib": "plots", "scipy": "plots"}
@@ -48,7 +51,6 @@ def closure(requirements: list[str], skip: frozenset[str] = frozenset(), env: di
     ``skip`` are neither listed nor descended into. A requirement that is not installed is an error:
     the list is meant to be what this environment runs with.
     """
-    from packaging.requirements import Requirement
     skip = {_name(s) for s in skip}
     found: dict[str, str] = {}
     todo = [(Requirement(r), "") for r in requirements]
@@ -75,8 +77,9 @@ def closure(requirements: list[str], skip: frozenset[str] = frozenset(), env: di
 
 def project_requirements(pyproject: str | Path, extras: tuple[str, ...] = ()) -> list[str]:
     """The core dependencies in ``pyproject``, plus those of ``extras`` (self-references followed)."""
-    import tomllib
-    from packaging.requirements import Requirement
+    # tomllib is in the standard library from Python 3.11 only, and requires-python is >=3.10: at the top it
+    # would break importing this module (hence `competition bundle` and a bundle's run.py) on 3.10
+    import tomllib  # noqa: PLC0415 (stdlib from 3.11 only; the package supports 3.10)
     project = tomllib.loads(Path(pyproject).read_text())["project"]
     optional, me = project.get("optional-dependencies", {}), _name(project["name"])
     reqs, todo, done = list(project.get("dependencies", [])), list(extras), set()
@@ -94,12 +97,9 @@ def project_requirements(pyproject: str | Path, extras: tuple[str, ...] = ()) ->
 
 
 def write_constraints(path: str | Path = "constraints.txt", pyproject: str | Path = "pyproject.toml",
-                      extras: tuple[str, ...] = ("all", "dev", "postgres"),
+                      extras: tuple[str, ...] = ("all", "dev", "docs", "postgres"),
                       no_deps: tuple[str, ...] = ("bench",)) -> int:
     """Pin everything ``make venv`` installs to the versions installed now (``make constraints``)."""
-    from packaging.requirements import Requirement
-
-    from competition.io import atomic_write_text
     pins = closure(project_requirements(pyproject, extras))
     core = set(project_requirements(pyproject))
     for r in project_requirements(pyproject, no_deps):  # extras installed --no-deps: the packages, not their deps

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from competition import paths
-from competition.config import CompetitionConfig, ConfigError, Recipe, atomic_write_text
-from competition.io import ReadError, read_csv
+from competition.config import CompetitionConfig, ConfigError, Recipe, atomic_write_text, load_competition
+from competition.io import ReadError, atomic_path, read_csv
 
 COLUMNS = ["time", "file", "competition", "ensemble", "ensemble_sha256", "members", "cv_native_in_sample",
            "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "pseudo_labels", "images", "seconds", "public_lb",
@@ -167,7 +167,8 @@ def format_table(df: pd.DataFrame) -> str:
     both = t.dropna(subset=["public"])
     cv = both["cv_nested"].fillna(both["cv_in_sample"]).dropna()
     if len(cv) >= 3:
-        from scipy.stats import spearmanr
+        # scipy: the plots extra (installs.EXTRAS maps it there); only `lb`'s rank correlation needs it
+        from scipy.stats import spearmanr  # noqa: PLC0415 (scipy: the plots extra)
         rho = spearmanr(cv, both.loc[cv.index, "public"]).statistic
         text += f"\nrank correlation CV vs public LB (Spearman, {len(cv)} submissions): {rho:.2f}"
     return text
@@ -180,9 +181,9 @@ def scatter(df: pd.DataFrame, path: Path | None = None) -> Path | None:
     t = t.dropna(subset=["cv"])
     if t["public"].isna().all() and t["private"].isna().all():
         return None
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib: the plots extra; lb's plot only)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib: the plots extra)
     fig, ax = plt.subplots(figsize=(6, 5))
     for col, marker in (("public", "o"), ("private", "s")):
         pts = t.dropna(subset=[col])
@@ -200,7 +201,6 @@ def scatter(df: pd.DataFrame, path: Path | None = None) -> Path | None:
     ax.set_title("Does CV track the leaderboard?")
     ax.legend(fontsize=8)
     path = path or paths.submissions_dir() / PLOT
-    from competition.io import atomic_path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -220,7 +220,6 @@ def kaggle_configured() -> bool:
 
 def upload_recorded(submission: str, message: str | None = None) -> str:
     """Upload a submission listed in the ledger (its competition's slug comes from the row)."""
-    from competition.config import load_competition
     df = read()
     row = df.loc[find(df, submission)]
     path = paths.project() / row["file"]

@@ -33,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from competition.errors import UserError
+from competition.io import default_mode
 
 GRACE_S = 0.3  # how long a taken lock is retried before the refusal
 _MAX_READ = 1 << 20
@@ -160,7 +161,6 @@ def _append(path: Path, rec: dict) -> None:
 def hold(path: Path, exclusive: bool, what: str):
     """Hold the lock at ``path`` (created if needed) for the duration, or raise :class:`Locked` (after
     at most :data:`GRACE_S`) naming its holders."""
-    from competition.io import default_mode
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode())

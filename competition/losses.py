@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
-from competition.config import ConfigError, LossConfig
+from competition.config import IGNORE_INDEX, ConfigError, LossConfig
 from competition.registry import Registry
 
 __all__ = ["LOSS_TERMS", "build_loss", "downsample_target", "inverse_frequency_weights", "SegLoss"]
@@ -275,7 +275,6 @@ def build_loss(cfg: LossConfig, mode: str, num_classes: int,
 
 def ignore_index_for(comp) -> int | None:
     """The loss's ``ignore_index`` for a competition: IGNORE_INDEX when it has an ``ignore`` key."""
-    from competition.config import IGNORE_INDEX
     return IGNORE_INDEX if getattr(comp, "ignore", None) is not None else None
 
 

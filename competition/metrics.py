@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from scipy import ndimage
 
 # Popcount of every byte, for numpy builds without np.bitwise_count (numpy < 2.0).
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
@@ -26,7 +27,7 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 def dice_from_counts(inter, pred_sum, truth_sum, empty_score: float = 1.0):
     """Dice from intersection and area counts: numpy in, float64 numpy out; torch in, torch out."""
     if _is_torch(inter):
-        import torch
+        import torch  # noqa: PLC0415 (torch only on the torch path: scoring a CSV never imports it, see above)
 
         # float64 keeps 2*inter/(p+t) exact enough to match numpy; MPS has no float64.
         dtype = torch.float32 if inter.device.type == "mps" else torch.float64
@@ -46,7 +47,7 @@ def dice_from_counts(inter, pred_sum, truth_sum, empty_score: float = 1.0):
 def iou_from_counts(inter, pred_sum, truth_sum, empty_score: float = 1.0):
     """IoU (Jaccard) |A n B| / |A u B| from the same counts; ``empty_score`` when both are empty."""
     if _is_torch(inter):
-        import torch
+        import torch  # noqa: PLC0415 (torch only on the torch path: scoring a CSV never imports it, see above)
         dtype = torch.float32 if inter.device.type == "mps" else torch.float64
         inter, pred_sum, truth_sum = (torch.as_tensor(v, device=inter.device).to(dtype)
                                       for v in (inter, pred_sum, truth_sum))
@@ -146,7 +147,6 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, empty_score: float = 0.0) -
     ``compute_hausdorff_distance(percentile=95)``: boundary-to-boundary Euclidean distances, both
     directions pooled. Both empty: ``empty_score``; one empty: the image diagonal (the worst case).
     scipy's exact distance transform does the work (MONAI is not a dependency)."""
-    from scipy import ndimage
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if not pred.any() and not truth.any():
         return float(empty_score)
@@ -183,7 +183,7 @@ def pair_counts(pred: np.ndarray, truth: np.ndarray):
 
 def dice_torch(pred, truth, empty_score: float = 1.0):
     """(N, C, H, W) masks (bool, or nonzero = 1) -> (N, C) Dice on the tensors' device."""
-    import torch
+    import torch  # noqa: PLC0415 (torch only on the torch path: scoring a CSV never imports it, see above)
 
     if pred.shape != truth.shape:
         raise ValueError(f"prediction and truth shapes differ: {tuple(pred.shape)} vs {tuple(truth.shape)}")

@@ -26,6 +26,12 @@ from torch.utils.data import DataLoader
 from competition import locks, paths
 from competition.config import ConfigError, load_competition, load_recipe
 from competition.data.adapters import make_adapter
+from competition.io import file_hash
+from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for
+from competition.predict.run import build_predictor, pick_device, recipe_runs, resolve_recipe
+from competition.predict.submit import expected_rows
+from competition.store import tiles
+from competition.store.probs import blend, quantize_tensor
 
 
 def confidence(u: np.ndarray, task: str) -> float:
@@ -43,12 +49,6 @@ def confidence(u: np.ndarray, task: str) -> float:
 def produce(ensemble: str | None, name: str | None = None, min_confidence: float = 0.0, device: str = "auto",
             log=print) -> list[Path]:
     """Write ``runs/_pseudo/<name>/fold<k>/`` for every fold all the recipe's members cover."""
-    from competition.io import file_hash
-    from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for
-    from competition.predict.run import build_predictor, pick_device, recipe_runs, resolve_recipe
-    from competition.predict.submit import expected_rows
-    from competition.store import tiles
-
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence {min_confidence}: expected a number from 0 to 1")
     source = resolve_recipe(ensemble)
@@ -108,5 +108,4 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
 
 
 def _quantized_blend(member_probs: list[torch.Tensor], weights: torch.Tensor) -> np.ndarray:
-    from competition.store.probs import blend, quantize_tensor
     return quantize_tensor(blend(member_probs, weights)).cpu().numpy()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 
+import cv2
 import numpy as np
 
 from competition.errors import UserError
@@ -326,8 +327,6 @@ def _drop_pairs(sorted_values: np.ndarray) -> np.ndarray:
 
 def _transpose(a: np.ndarray) -> np.ndarray:
     """C-contiguous transpose; OpenCV's blocked transpose is ~15x faster than numpy's strided copy."""
-    import cv2  # a project dependency; imported here so the codec itself loads without it
-
     return cv2.transpose(a)
 
 

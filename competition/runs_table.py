@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from competition.config import ConfigError
+from competition import paths
+from competition.config import ConfigError, read_yaml
+from competition.io import ReadError, atomic_path, read_text
 
 # Keys (and key prefixes) that differ between runs without changing what was learned.
 IGNORED = ("name", "train.progress", "data.workers")
@@ -41,9 +44,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def collect(pattern: str = "*") -> tuple[pd.DataFrame, dict[str, dict]]:
     """One row per finished fold (metrics.json present); also each run's per-class validation Dice."""
-    from competition import paths
-    from competition.config import read_yaml
-    from competition.io import ReadError, read_text
     rows, per_class = [], {}
     for rp in paths.finished_runs(pattern):
         mfile, exp, fold = rp.metrics, rp.experiment, rp.root.name
@@ -92,10 +92,9 @@ def table(df: pd.DataFrame, sort: str = "val_dice", ascending: bool = False) -> 
 
 def plot(df: pd.DataFrame, per_class: dict[str, dict], path: Path) -> Path:
     """Grouped bars: one group per class, one bar per experiment (mean over its folds)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib: the plots extra; runs --plot only)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib: the plots extra)
 
     exps = list(dict.fromkeys(df["experiment"]))
     frames = {e: pd.DataFrame([per_class[f"{e}/fold{f}"] for f in df.loc[df["experiment"] == e, "fold"]]).mean()
@@ -117,7 +116,6 @@ def plot(df: pd.DataFrame, per_class: dict[str, dict], path: Path) -> Path:
     ax.legend(fontsize=8, ncol=max(1, n // 12 + 1), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    from competition.io import atomic_path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)

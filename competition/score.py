@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition import rle
+from competition import metrics, rle
 from competition.config import CompetitionConfig
+from competition.data.base import DataError, header_size, walk_files
+from competition.data.folder import IMAGE_EXTS
 from competition.errors import UserError
 from competition.io import ReadError, read_csv
 from competition.metrics import pair_metric, score_counts
@@ -94,8 +96,6 @@ def sizes_from_images(folder: Path | str, ids) -> dict[str, tuple[int, int]]:
     An id may name the file with its extension (``a.png``), without it (``a``), or as a path
     relative to ``folder`` (``s1/a``), as ``submission.id_format`` writes it.
     """
-    from competition.data.base import DataError, header_size, walk_files
-    from competition.data.folder import IMAGE_EXTS
     folder = Path(folder)
     if not folder.is_dir():
         raise ScoreError(f"--sizes-from {folder}: no such folder (expected the folder holding the truth's images)")
@@ -185,7 +185,6 @@ def _score(sub, truth, cfg, sizes, lenient, sub_name, truth_name) -> ScoreResult
 def _report_metric(name: str, cfg, per_row, inter, pred_sum, truth_sum, pred_runs, truth_runs, shapes) -> dict:
     """One ``metric.report`` entry from the rows' counts (dice, iou, f1_at_iou) or masks (hausdorff95).
     Ignored pixels are left out of the count metrics only (hausdorff95 measures the masks as written)."""
-    from competition import metrics
     classes = [c for c in cfg.classes if c in set(per_row["class"])]
     by = per_row.groupby("class", sort=False).indices  # class -> its rows
     if name in ("dice", "iou"):

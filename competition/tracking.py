@@ -27,7 +27,10 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import torch
+
 from competition import paths
+from competition.config import TrackingConfig, read_yaml, validate
 
 # W&B's cloud API hosts: api.wandb.ai, and CoreWeave's front for it (the SDK default since 0.2x).
 CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
@@ -98,7 +101,7 @@ def _reachable(base_url: str, timeout: float = 2.0) -> bool:
 
 def _default_url() -> str:
     try:
-        import wandb
+        import wandb  # noqa: PLC0415 (wandb: the track extra)
         return wandb.Settings().base_url  # the cloud URL this SDK version talks to
     except Exception:
         return CLOUD_URL
@@ -131,7 +134,7 @@ class Tracker:
         if not enabled:
             return
         try:
-            import wandb
+            import wandb  # noqa: PLC0415 (wandb: the track extra)
         except ImportError as e:  # the W&B extra is not installed: one line, then untracked
             warnings.warn(f"W&B tracking is off: wandb is not installed ({e}); pip install -e '.[track]', "
                           f"or set tracking.wandb: false")
@@ -146,7 +149,6 @@ class Tracker:
             init_kwargs.setdefault("dir", str(Path.cwd()))
             # W&B's metadata scan and system-stats sampler compete with training for the CPU; on a
             # 2-core machine they made epochs up to 20x slower. GPU runs keep the stats (GPU utilisation).
-            import torch
             settings = wandb.Settings(silent=True, console="off", init_timeout=30, x_disable_meta=True,
                                       x_disable_stats=not torch.cuda.is_available())
             try:
@@ -174,13 +176,13 @@ class Tracker:
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is None:
             return
-        import wandb
+        import wandb  # noqa: PLC0415 (wandb: the track extra)
         self._safe(lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}))
 
     def images(self, key: str, images: list, captions: list[str]) -> None:
         if self.run is None:
             return
-        import wandb
+        import wandb  # noqa: PLC0415 (wandb: the track extra)
         self._safe(lambda: self.run.log({key: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}))
 
     def log_artifact(self, name: str, type: str, files: dict[str, Path], metadata: dict | None = None) -> None:
@@ -228,7 +230,7 @@ def artifact_name(kind: str, name: str) -> str:
 
 
 def _artifact(name: str, type: str, files: dict[str, Path], metadata: dict | None, policy: str = "mutable"):
-    import wandb
+    import wandb  # noqa: PLC0415 (wandb: the track extra)
     present = {k: Path(v) for k, v in files.items() if Path(v).is_file()}
     if not present:
         return None
@@ -346,7 +348,6 @@ def log_submission(row: dict, recipe=None, source: Path | str | None = None) -> 
 
 def _recipe_tracking(recipe):
     """The TrackingConfig of the first member run whose config.yaml says one (else the defaults)."""
-    from competition.config import TrackingConfig, read_yaml, validate
     for _, folder in _safe_list(lambda: _checkpoint_folds([m.model_dump() for m in recipe.members])):
         f = paths.RunPaths.of(folder).config
         try:

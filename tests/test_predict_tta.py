@@ -79,3 +79,19 @@ def test_output_scale_and_multi_scale_are_resized_back():
     torch.testing.assert_close(tta_predict(up, constant, ["identity"], scales=[0.5, 1.0, 1.5]),
                                torch.full((1, 1, 64, 64), 0.25))
     assert scaled_size(100, 64, 1.5) == (160, 96) and scaled_size(20, 20, 0.5) == (32, 32)
+
+
+def test_the_views_are_defined_once():
+    """One list (config.TTAView) feeds the schema, predict.tta, init's comment and the errors; each
+    listed view has a transform here (test above: deaugment inverts it)."""
+    import typing
+
+    from competition.config import TTA_VIEWS, CompetitionConfig, TTAView
+    from competition.init.render import DOC
+    assert VIEWS == TTA_VIEWS == typing.get_args(TTAView)
+    schema = CompetitionConfig.model_json_schema()
+    assert tuple(schema["properties"]["tta"]["items"]["enum"]) == TTA_VIEWS
+    assert all(v in DOC["tta"] for v in TTA_VIEWS)
+    x = torch.arange(6.0).reshape(1, 2, 3)
+    for v in TTA_VIEWS:
+        augment(x, v)  # no "unknown TTA view"

@@ -21,6 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from competition.cv import sparse
 from competition.cv.blend import (
     is_integer,
     labels_from_full,
@@ -29,6 +30,9 @@ from competition.cv.blend import (
     truth_labels,
     with_background,
 )
+from competition.cv.native import exclusive
+from competition.cv.views import map_images
+from competition.metrics import _POPCOUNT8
 
 MAX_ELEMS = 1 << 22  # uncertain pixels evaluated at once (bounds the per-step temporaries)
 
@@ -50,8 +54,7 @@ def chunk_images(n_classes: int, pixels: int, n_members: int, budget_bytes: int)
 def _popcount(x: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(x)
-    from competition.metrics import _POPCOUNT8  # numpy < 2.0: bytes only
-    return _POPCOUNT8[x]
+    return _POPCOUNT8[x]  # numpy < 2.0: bytes only
 
 
 def _segment_sums(pred: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -319,7 +322,6 @@ class _OneImage:
 
 
 def _search_image(images, i: int, hi_level: int):
-    from competition.cv import sparse
     return sparse.search_part(images.stack(i), hi_level)
 
 
@@ -329,7 +331,6 @@ def from_images(images, threshold: float = 0.5, workers: int | None = None) -> C
     Multilabel: the uncertain tiles of each image (:func:`competition.cv.sparse.search_part`), on every
     core; multiclass: each image's dense arrays through :func:`build`.
     """
-    from competition.cv.views import map_images
     N, M = len(images), len(images.members)
     classes = images.members[0].classes
     C = len(classes)
@@ -353,7 +354,6 @@ def from_images(images, threshold: float = 0.5, workers: int | None = None) -> C
             kept += vals[-1].shape[1]
         bounds = [np.concatenate([[0], np.cumsum(counts[c].reshape(-1))]) for c in range(C)]
         return MultilabelCompact(vals, bounds, uncertain=kept, **args)
-    from competition.cv.native import exclusive
     vparts, tparts, iparts = [], [], []
     for i in range(N):
         rows, truth = images.dense(i)

@@ -21,6 +21,7 @@ from competition.cv.views import default_workers
 from competition.io import file_hash
 from competition.predict.infer import MemberPredictor, TestInputs, batch_size_for
 from competition.predict.members import load_model
+from competition.predict.run import pick_device
 from competition.predict.tta import variant_name
 from competition.store import tiles
 
@@ -28,7 +29,6 @@ from competition.store import tiles
 def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], views=("identity",),
                  scales=(1.0,), device: str | torch.device = "auto", log=print) -> Path:
     """Predict fold ``fold``'s held-out images with its ``best.pt`` and one TTA variant into its OOF store."""
-    from competition.predict.run import pick_device
     dev = device if isinstance(device, torch.device) else pick_device(device)
     rp = paths.run(exp_name, fold)
     ckpt_path = rp.best

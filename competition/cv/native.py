@@ -17,6 +17,7 @@ computes from the CSV that :func:`write_csv` writes for the same plan (a test as
 """
 from __future__ import annotations
 
+import csv
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +32,9 @@ from competition.cv import sparse
 from competition.cv.blend import LEVELS, normalized, threshold_table, threshold_value, truth_labels
 from competition.cv.thresholds import at_levels, choose_levels
 from competition.cv.views import Images, map_images
+from competition.io import atomic_path
 from competition.metrics import PairMetric, score_counts
+from competition.predict.submit import SubmissionWriter
 from competition.predict.submit import postprocess as apply_rule
 from competition.store.probs import binarize, blend
 
@@ -290,8 +293,6 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metr
 def write_csv(path, images: Images, weights: np.ndarray, thresholds: list[float], rules: dict, comp) -> int:
     """The plan's native predictions of the training images as a CSV in the competition's exact
     format (the submission writer, so post-processing and RLE are the submission's own)."""
-    from competition.io import atomic_path
-    from competition.predict.submit import SubmissionWriter
     w = member_weights(weights)
     t = torch.as_tensor(thresholds, dtype=torch.float32)
     C = len(comp.classes)
@@ -307,9 +308,6 @@ def write_csv(path, images: Images, weights: np.ndarray, thresholds: list[float]
 
 def write_truth_csv(path, adapter, ids: list[str], comp) -> int:
     """The training truth at native size in the competition's format, with ``height``/``width``."""
-    import csv
-
-    from competition.io import atomic_path
     spec = comp.submission
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:

@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
-from competition import locks, paths
-from competition.config import ConfigError, atomic_write_text
+from competition import locks, metrics, paths
+from competition.config import ConfigError, atomic_write_text, load_competition, load_experiment
+from competition.cv import native
+from competition.cv import suspects as sus
+from competition.cv import views as store
+from competition.cv.heldout import predict_fold
+from competition.data.adapters import make_adapter
+from competition.folds import load_folds
+from competition.io import file_hash
 from competition.metrics import PairMetric, pair_metric
+from competition.predict.tta import check_views, variant_name
 from competition.store import tiles
+from competition.store.probs import blend
 
 
 def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identity",), scales=(1.0,),
                log=print) -> list[int]:
     """Produce the OOF (of one TTA variant) of every trained fold that lacks it; -> the folds produced.
     Untrained folds are left for :func:`competition.cv.views.open_experiment` to report."""
-    from competition.cv.heldout import predict_fold
-    from competition.predict.tta import variant_name
     variant = variant_name(views, scales)
     made = []
     for k in sorted(set(folds["fold"])):
@@ -43,9 +51,6 @@ def pass_level(threshold: float) -> int:
     """The smallest stored value u that one member alone turns into a positive pixel at ``threshold``,
     by the submission's own arithmetic (float32 u * (1 / 255) >= float32 threshold): pixels at levels
     >= this are exactly the predicted ones."""
-    import torch
-
-    from competition.store.probs import blend
     u = torch.arange(256, dtype=torch.uint8).view(1, 256, 1)
     p = blend([u], torch.ones(1, 1))[0, :, 0]
     hit = torch.nonzero(p >= torch.tensor(float(threshold), dtype=torch.float32))
@@ -57,7 +62,6 @@ def per_image(images, task: str, threshold: float, metric: "PairMetric | float",
     """(N, C) scores of one experiment's OOF (``images.members[0]``) at each image's original size,
     binarised at ``threshold`` (multilabel) or by the argmax (multiclass), by the competition's per-pair
     metric; ignored pixels (``ignore.metric: exclude``) are left out."""
-    from competition.cv import native
     w = np.ones((len(images.members[0].classes), 1), np.int64)
     (curve,), _ = native.curves(images, [w], task, metric, log or (lambda *_: None), workers)
     if task == "multiclass":
@@ -70,13 +74,9 @@ def per_image(images, task: str, threshold: float, metric: "PairMetric | float",
 
 def report_metrics(images, task: str, threshold: float, spec) -> dict:
     """``metric.report`` at the original sizes: name -> mean (f1_at_iou: over classes of the per-class F1)."""
-    from competition import metrics
     wanted = [n for n in spec.report if n != spec.name]
     if not wanted:
         return {}
-    import torch
-
-    from competition.cv import native
     view = images.members[0]
     N, C = len(view), len(view.classes)
     counts = [np.empty((N, C), np.int64) for _ in range(3)]
@@ -136,14 +136,6 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
         tta: list[str] | None = None, scales: list[float] | None = None, csv: str | None = None,
         truth_csv: str | None = None, workers: int | None = None, log=print) -> dict:
     """Score an experiment's OOF (producing missing folds' OOF first); optionally list label suspects."""
-    from competition.config import load_competition, load_experiment
-    from competition.cv import native
-    from competition.cv import views as store
-    from competition.data.adapters import make_adapter
-    from competition.folds import load_folds
-    from competition.io import file_hash
-    from competition.predict.tta import check_views, variant_name
-
     exp = load_experiment(exp_name_or_path, overrides)
     comp = load_competition(exp.competition)
     views = check_views(tta, comp.tta, "--tta") if tta else ["identity"]
@@ -178,7 +170,6 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
     result = {"mean": float(scores.mean()), "native": float(scores.mean()),
               "table": table, "produced": made, "path": out, "variant": variant}
     if suspects:
-        from competition.cv import suspects as sus
         if top < 1:
             raise ConfigError(f"--top must be at least 1, got {top}")
         result["suspects"] = sus.run(exp.name, images, adapter, comp.task, pass_level(threshold), top, log)

@@ -15,18 +15,21 @@ travel back.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from competition import paths
 from competition.cv import sparse
 from competition.errors import UserError
-from competition.io import data_fingerprint
+from competition.io import STALE_AFTER_S, data_fingerprint
 from competition.store import tiles
 
 
@@ -172,7 +175,6 @@ def truth_store(comp, adapter, ids: list[str], folds_sha: str, log=print) -> til
         except tiles.StoreError as e:
             log(f"the truth store is damaged, rebuilding it: {e}".split("; delete the folder")[0])
         shutil.rmtree(folder, ignore_errors=True)  # ours (runs/_truth), damaged or for other ids: rebuilt
-    from competition.io import STALE_AFTER_S
     tiles.clean_stale(paths.truth_dir(), STALE_AFTER_S)  # the temp folders of killed builds
     log(f"building the truth store {folder.relative_to(paths.project())} ({len(ids)} images) ...")
     st = write_truth(folder, adapter, ids, list(comp.classes), {"competition": comp.name, "key": key})
@@ -274,10 +276,6 @@ def map_pool(fn, first: tuple, items: list, workers: int | None = None):
         for k in range(n):
             yield k, fn(*first, items[k])
         return
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    import cv2
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     # OpenCV's thread pool does not survive a fork: a child that touches it (even to resize it) can wait
     # forever on a lock held by a thread that no longer exists. With the pool off while the workers are

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 from competition.config import CompetitionConfig
-from competition.data.base import Adapter
-from competition.registry import Registry
-
-ADAPTERS = Registry("dataset format")
+from competition.data import mask_folders, polygon, rle_csv  # noqa: F401 (each format registers itself)
+from competition.data.base import ADAPTERS, Adapter
+from competition.data.synthetic import ensure_generated
 
 
 def make_adapter(cfg: CompetitionConfig) -> Adapter:
     """The adapter for ``cfg.format``; generates the embedded synthetic data first when configured."""
-    # Imported here so each format module registers itself without import cycles.
-    from competition.data import mask_folders, polygon, rle_csv  # noqa: F401
     if cfg.synthetic is not None:
-        from competition.data.synthetic import ensure_generated
         ensure_generated(cfg)
     return ADAPTERS.build(cfg.format, cfg)

@@ -9,8 +9,6 @@ turns that into the ignored pixels the loss and, by ``ignore.metric``, the metri
 """
 from __future__ import annotations
 
-from competition.errors import UserError
-
 import csv
 import os
 import warnings
@@ -25,7 +23,12 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from competition.config import CompetitionConfig
+from competition.errors import UserError
 from competition.io import ReadError, read_text
+from competition.registry import Registry
+
+# format name -> Adapter subclass; each format module registers itself (competition.data.adapters imports them all)
+ADAPTERS = Registry("dataset format")
 
 
 class DataError(UserError, ValueError):

@@ -53,10 +53,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from competition import paths
+from competition.config import to_plain
 from competition.errors import UserError
-from competition.io import atomic_write_text
+from competition.io import atomic_write_text, current_umask, data_fingerprint
 
 FORMAT_VERSION = 2  # 2: per-row checksums (sums.npy); part of the key, so older folders are rebuilt
 IMAGES, MASKS, FILLED, SUMS, META = "images.npy", "masks.npy", "filled.npy", "sums.npy", "meta.json"
@@ -89,7 +91,6 @@ def log_once(msg: str, log: Callable[[str], None] | None = None) -> None:
         return
     _logged.add(msg)
     if log is None:
-        from tqdm import tqdm
         log = tqdm.write
     log(msg)
 
@@ -99,14 +100,12 @@ def cache_root() -> Path:
 
 
 def _plain(cfg) -> dict:
-    from competition.config import to_plain
     return to_plain(cfg)
 
 
 def cache_key(adapter, split: str, work: tuple[int, int], resize: str = "stretch") -> tuple[str, dict]:
     """(12 hex digits, the inputs they hash) for ``adapter``'s ``split`` at working size ``work``,
     images brought there by ``resize`` (``data.resize``)."""
-    from competition.io import data_fingerprint
     comp = {k: v for k, v in _plain(adapter.cfg).items() if k not in _NOT_SHAPING}
     inputs = {"version": FORMAT_VERSION, "fingerprint": data_fingerprint(adapter.cfg.root()), "split": split,
               "work": list(work), "channels": adapter.cfg.image.channels, "bit_depth": adapter.cfg.image.bit_depth,
@@ -585,5 +584,4 @@ def _existing_parent(p: Path) -> Path:
 
 
 def _umask() -> int:
-    from competition.io import current_umask
     return current_umask()

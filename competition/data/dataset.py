@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from competition.config import IGNORE_INDEX, ExperimentConfig
+from competition.data import cache as sample_cache  # log_once looked up when called, as before: tests replace it
 from competition.data.base import Adapter
+from competition.data.cache import CacheDamaged, SampleCache, uniform_work_size
 from competition.data.transfer import from_bits, normalize, pack
 from competition.data.transforms import build_pipeline
 
@@ -156,7 +158,6 @@ class SegDataset(Dataset):
         self.cache = self._open_cache() if exp.data.cache else None
 
     def _open_cache(self):
-        from competition.data.cache import SampleCache, log_once, uniform_work_size
         s = self.geo.output_scale
         if self.geo.policy == "resize" or self.geo.crop_from:
             h, w = self.geo.whole((1, 1))
@@ -165,9 +166,10 @@ class SegDataset(Dataset):
             all_ids = self.adapter.ids if self.split == "train" else self.adapter.test_ids
             work = uniform_work_size(self.adapter, self.split, all_ids, self.geo.whole, s)
             if work is None:
-                log_once(f"data.cache: skipped for {self.adapter.cfg.name} ({self.split}): with data.policy crop "
-                         f"and no data.crop_from every image is worked at its own size, and these sizes differ; "
-                         f"set data.crop_from (or policy: resize) to cache; loading without a cache")
+                sample_cache.log_once(f"data.cache: skipped for {self.adapter.cfg.name} ({self.split}): with "
+                                      f"data.policy crop and no data.crop_from every image is worked at its own "
+                                      f"size, and these sizes differ; set data.crop_from (or policy: resize) to "
+                                      f"cache; loading without a cache")
                 return None
         return SampleCache.for_dataset(self.adapter, self.split, work, resize=self.geo.resize)
 
@@ -190,7 +192,6 @@ class SegDataset(Dataset):
         row = self.cache.row_of.get(image_id)
         if row is None:
             return None
-        from competition.data.cache import CacheDamaged
         try:
             img, bits = self.cache.image(row), self.cache.mask_bits(row)
         except (OSError, ValueError, CacheDamaged):
@@ -261,7 +262,6 @@ class SegDataset(Dataset):
 
     def _cached(self, image_id: str):
         """(image, mask) through the cache, filling what is missing; (None, None) to load uncached."""
-        from competition.data.cache import CacheDamaged, log_once
         c = self.cache
         row = c.row_of.get(image_id)
         if row is None:
@@ -278,17 +278,18 @@ class SegDataset(Dataset):
                 mask = self._labels_at(image_id, c.work)
                 stored = c.put_mask(row, mask) and stored
             if not stored:  # a layout the cache cannot hold exactly: never cache this dataset
-                log_once(f"data.cache: disabled for {c.display()}: {image_id!r} gave an image "
-                         f"{img.dtype} {img.shape} / mask {None if mask is None else (mask.dtype, mask.shape)} "
-                         f"that does not fit its layout ({c.image_dtype} {c.image_shape}, {{0, 1}} uint8 "
-                         f"masks); loading without a cache")
+                sample_cache.log_once(f"data.cache: disabled for {c.display()}: {image_id!r} gave an image "
+                                      f"{img.dtype} {img.shape} / mask "
+                                      f"{None if mask is None else (mask.dtype, mask.shape)} that does not fit "
+                                      f"its layout ({c.image_dtype} {c.image_shape}, {{0, 1}} uint8 masks); "
+                                      f"loading without a cache")
                 self.cache = None
             return img, (None if mask is None else self._merged(mask))
         except (OSError, ValueError, CacheDamaged) as e:
             # An unreadable or vanished cache must not stop a run; CacheDamaged is a damaged folder
             # that could not be rebuilt (a read-only disk), its message naming the file.
-            log_once(f"data.cache: disabled for {c.display()} after an error ({type(e).__name__}: {e}); "
-                     f"loading without a cache")
+            sample_cache.log_once(f"data.cache: disabled for {c.display()} after an error ({type(e).__name__}: {e}); "
+                                  f"loading without a cache")
             self.cache = None
             return None, None
 

@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from competition.config import CompetitionConfig, ConfigError
-from competition.data.adapters import ADAPTERS
-from competition.data.base import DataError, pil_reason, resize_mask, safe_join
+from competition.data.base import ADAPTERS, DataError, pil_reason, resize_mask, safe_join
 from competition.data.folder import FolderAdapter, _few
+
 
 def read_mask_png(path: Path) -> np.ndarray:
     """(H, W) integer array of a mask PNG: grey 8/16-bit values or palette indices (not colours)."""

@@ -19,8 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from competition.data.adapters import ADAPTERS
-from competition.data.base import Adapter, DataError, check_unique, read_data_text, safe_join, walk_files
+from competition.config import ConfigError
+from competition.data.base import ADAPTERS, Adapter, DataError, check_unique, read_data_text, safe_join, walk_files
+from competition.data.polycache import PolygonMaskCache
 
 _SHIFT = 4  # cv2.fillPoly fixed-point bits: polygon vertices keep 1/16 px precision after scaling
 _SS = 4  # supersampling factor when rasterizing at a size other than the image's own
@@ -177,7 +178,6 @@ class PolygonJsonAdapter(Adapter):
             return None
         v = str(self.cfg.ignore.value)
         if v in self.classes:
-            from competition.config import ConfigError
             raise ConfigError(f"{self.cfg.name}: ignore.value {v!r} is a class name; it names the label of "
                               f"the void polygons, so it must differ from every class")
         return v
@@ -205,7 +205,6 @@ class PolygonJsonAdapter(Adapter):
     # -- the polygon mask cache (competition.data.polycache) ------------------------------------
     @cached_property
     def _mask_cache(self):
-        from competition.data.polycache import PolygonMaskCache
         return PolygonMaskCache(self.cfg, Path(__file__))
 
     def _rasterize_mask(self, image_id: str, src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:

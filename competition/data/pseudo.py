@@ -37,7 +37,8 @@ class PseudoLabels:
             probs, ids, meta = store, store.ids, store.meta
         else:
             raise UserError(f"data.pseudo: no pseudo-labels {name!r} for fold {fold} ({d}); make them with "
-                            f"`competition pseudo --ensemble RECIPE --name {name}` (a recipe covering fold {fold})") from None
+                            f"`competition pseudo --ensemble RECIPE --name {name}` "
+                            f"(a recipe covering fold {fold})") from None
         if meta.get("classes") != list(classes) or meta.get("task") != task:
             raise UserError(f"{d}: made for classes {meta.get('classes')} ({meta.get('task')}), not this "
                             f"competition's {list(classes)} ({task})")
@@ -78,7 +79,8 @@ def _check_meta(d: Path, meta: dict, ids: list[str], n_classes: int) -> None:
     where = f"{d}/meta.json"
     kept, t = meta.get("kept"), meta.get("thresholds")
     if not isinstance(kept, list) or not all(isinstance(i, str) for i in kept) or len(set(kept)) != len(kept):
-        raise UserError(f"{where}: `kept` must list distinct test image ids; make the set again with `competition pseudo`")
+        raise UserError(f"{where}: `kept` must list distinct test image ids; "
+                        f"make the set again with `competition pseudo`")
     stray = sorted(set(kept) - set(ids))
     if stray:
         raise UserError(f"{where}: `kept` names image(s) {stray[:5]} the store does not hold; make the set again")

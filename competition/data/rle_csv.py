@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.data.adapters import ADAPTERS
-from competition.data.base import DataError, read_csv_table, resize_mask, safe_join
+from competition.config import ConfigError
+from competition.data.base import ADAPTERS, DataError, read_csv_table, resize_mask, safe_join
 from competition.data.folder import FolderAdapter, _few, groups_from_table, require_columns, strip_ext
 from competition.rle import decode, validate
 
@@ -103,7 +103,8 @@ class RleCsvAdapter(FolderAdapter):
                 except DataError:
                     raise DataError(f"{path} line {ln}: image id {i!r} escapes the data root {self.root} "
                                     f"(an id names the file <id>{spec.image_ext} in {spec.images})") from None
-            files = [f"{Path(spec.images) / (i + spec.image_ext)} (line {ln})" for i, ln in zip(absent["id"], absent["line"])]
+            files = [f"{Path(spec.images) / (i + spec.image_ext)} (line {ln})"
+                     for i, ln in zip(absent["id"], absent["line"])]
             raise DataError(f"{path}: image(s) listed in the CSV but not found on disk: {_few(files)} "
                             f"(expected <id>{spec.image_ext} in {self.images_dir})")
 
@@ -126,7 +127,6 @@ class RleCsvAdapter(FolderAdapter):
             return np.zeros(len(names), bool)
         v = str(self.cfg.ignore.value).strip()
         if v in self.cfg.class_values:
-            from competition.config import ConfigError
             raise ConfigError(f"{self.cfg.name}: ignore.value {v!r} is also a class value; the rows whose "
                               f"{self.spec.class_column!r} is ignore.value are the void region, so it must "
                               f"differ from every class")

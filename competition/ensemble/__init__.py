@@ -10,18 +10,21 @@ not train on it) stands for it; every member must cover the folds file.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from competition import locks, paths
-from competition.config import ConfigError, load_competition, load_experiment
+from competition import locks, paths, tracking
+from competition.config import ConfigError, load_competition, load_experiment, to_plain
 from competition.cv import compact, native, postprocess
 from competition.cv import views as store
 from competition.data.adapters import make_adapter
 from competition.ensemble import nested, recipe
 from competition.folds import load_folds
+from competition.io import STALE_AFTER_S, clean_stale_temps, file_hash
 from competition.metrics import pair_metric
+from competition.predict.tta import check_views
 
 
 def parse_member(spec: str) -> tuple[str, str | None]:
@@ -46,8 +49,6 @@ def open_members(specs: list[str], log=print):
     Every (experiment, TTA variant) pair is a candidate member: the search decides whether a view
     helps exactly as it decides whether an experiment helps.
     """
-    from competition.io import file_hash
-    from competition.predict.tta import check_views
     if not specs:
         raise ConfigError("name at least one experiment to ensemble")
     parsed = [parse_member(s) for s in specs]
@@ -102,7 +103,6 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
     paths.ensembles_dir().mkdir(parents=True, exist_ok=True)
-    from competition.io import STALE_AFTER_S, clean_stale_temps
     clean_stale_temps(paths.ensembles_dir(), STALE_AFTER_S)  # recipes of killed ensembles
     _check_writable(paths.ensembles_dir(), csv, truth_csv)
     with locks.hold_runs(_member_runs(experiments)):  # shared: no member fold is retrained meanwhile
@@ -132,8 +132,7 @@ def run(name: str, experiments: list[str], *, method: str = "caruana", per_class
                                    "steps": len(out.search.path) if method == "caruana" else trials,
                                    "uncertain_fraction": round(ev_uncertain / max(total, 1), 6)})
         yaml_path, md_path = recipe.write(rec)
-        from competition import tracking  # W&B run (offline by default; never fatal) if any member tracks
-        from competition.config import to_plain
+        # W&B run (offline by default; never fatal) if any member tracks
         tracking.log_ensemble(to_plain(rec), {c: v["in_sample"] for c, v in rec.scores["per_class"].items()},
                               (yaml_path, md_path), exps[0].tracking, enabled=any(e.tracking.wandb for e in exps))
         for line in recipe.summary(rec):
@@ -178,7 +177,6 @@ def choose(nat: native.NativeOutcome, force_blend: bool) -> tuple[str, str]:
 def _check_writable(folder: Path, *files) -> None:
     """Fail before any search when an output cannot be written (read-only file system, permissions,
     missing folder): a real probe file, since permission bits alone say nothing on a read-only mount."""
-    import tempfile
     targets = [folder] + [Path(f).resolve().parent for f in files if f]
     for t in targets:
         if not t.is_dir():

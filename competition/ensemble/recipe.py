@@ -9,11 +9,11 @@ import numpy as np
 from competition import paths
 from competition.config import ConfigError, Recipe, RecipeCheckpoint, atomic_write_text, dump_yaml, validate
 from competition.cv.blend import normalized, threshold_value
+from competition.io import file_hash
 
 
 def checkpoints(experiments: list[str], folds: list[int]) -> dict[str, list[RecipeCheckpoint]]:
     """Every member's ``best.pt`` per fold, with its content hash; a missing one is an error."""
-    from competition.io import file_hash
     out, missing = {}, []
     for e in experiments:
         out[e] = []

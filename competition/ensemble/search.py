@@ -91,7 +91,7 @@ def caruana(ev, subset: np.ndarray, metric: "PairMetric | float", per_class: boo
 def optuna_weights(ev, subset: np.ndarray, metric: "PairMetric | float", per_class: bool = False, trials: int = 100,
                    seed: int = 0) -> SearchResult:
     """TPE over weights in [0, 1]^M (normalised per class); equal and one-hot weights are tried first."""
-    import optuna
+    import optuna  # noqa: PLC0415 (optuna: the tune extra; ensemble --method optuna only)
     if per_class and ev.task == "multiclass":
         raise ValueError("per-class weights are for multilabel tasks (argmax couples the classes)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, config_dirs, validate
+from competition.data.adapters import make_adapter
 from competition.data.alignment import check_pixel_order
 from competition.data.folder import IMAGE_EXTS
 from competition.errors import UserError
@@ -45,6 +46,7 @@ from competition.init.render import DOC, EXP_DOC, Draft, _checked, _ordered, ren
 from competition.init.scan import _spread, scan
 from competition.io import atomic_write_text
 from competition.paths import NAME_RULE, is_safe_name
+from competition.predict.submit import expected_rows
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -136,8 +138,6 @@ def draft(root: Path, name: str) -> tuple[Draft, list[tuple[int, int]]]:
 def check(cfg: CompetitionConfig, d: Draft) -> None:
     """Groups, every label and the sample submission read through the adapter, as `make folds` and
     `submit` will read them; ``folds`` is fitted to the number of groups."""
-    from competition.data.adapters import make_adapter
-    from competition.predict.submit import expected_rows
     adapter = make_adapter(cfg)
     n_groups = len(set(adapter.groups().values()))
     d.set("folds", max(2, min(5, n_groups)), f"{n_groups} groups")

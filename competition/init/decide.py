@@ -7,9 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from competition import rle
 from competition.config import CompetitionConfig, DataConfig
+from competition.data.adapters import make_adapter
 from competition.data.alignment import SAMPLE as ALIGN_SAMPLE
 from competition.data.alignment import OrderEvidence, transpose_fit
 from competition.data.base import header_size, read_image
@@ -186,7 +188,6 @@ def decide_images(files: Files, lay: Layout, d: Draft) -> list[tuple[int, int]]:
         img = read_image(p, "rgb", 8)
         colour += int(img.ndim == 3 and not (np.array_equal(img[..., 0], img[..., 1])
                                              and np.array_equal(img[..., 1], img[..., 2])))
-    from PIL import Image
     with Image.open(paths[0]) as im:
         deep = im.mode in ("I;16", "I;16B", "I;16L", "I")
     d.set("image.channels", "rgb" if colour else "grayscale",
@@ -324,7 +325,6 @@ def decide_submission(files: Files, lay: Layout, d: Draft, classes_written: list
 
 def decide_task(lay: Layout, d: Draft) -> None:
     """multilabel when two classes overlap in the masks read (through the adapter), else multiclass."""
-    from competition.data.adapters import make_adapter
     if len(d.get("classes")) == 1:
         d.set("task", "multilabel", "one class")
         return

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from competition.data.mask_folders import read_mask_png
 from competition.init.common import _CLASS_HINT, _MASK_HINT, SAMPLE, InitError
 from competition.init.render import Draft
 from competition.init.scan import (
@@ -132,7 +134,6 @@ def find_rle_csv(files: Files, d: Draft) -> Layout | None:
 
 def _looks_like_mask(path: Path) -> bool:
     """Single channel with a few distinct values (labels), not a photograph."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             return im.mode in ("1", "L", "P", "I;16", "I") and len(np.unique(np.asarray(im))) <= 64
@@ -141,7 +142,6 @@ def _looks_like_mask(path: Path) -> bool:
 
 
 def find_mask_folders(files: Files, d: Draft) -> Layout | None:
-    from competition.data.mask_folders import read_mask_png
     index = files.by_folder
     best = None
     for b, ids in index.items():  # b: a candidate mask folder; a: the image folder its files are named after

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from competition.config import CompetitionConfig, ConfigError, validate
+from competition.config import TTA_VIEWS, CompetitionConfig, ConfigError, validate
 
 # --------------------------------------------------------------------------------------------- #
 # What every key means (the comment written above it); a draft adds how it was chosen
@@ -71,8 +71,8 @@ DOC = {
                               "index + 1, 0 = background; per_class: masks/<id>/<class>.png",
     "mask_folders.test_images": "the test images folder, relative to data_root (null: none)",
     "mask_folders.image_ext": "the images' file extension",
-    "tta": "test-time augmentations allowed (identity, hflip, vflip, rot90, rot180, rot270): drop the ones "
-           "that make no sense for this data",
+    "tta": f"test-time augmentations allowed ({', '.join(TTA_VIEWS)}): drop the ones that make no sense for "
+           "this data",
     "folds": "K of the K-fold split (at most the number of groups)",
     "fold_seed": "the split's seed: change it to draw another split",
 }

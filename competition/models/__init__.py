@@ -28,6 +28,9 @@ from urllib.parse import urlparse
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import HfHubHTTPError
+from safetensors.torch import load_file
 from torch import nn
 
 from competition.config import ConfigError, ModelConfig
@@ -169,7 +172,6 @@ def _check_named_weights(encoder: str, weights: str):
 
 def _hub_reachable(timeout: float = 1.0) -> bool:
     """Can we open a TCP connection to the hub (or the HTTPS proxy)? Bounded even if DNS hangs."""
-    from huggingface_hub import constants
     url = urlparse(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     ok = []
@@ -190,8 +192,6 @@ def _download_guard(weights: str, build):
     cannot reach the hub, we put the hub in offline mode for this build: cached weights still load,
     missing ones fail at once.
     """
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
     hint = ""
     if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         hint = " (HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0 to allow downloads)"
@@ -209,7 +209,6 @@ def _download_guard(weights: str, build):
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             sd = load_file(str(path), device="cpu")
         else:
             sd = torch.load(path, weights_only=True, map_location="cpu")

@@ -35,14 +35,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from email.parser import Parser
+from importlib.metadata import version
 from pathlib import Path
 
+import competition
 from competition import checkpoint as ckpt
 from competition.config import (
     CompetitionConfig,
@@ -56,8 +59,11 @@ from competition.config import (
     validate,
 )
 from competition.errors import UserError, describe_error
+from competition.installs import closure
 from competition.io import file_hash
+from competition.ledger import describe_members
 from competition.predict.members import check_recipe, checkpoint_paths, read_checkpoint
+from competition.predict.run import resolve_recipe, run_recipe
 
 RUN_PY = '''#!/usr/bin/env python3
 """Offline inference for ensemble {name!r}, made by `competition bundle`.
@@ -187,13 +193,9 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
                 wheels_python: str | None = None) -> Path:
     """Pack the recipe's checkpoints (weights only), the recipe, the competition config and run.py;
     with ``wheels`` also wheels/ (see :func:`build_wheels`; ``wheels_torch`` or ``wheels_python`` imply it)."""
-    import re
-    from importlib.metadata import version
     wheels = wheels or wheels_torch or wheels_python is not None
     if wheels_python is not None and not re.fullmatch(r"3\.\d+", wheels_python):
         raise ConfigError(f"--wheels-python {wheels_python!r}: expected a Python version such as 3.11")
-    from competition.ledger import describe_members
-    from competition.predict.run import resolve_recipe
     out = Path(out)
     check_out(out)  # first: what is in the way costs nothing to find
     source = resolve_recipe(ensemble)
@@ -281,8 +283,6 @@ def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None
     with ``pip download`` (needs the index now). torch and torchvision, and what only they need, are
     left out unless ``with_torch``. ``python`` ("3.12"): wheels for that Python instead of this one.
     Returns {distribution: version} of the dependencies."""
-    import competition
-    from competition.installs import closure
     root = Path(competition.__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file():
         raise ConfigError(f"--wheels builds the package from its source, and {root} has no pyproject.toml: "
@@ -314,7 +314,6 @@ def run_bundle(folder: Path, data_root: str | None = None, out: Path = Path("sub
                progress: bool = True, force: bool = False):
     """Inference from a bundle folder: the CSV at ``out`` (validated, written atomically; one that
     cannot be right is refused unless ``force``, as ``competition submit`` does)."""
-    from competition.predict.run import run_recipe
     folder = Path(folder).resolve()
     comp_file = folder / "competition.yaml"
     data = read_yaml(comp_file)

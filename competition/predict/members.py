@@ -17,6 +17,7 @@ from competition.checkpoint import CheckpointError
 from competition.config import ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint, RecipeMember, validate
 from competition.data.base import safe_join
 from competition.io import file_hash
+from competition.models import build_model
 from competition.models.precision import autocast_dtype
 
 
@@ -103,7 +104,6 @@ def read_checkpoint(path: Path, classes: list[str], task: str) -> tuple[dict, Ex
 
 def build_from_checkpoint(data: dict, exp: ExperimentConfig, path: Path, num_classes: int, task: str,
                           in_channels: int) -> torch.nn.Module:
-    from competition.models import build_model
     # Every weight comes from the checkpoint: never download or read pretrained encoder weights here
     # (the offline bundle has neither internet nor the original weights file).
     model_cfg = exp.model.model_copy(update={"encoder_weights": None})

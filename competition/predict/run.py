@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from competition import checkpoint as ckpt
-from competition import locks, paths
+from competition import ledger, locks, paths, tracking
 from competition.checkpoint import CheckpointError
 from competition.config import (
     CompetitionConfig,
@@ -26,14 +26,16 @@ from competition.config import (
     Recipe,
     RecipeCheckpoint,
     RecipeMember,
+    apply_overrides,
     load_competition,
     load_recipe,
     validate,
 )
 from competition.data.adapters import make_adapter
 from competition.errors import UserError
-from competition.io import file_hash, read_json
-from competition.predict import plausible
+from competition.folds import load_folds
+from competition.io import STALE_AFTER_S, atomic_path, clean_stale_temps, file_hash, read_json
+from competition.predict import plausible, saved
 from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for, masks_for_writer
 from competition.predict.members import check_recipe, load_models, member_weights
 from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
@@ -115,8 +117,6 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
     for flag, v in (("--batch-size", batch_size), ("--workers", workers)):
         if v is not None and v < (1 if flag == "--batch-size" else 0):
             raise ConfigError(f"{flag} {v}: expected a number >= {1 if flag == '--batch-size' else 0}")
-    from competition.io import atomic_path
-    from competition.predict import saved
     if from_probs and save_probs:
         raise ConfigError("--from-probs and --save-probs: the saved probabilities are what --from-probs reads")
     dev = pick_device(device)
@@ -199,13 +199,11 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
            batch_size: int | None = None, workers: int | None = None, progress: bool = True,
            log=print, save_probs: bool = False, from_probs: bool = False, force: bool = False) -> SubmitResult:
     """``competition submit``: the recipe's CSV under ``submissions/`` plus a ledger row (both or neither)."""
-    from competition import ledger
     source = resolve_recipe(ensemble)
     if ensemble is None:
         log(f"no --ensemble given: using the newest recipe, {source}")
     recipe = load_recipe(source)
     comp = load_competition(recipe.competition)
-    from competition.io import STALE_AFTER_S, clean_stale_temps
     clean_stale_temps(paths.submissions_dir(), STALE_AFTER_S)  # CSVs of killed submits
     with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
         result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
@@ -235,7 +233,6 @@ def predict_experiment(experiment: str, out: Path | None = None, device: str = "
                        overrides: dict | None = None, force: bool = False) -> SubmitResult:
     """``competition predict --exp E``: all folds' best.pt, equal weights, the experiment's threshold
     (``overrides``: ``--set`` of the :data:`PREDICT_KEYS`)."""
-    from competition import ledger
     recipe, comp = experiment_recipe(experiment, overrides)
     overrides = overrides or {}  # the flags win over --set data.batch_size / data.workers
     batch_size = overrides.get("data.batch_size") if batch_size is None else batch_size
@@ -250,7 +247,6 @@ def _record(row: dict, recipe: Recipe, source: Path | None, csv: Path) -> None:
     """The ledger row, and the same row as a W&B run (the CSV an artifact made from the recipe's).
     A ledger that cannot be written (a full disk) takes the CSV with it: a submission the ledger
     does not list would reach the leaderboard without its CV beside it."""
-    from competition import ledger, tracking
     try:
         ledger.append(row)
     except BaseException:
@@ -277,7 +273,6 @@ def experiment_recipe(experiment: str, overrides: dict | None = None) -> tuple[R
     comp = load_competition(comp_name)
     exp = validate(ExperimentConfig, cfg["experiment"], f"{first} (config.experiment)")
     if overrides:
-        from competition.config import apply_overrides
         bad = sorted(k for k in overrides if k not in PREDICT_KEYS)
         if bad:
             raise ConfigError(f"predict --set {', '.join(bad)}: the trained models fix every other key; "
@@ -286,7 +281,6 @@ def experiment_recipe(experiment: str, overrides: dict | None = None) -> tuple[R
                        f"{first} (config.experiment) with --set {', '.join(overrides)}")
     folds_file = paths.folds_file(comp.name)
     if folds_file.is_file():
-        from competition.folds import load_folds
         wanted = sorted(set(load_folds(comp)["fold"]))
     else:
         wanted = sorted(found)

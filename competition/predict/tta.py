@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
+from competition.config import TTA_VIEWS as VIEWS
+from competition.config import ConfigError
+
 _TURNS = {"rot90": 1, "rot180": 2, "rot270": 3}  # counter-clockwise quarter turns (torch.rot90)
 
 
@@ -31,7 +33,6 @@ def variant_name(views: Sequence[str], scales: Sequence[float] = (1.0,)) -> str:
 
 def check_views(views: Sequence[str], allowed: Sequence[str], where: str) -> list[str]:
     """The views, in the order given, each one of the competition's ``tta`` list (else an error naming it)."""
-    from competition.config import ConfigError
     if not views:
         raise ConfigError(f"{where}: name at least one TTA view")
     bad = [v for v in views if v not in allowed]

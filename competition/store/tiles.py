@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +141,6 @@ class StoreWriter:
             self.add_split(row, *split(np.asarray(probs), self.tile))
             return
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="store-split")
         self._pending.append((row, self._pool.submit(split, np.asarray(probs), self.tile)))
         while len(self._pending) > 2 * self.workers:
@@ -375,8 +377,6 @@ def clean_stale(folder: Path, max_age_s: float = 0.0) -> list[Path]:
     """Remove the hidden temp folders of store writes that were killed (``.<name>.<random>.tmp[.old]``)
     in a folder whose lock the caller holds, or older than ``max_age_s`` (a younger one may belong to
     a writer that is still running); each is a whole copy of a store."""
-    import re
-    import time
     ours = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.old)?$")  # mkdtemp's names in StoreWriter
     out = []
     for p in Path(folder).glob(".*.tmp*"):

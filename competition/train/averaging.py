@@ -10,6 +10,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from competition import checkpoint as ckpt
+from competition.data.transfer import images
 
 
 def mean_state(states: list[dict]) -> dict:
@@ -71,6 +72,5 @@ class Swa:
         """The averaged model with BatchNorm statistics recomputed, or None before any update."""
         if int(self.avg.n_averaged) == 0:
             return None
-        from competition.data.transfer import images
         update_bn((images(b, device) for b in train_loader), self.avg, device=device)
         return self.avg.module

@@ -26,21 +26,30 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+import timm
 import torch
+from segmentation_models_pytorch.encoders import get_encoder_names
 
-from competition import locks, paths
-from competition.config import CompetitionConfig, ConfigError, ExperimentConfig
+from competition import locks, models, paths
+from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, load_competition
+from competition.data.adapters import make_adapter
+from competition.data.mixing import check as check_batch_mix
+from competition.data.transforms import build_pipeline
+from competition.folds import load_folds
+from competition.losses import build_loss, ignore_index_for, inverse_frequency_weights
+from competition.models import ARCHITECTURES
+from competition.optim import build_optimizer, build_scheduler
+from competition.predict.tta import check_views, variant_name
 
 
 def _encoder(exp: ExperimentConfig) -> None:
     name = exp.model.encoder
     if name.startswith("tu-"):
-        import timm
         if not timm.is_model(name[3:]):
             raise ConfigError(f"model.encoder: {name!r} is not a timm model (timm.list_models() lists them; "
                               f"e.g. tu-resnet18, tu-convnext_tiny, tu-hrnet_w48)")
         return
-    from segmentation_models_pytorch.encoders import get_encoder_names
     valid = get_encoder_names()
     if name not in valid:
         raise ConfigError(f"model.encoder: unknown smp encoder {name!r}; valid: {', '.join(sorted(valid))}, "
@@ -69,7 +78,6 @@ def _meta_only(e: BaseException) -> bool:
 def _build_model(exp: ExperimentConfig, out_ch: int, in_ch: int):
     """The run's model (:func:`competition.models.build_model`) with random init, on the meta device;
     -> (model, on_meta)."""
-    from competition import models
     cfg = exp.model
     w = cfg.encoder_weights
     kind = models._weights_kind(w)
@@ -103,6 +111,36 @@ def _build_model(exp: ExperimentConfig, out_ch: int, in_ch: int):
         return build("cpu"), False
 
 
+def _class_weights(exp, comp, adapter, train_ids) -> torch.Tensor | None:
+    cw = exp.loss.class_weights
+    if cw is None:
+        return None
+    if isinstance(cw, list):
+        if len(cw) != comp.num_classes:
+            raise ConfigError(f"loss.class_weights has {len(cw)} values; the competition has "
+                              f"{comp.num_classes} classes ({', '.join(comp.classes)})")
+        return torch.tensor(cw, dtype=torch.float32)
+    # "1 - pixel frequency on the training fold" (report 000), counted at a small size: it is a ratio.
+    counts, total = np.zeros(comp.num_classes), 0
+    for i in train_ids:
+        m = adapter.load_mask(i, (64, 64))
+        counts += m.reshape(len(m), -1).sum(1)
+        total += m.shape[1] * m.shape[2]
+    return inverse_frequency_weights(counts, total)
+
+
+def oof_variants(exp: ExperimentConfig, comp: CompetitionConfig) -> list[tuple[list[str], list[float]]]:
+    """The OOF variants training writes: the plain one, and ``oof.tta`` (default: the competition's
+    ``tta``) when it differs, so TTA is measured on OOF without a second command."""
+    views = comp.tta if exp.oof.tta is None else exp.oof.tta
+    out = [(["identity"], [1.0])]
+    if views:
+        extra = (check_views(views, comp.tta, "oof.tta"), [float(s) for s in exp.oof.tta_scales])
+        if variant_name(*extra):
+            out.append(extra)
+    return out
+
+
 class _MetaOnly(Exception):
     pass
 
@@ -122,9 +160,6 @@ def _built(section: str, build, meta: bool = False):
 
 def _build_run(exp: ExperimentConfig, comp: CompetitionConfig, n_train: int) -> None:
     """Build what ``fit`` builds before it loads data (see the module docstring); raise ConfigError."""
-    from competition.losses import build_loss, ignore_index_for
-    from competition.optim import build_optimizer, build_scheduler
-    from competition.train.loop import _class_weights
     out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
     in_ch = 1 if comp.image.channels == "grayscale" else 3
     model, on_meta = _build_model(exp, out_ch, in_ch)
@@ -163,15 +198,6 @@ def check_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None =
               adapter=None, lock: bool = True, build: bool = True):
     """Raise a ConfigError/DataError naming the key or file on the first problem; -> (comp, adapter, folds).
     ``build``: also build the model (on the meta device), loss, optimizer and scheduler as the run does."""
-    from competition.config import load_competition
-    from competition.data.adapters import make_adapter
-    from competition.data.transforms import build_pipeline
-    from competition.folds import load_folds
-    from competition.losses import build_loss
-    from competition.models import ARCHITECTURES
-    from competition.optim import build_optimizer, build_scheduler
-    from competition.train.loop import oof_variants
-
     comp = comp or load_competition(exp.competition)
     rp = paths.run(exp.name, fold)
     try:
@@ -185,7 +211,6 @@ def check_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None =
     _built("scheduler", lambda: build_scheduler(optimizer, exp.scheduler, exp.train.epochs, 1))
     build_pipeline(exp.augment.preprocess, "augment.preprocess")
     build_pipeline(exp.augment.train, "augment.train")
-    from competition.data.mixing import check as check_batch_mix
     check_batch_mix(exp, comp)
     oof_variants(exp, comp)
     adapter = adapter or make_adapter(comp)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import resource
+import shutil
 import sys
 import time
 
@@ -27,6 +28,16 @@ import torch
 
 from competition import paths
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, load_competition, to_plain, validate
+from competition.folds import FoldsError
+from competition.losses import ignore_index_for
+from competition.models import build_model
+from competition.models.precision import autocast_dtype
+from competition.optim import build_scheduler
+from competition.store import tiles
+from competition.train import distributed as dd
+from competition.train.check import _class_weights, check_run, oof_variants
+from competition.train.engine import seed_everything
+from competition.train.loop import Engine, build_loss, build_optimizer, training_loader
 
 __all__ = ["dry_run", "resolve_competition", "same_classes"]
 
@@ -89,10 +100,6 @@ def _host_peak_bytes() -> int:
 def _oof_estimate(exp: ExperimentConfig, comp: CompetitionConfig, adapter, folds, log) -> int:
     """Print (and return) what the experiment's OOF stores will take on disk: every fold's held-out
     images at their original sizes, once per OOF variant training writes."""
-    import shutil
-
-    from competition.store import tiles
-    from competition.train.loop import oof_variants
     sizes = [tuple(adapter.image_size(i)) for i in folds["id"]]
     n_var = len(oof_variants(exp, comp))
     per = tiles.estimate_sizes(sizes, comp.num_classes)
@@ -111,15 +118,6 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
             log=print) -> dict:
     """One training step of ``exp`` fold ``fold`` (on ``comp``, default the experiment's own
     competition), building everything as ``fit`` does and writing nothing; returns the figures."""
-    from competition.folds import FoldsError
-    from competition.models import build_model
-    from competition.models.precision import autocast_dtype
-    from competition.optim import build_scheduler
-    from competition.train import distributed as dd
-    from competition.train.check import check_run
-    from competition.train.engine import seed_everything
-    from competition.train.loop import Engine, _class_weights, build_loss, build_optimizer, training_loader
-
     if comp is None:
         comp = load_competition(exp.competition)
     else:
@@ -157,7 +155,6 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
 
     train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
     train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d, fold)
-    from competition.losses import ignore_index_for
     loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
                          ignore_index_for(comp))
     engine = Engine(model, loss_fn, exp, comp, device, d)

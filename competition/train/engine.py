@@ -8,11 +8,12 @@ import random
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from competition import checkpoint as ckpt
-from competition.config import IGNORE_INDEX, CompetitionConfig, ExperimentConfig
+from competition.config import IGNORE_INDEX, CompetitionConfig, ConfigError, ExperimentConfig
 from competition.data import mixing, transfer
 from competition.errors import UserError
 from competition.metrics import pair_metric, score_counts
@@ -35,7 +36,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def use_sync_bn(exp: ExperimentConfig, d: dd.Dist, device: torch.device) -> bool:
     """``train.sync_bn``: null means on under multi-GPU DDP; SyncBatchNorm needs CUDA."""
-    from competition.config import ConfigError
     want = exp.train.sync_bn if exp.train.sync_bn is not None else (d.enabled and d.world > 1 and device.type == "cuda")
     if want and device.type != "cuda":
         raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA devices; set it to null or false on the CPU")
@@ -61,7 +61,6 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.ema = None
         if exp.train.ema:
-            from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.raw, decay=exp.train.ema, device=device)
         self.optimizer = None
         self.scheduler = None

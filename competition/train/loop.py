@@ -9,25 +9,45 @@
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
 
-import numpy as np
 import pandas as pd
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from competition import checkpoint as ckpt
-from competition import paths, tracking, viz
-from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, atomic_write_text, dump_yaml, to_plain
+from competition import locks, paths, tracking, viz
+from competition.config import (
+    CompetitionConfig,
+    ConfigError,
+    ExperimentConfig,
+    atomic_write_text,
+    dump_yaml,
+    read_yaml,
+    to_plain,
+)
+from competition.cv import oofscore
+from competition.cv import views as store
+from competition.cv.heldout import predict_fold
 from competition.data.dataset import EpochSampler, SegDataset, rare_class_weights
+from competition.data.pseudo import add_pseudo
 from competition.folds import presence_matrix
-from competition.losses import build_loss, inverse_frequency_weights
-from competition.metrics import pair_metric
+from competition.io import clean_stale_temps
+from competition.losses import build_loss, ignore_index_for
+from competition.metrics import pair_metric, summarize
 from competition.models import build_model
 from competition.optim import build_optimizer, build_scheduler
+from competition.predict.tta import variant_name
+from competition.store import tiles
+from competition.store.tiles import clean_stale
 from competition.train import distributed as dd
+from competition.train.averaging import Swa, TopK
+from competition.train.check import _class_weights, check_run, oof_variants
 from competition.train.engine import Engine, TrainingDiverged, seed_everything
 
 __all__ = ["fit", "TrainingDiverged"]
@@ -58,7 +78,6 @@ def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, tra
     """(dataset, sampler, loader) of a fold's training images: augmentations, rare-class oversampling,
     fold ``fold``'s pseudo-labelled test images (``data.pseudo``), DDP shards; what ``train`` and
     ``--dry-run`` both use."""
-    from competition.data.pseudo import add_pseudo
     train_ds = SegDataset(adapter, train_ids, exp, comp.task, "train")
     weights = None
     if exp.data.rare_class_oversample > 0:
@@ -67,24 +86,6 @@ def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, tra
     train_ds, weights = add_pseudo(train_ds, weights, exp, comp, adapter, fold)
     sampler = EpochSampler(len(train_ds), exp.train.seed, weights, d.rank, d.world)
     return train_ds, sampler, _loader(train_ds, exp, sampler)
-
-
-def _class_weights(exp, comp, adapter, train_ids) -> torch.Tensor | None:
-    cw = exp.loss.class_weights
-    if cw is None:
-        return None
-    if isinstance(cw, list):
-        if len(cw) != comp.num_classes:
-            raise ConfigError(f"loss.class_weights has {len(cw)} values; the competition has "
-                              f"{comp.num_classes} classes ({', '.join(comp.classes)})")
-        return torch.tensor(cw, dtype=torch.float32)
-    # "1 - pixel frequency on the training fold" (report 000), counted at a small size: it is a ratio.
-    counts, total = np.zeros(comp.num_classes), 0
-    for i in train_ids:
-        m = adapter.load_mask(i, (64, 64))
-        counts += m.reshape(len(m), -1).sum(1)
-        total += m.shape[1] * m.shape[2]
-    return inverse_frequency_weights(counts, total)
 
 
 def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write, on_epoch=None) -> dict:
@@ -96,10 +97,6 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
     The run folder is locked for the whole run: a second ``train`` of the same experiment and fold
     is refused at once, naming this process.
     """
-    import contextlib
-
-    from competition import locks
-    from competition.train.check import check_run
     d = dd.setup()
     # Everything that can be checked without a model or a loader, first: a typo costs seconds.
     comp, adapter, folds = check_run(exp, fold, lock=d.main)
@@ -117,10 +114,7 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     rp = paths.run(exp.name, fold)
     run_cfg = _run_config(exp, comp, fold)
     if d.main:
-        from competition.io import clean_stale_temps
-
         # We hold the folder's lock, so any temp file in it was left by a killed run of ours.
-        from competition.store.tiles import clean_stale
         for t in clean_stale_temps(rp.root, 0) + clean_stale(rp.root):
             log(f"removed {t.name}, left by an interrupted run")
         extend = _check_run_dir(rp, run_cfg, restart)
@@ -142,7 +136,6 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
     val_loader = _loader(val_shard, exp)
 
-    from competition.losses import ignore_index_for
     loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
                          ignore_index_for(comp))
     engine = Engine(model, loss_fn, exp, comp, device, d)
@@ -166,7 +159,6 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
             log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
 
     dd.require_same(state["epoch"], d, "the epoch to start from (last.pt)")
-    from competition.train.averaging import Swa, TopK
     topk = TopK(exp.train.average_top_k, rp, state.get("top_k")) if exp.train.average_top_k else None
     swa = Swa(exp.train.swa, engine.raw, device) if exp.train.swa else None
     if swa is not None and saved is not None and saved.get("swa") is not None:
@@ -203,7 +195,6 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
 
 def _averaged(exp, comp, d, engine, state, rp, run_cfg, train_loader, val_loader, val_ds, topk, swa, log) -> dict:
     """Validate the weight averages like an epoch; the best one becomes best.pt if it beats every epoch."""
-    import copy
     candidates = []
     if topk is not None and (avg := topk.average()) is not None:
         model = copy.deepcopy(engine.raw)
@@ -308,9 +299,6 @@ def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | 
     """A run folder belongs to one configuration: resuming under a changed config would mix two runs.
     The one change allowed is a longer schedule (more ``train.epochs``, another ``early_stopping``):
     the run then continues from last.pt. -> (old epochs, new epochs) when extending, else None."""
-    import yaml
-
-    from competition.config import read_yaml
     if restart or not rp.last.is_file() or not rp.config.is_file():
         return None
     old, new = _flat(read_yaml(rp.config)), _flat(yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)))
@@ -327,29 +315,9 @@ def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | 
                       f"(RESTART=1) to start this fold over")
 
 
-def oof_variants(exp: ExperimentConfig, comp: CompetitionConfig) -> list[tuple[list[str], list[float]]]:
-    """The OOF variants training writes: the plain one, and ``oof.tta`` (default: the competition's
-    ``tta``) when it differs, so TTA is measured on OOF without a second command."""
-    from competition.predict.tta import check_views, variant_name
-    views = comp.tta if exp.oof.tta is None else exp.oof.tta
-    out = [(["identity"], [1.0])]
-    if views:
-        extra = (check_views(views, comp.tta, "oof.tta"), [float(s) for s in exp.oof.tta_scales])
-        if variant_name(*extra):
-            out.append(extra)
-    return out
-
-
 def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log, tracker) -> dict:
     """Predict the held-out fold from best.pt through the submission's inference path (every OOF
     variant), then metrics.json: the OOF score at each image's original size."""
-    from competition.cv import oofscore
-    from competition.cv import views as store
-    from competition.cv.heldout import predict_fold
-    from competition.metrics import summarize
-    from competition.predict.tta import variant_name
-    from competition.store import tiles
-
     rp = paths.run(exp.name, fold)
     best = ckpt.load(rp.best)
     variants = oof_variants(exp, comp)

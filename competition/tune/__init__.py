@@ -18,7 +18,17 @@ from competition import paths
 from competition.config import ConfigError
 from competition.tune import space as sp
 from competition.tune.report import report
-from competition.tune.study import Job, count_finished, open_storage, prepare, run, shown, studies_dir
+from competition.tune.study import (
+    Job,
+    count_finished,
+    default_study_name,
+    open_storage,
+    prepare,
+    run,
+    shown,
+    storage_url,
+    studies_dir,
+)
 
 __all__ = ["tune", "show_report", "Job"]
 
@@ -52,7 +62,6 @@ def tune(exp: str, space: str, trials: int | None = None, folds: list[int] | Non
 
 def show_report(exp: str, space: str, storage: str | None = None, study: str | None = None, log=print) -> dict:
     """``competition tune --report``: the table, importances and plots of an existing study."""
-    from competition.tune.study import default_study_name, storage_url
     name = study or default_study_name(exp, space)
     if storage is None and not paths.study_db(name).is_file():
         raise ConfigError(f"no study {name!r}: {paths.study_db(name)} does not exist; "

@@ -6,7 +6,9 @@ hyperparameters), not as a crash. Each trial records who ran it (``worker``: hos
 with many workers on one study, that is how to see that they share one search."""
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 
 import numpy as np
 import optuna
@@ -16,12 +18,18 @@ from optuna.trial import TrialState
 from competition import paths
 from competition.config import SearchSpace, load_experiment, to_plain
 from competition.train.engine import TrainingDiverged
+from competition.train.loop import fit
 from competition.tune import space as sp
-from competition.tune.study import worker_name
 
 
 def trial_experiment_name(study: str, number: int) -> str:
     return f"{study}-t{number}"
+
+
+def worker_name() -> str:
+    """``host:PID``: who ran a trial (a trial attribute; :mod:`~competition.tune.study` also seeds samplers
+    with it). Here, not in study.py, which imports this module: the one-way import keeps both at the top."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Objective:
@@ -30,7 +38,6 @@ class Objective:
         self.base = to_plain(load_experiment(job.exp, dict(job.overrides)))
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from competition.train.loop import fit
         job, epochs = self.job, self.space.budget.epochs
         values = sp.suggest(trial, self.space.params)
         name = trial_experiment_name(job.study, trial.number)

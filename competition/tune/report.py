@@ -38,10 +38,10 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
 
 
 def save_plots(study: optuna.Study, out: Path, have_importances: bool) -> list[Path]:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib: the plots extra; tune --report's plots only)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vm
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib: the plots extra)
+    from optuna.visualization import matplotlib as vm  # noqa: PLC0415 (imports matplotlib: the plots extra)
 
     plots = {"history": vm.plot_optimization_history, "intermediate": vm.plot_intermediate_values}
     if have_importances:
@@ -59,10 +59,12 @@ def save_plots(study: optuna.Study, out: Path, have_importances: bool) -> list[P
             plt.close(fig)
             written.append(out / f"{name}.png")
         try:
-            import plotly  # noqa: F401  optional: interactive versions of the same plots
+            import plotly  # noqa: F401, PLC0415  optional, in no extra: interactive versions of the same plots
         except ImportError:
             return written
-        from optuna import visualization as vp
+        # loading optuna.visualization loads its matplotlib module too (the plots extra), and it is wanted
+        # only when the plotly probe above found plotly
+        from optuna import visualization as vp  # noqa: PLC0415 (loads matplotlib: the plots extra)
         for name in plots:
             fig = getattr(vp, {"history": "plot_optimization_history", "intermediate": "plot_intermediate_values",
                                "importances": "plot_param_importances"}[name])(study)

@@ -21,7 +21,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import socket
 import sys
 import time
 import warnings
@@ -29,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from competition import paths
 from competition.config import ConfigError, SearchSpace, load_experiment, load_search, to_plain
 from competition.errors import UserError, describe_error
 from competition.tune import space as sp
+from competition.tune.objective import Objective, worker_name
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -89,7 +90,7 @@ def driver_url(url: str) -> str:
 def shown(url: str) -> str:
     """The URL without its password: it is printed, and written into the tuned config's comment."""
     try:
-        from sqlalchemy.engine import make_url
+        from sqlalchemy.engine import make_url  # noqa: PLC0415 (sqlalchemy: the postgres extra)
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy parses: mask what looks like user:password@
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
@@ -128,16 +129,12 @@ def _lost_creation_race(e: BaseException) -> bool:
     fresh database collide (PostgreSQL: a unique violation on ``pg_type`` or ``alembic_version``;
     SQLite: ``UNIQUE constraint failed`` or ``table ... already exists``). The loser's transaction is
     rolled back and what it collided with is what it was creating: trying again finds it."""
-    from sqlalchemy import exc
+    from sqlalchemy import exc  # noqa: PLC0415 (sqlalchemy: the postgres extra)
     while e is not None:
         if isinstance(e, exc.IntegrityError) or (isinstance(e, exc.DatabaseError) and "already exists" in str(e)):
             return True
         e = e.__cause__
     return False
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def sampler_seed(space: SearchSpace, index: int, n_before: int) -> int:
@@ -225,11 +222,9 @@ def _check_identity(study: optuna.Study, ident: dict, name: str, url: str, only_
 
 def work(job: Job, index: int, n_trials: int) -> None:
     """One worker: up to ``n_trials`` trials, stopping early once the study holds ``job.trials``."""
-    import torch
     if job.threads:
         torch.set_num_threads(job.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from competition.tune.objective import Objective
     space = load_search(job.space)
     storage = open_storage(job.storage)
     with storage_errors(job.storage):
@@ -245,7 +240,7 @@ def work(job: Job, index: int, n_trials: int) -> None:
 def storage_errors(url: str):
     """The database's own errors mid-study as one line naming the storage: a full disk as ENOSPC (SQLite
     says "database or disk is full"), a damaged file or a lost server as a ConfigError."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 (sqlalchemy: the postgres extra)
     try:
         yield
     except SQLAlchemyError as e:
