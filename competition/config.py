@@ -37,7 +37,7 @@ DEFAULT_COMPETITION = "synthetic-hands"
 
 def config_dirs(kind: str) -> list[Path]:
     """Where ``configs/<kind>/`` YAML files are looked up: the project first, then the checkout."""
-    dirs = [Path.cwd() / "configs" / kind, PACKAGE_ROOT / "configs" / kind]
+    dirs = [paths.project() / "configs" / kind, PACKAGE_ROOT / "configs" / kind]
     return list(dict.fromkeys(d.resolve() for d in dirs))
 
 
@@ -275,7 +275,7 @@ class CompetitionConfig(Strict):
     def root(self) -> Path:
         """The data root, absolute; a relative one is taken from the project folder (the cwd)."""
         p = Path(self.data_root).expanduser()
-        return p if p.is_absolute() else (Path.cwd() / p)
+        return p if p.is_absolute() else (paths.project() / p)
 
 
 # --------------------------------------------------------------------------------------------- #

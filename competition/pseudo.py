@@ -62,7 +62,7 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
     adapter = make_adapter(comp)
     ids, _ = expected_rows(comp, adapter)
     with locks.hold_runs(recipe_runs(recipe)):
-        full = build_predictor(recipe, comp, Path.cwd(), str(source), dev)  # the submission's members
+        full = build_predictor(recipe, comp, paths.project(), str(source), dev)  # the submission's members
         per_fold = {}
         for k in folds:  # fold k: every member's fold-k model alone, the recipe's weights
             members = [MemberPredictor([mp.models[m.folds.index(k)]], comp.task, mp.views, mp.scales, dev)

@@ -55,7 +55,7 @@ def server_url() -> str | None:
     if url := os.environ.get("WANDB_BASE_URL"):
         return url
     config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
-    for f in (Path.cwd() / "wandb" / "settings", config_dir / "settings"):
+    for f in (paths.project() / "wandb" / "settings", config_dir / "settings"):
         parser = configparser.ConfigParser()
         try:
             parser.read(f)
@@ -146,7 +146,7 @@ class Tracker:
             m = mode()
             if m:
                 init_kwargs["mode"] = m
-            init_kwargs.setdefault("dir", str(Path.cwd()))
+            init_kwargs.setdefault("dir", str(paths.project()))
             # W&B's metadata scan and system-stats sampler compete with training for the CPU; on a
             # 2-core machine they made epochs up to 20x slower. GPU runs keep the stats (GPU utilisation).
             settings = wandb.Settings(silent=True, console="off", init_timeout=30, x_disable_meta=True,

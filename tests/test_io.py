@@ -194,3 +194,13 @@ def test_read_text_names_the_file_and_the_problem(tmp_path):
     with pytest.raises(ReadError, match="is a folder"):
         read_text(tmp_path)
     assert issubclass(ReadError, ValueError)
+
+
+def test_the_working_directory_is_read_in_paths_only():
+    """``paths.project()`` is the one place that says the project is the current directory."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "competition"
+    found = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "paths.py"
+             for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"Path\.cwd\(\)|os\.getcwd\(\)", line)]
+    assert not found, f"use competition.paths.project(): {found}"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from competition import paths
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, config_dirs, validate
 from competition.data.adapters import make_adapter
 from competition.data.alignment import check_pixel_order
@@ -85,7 +86,7 @@ def _default_name(root: Path) -> str:
 
 
 def _data_root(root: Path) -> str:
-    cwd = Path.cwd().resolve()
+    cwd = paths.project().resolve()
     return root.relative_to(cwd).as_posix() if root == cwd or cwd in root.parents else str(root)
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import competition
 from competition import checkpoint as ckpt
+from competition import paths
 from competition.config import (
     CompetitionConfig,
     ConfigError,
@@ -202,7 +203,7 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
     recipe = load_recipe(source)
     comp = load_competition(recipe.competition)
     check_recipe(recipe, comp.classes, comp.task, str(source))
-    sources = iter(checkpoint_paths(recipe, Path.cwd(), str(source)))  # hashes checked here
+    sources = iter(checkpoint_paths(recipe, paths.project(), str(source)))  # hashes checked here
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # unique per process
     (tmp / "checkpoints").mkdir(parents=True)

@@ -206,7 +206,7 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
     comp = load_competition(recipe.competition)
     clean_stale_temps(paths.submissions_dir(), STALE_AFTER_S)  # CSVs of killed submits
     with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
-        result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(recipe.name),
+        result = run_recipe(recipe, comp, paths.project(), Path(out) if out else submission_path(recipe.name),
                             str(source), device, batch_size, workers, progress=progress, save_probs=save_probs,
                             from_probs=from_probs, force=force)
     _record(ledger.row_for(result, recipe, file_hash(source), comp.name), recipe, source, result.path)
@@ -218,7 +218,7 @@ def recipe_runs(recipe: Recipe) -> list:
     out = []
     for m in recipe.members:
         for c in m.checkpoints:
-            rp = paths.RunPaths.of((Path.cwd() / c.path).parent)
+            rp = paths.RunPaths.of((paths.project() / c.path).parent)
             if rp is not None and rp not in out:
                 out.append(rp)
     return out
@@ -237,7 +237,7 @@ def predict_experiment(experiment: str, out: Path | None = None, device: str = "
     overrides = overrides or {}  # the flags win over --set data.batch_size / data.workers
     batch_size = overrides.get("data.batch_size") if batch_size is None else batch_size
     workers = overrides.get("data.workers") if workers is None else workers
-    result = run_recipe(recipe, comp, Path.cwd(), Path(out) if out else submission_path(experiment),
+    result = run_recipe(recipe, comp, paths.project(), Path(out) if out else submission_path(experiment),
                         f"runs/{experiment}", device, batch_size, workers, progress=progress, force=force)
     _record(ledger.row_for(result, recipe, "", comp.name), recipe, None, result.path)
     return result

@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from competition import paths
 from competition.config import atomic_write_text
 
 
@@ -98,5 +99,6 @@ def report(study: optuna.Study, out: Path, log=print) -> dict:
             + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items()))
     plots = save_plots(study, out, bool(imp)) if counts.get("complete") else []
     if plots:
-        log(f"plots: {', '.join(str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p) for p in plots)}")
+        here = paths.project()
+        log(f"plots: {', '.join(str(p.relative_to(here) if p.is_relative_to(here) else p) for p in plots)}")
     return {"trials": len(df), "states": counts, "importances": imp, "best": best, "plots": plots}

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from competition import paths
 from competition.config import (
     ConfigError,
     ExperimentConfig,
@@ -99,7 +100,7 @@ def check(space: SearchSpace, base: dict, source: str) -> None:
 
 
 def tuned_config_path(exp: str) -> Path:
-    return Path.cwd() / "configs" / "experiments" / f"{Path(exp).stem}-tuned.yaml"
+    return paths.project() / "configs" / "experiments" / f"{Path(exp).stem}-tuned.yaml"
 
 
 def write_tuned(exp: str, best: dict[str, Any], comment: str) -> Path:
