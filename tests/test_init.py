@@ -503,3 +503,19 @@ def test_classes_txt_orders_label_names_and_numeric_values(proj, capsys):
     assert main(["init", "data/street"]) == 0
     comp = yaml.safe_load((proj / "configs/competitions/street.yaml").read_text())
     assert comp["classes"] == {1: "sky", 2: "road", 3: "car"}
+
+
+def test_every_data_format_is_registered_configured_detected_and_documented():
+    """A format is one module plus its registration: the adapter registry, the `format` literal, its
+    settings key, init's detector and the docs must name the same formats."""
+    import typing
+    from pathlib import Path
+
+    from competition.config import CompetitionConfig
+    from competition.data.adapters import ADAPTERS
+    from competition.init.layouts import FINDERS
+    formats = set(typing.get_args(CompetitionConfig.model_fields["format"].annotation))
+    assert set(ADAPTERS.names()) == formats == set(FINDERS)
+    assert all(f in CompetitionConfig.model_fields for f in formats)
+    docs = (Path(__file__).resolve().parent.parent / "docs/competitions.md").read_text()
+    assert all(f"`{f}`" in docs for f in formats)

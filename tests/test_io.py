@@ -201,6 +201,7 @@ def test_the_working_directory_is_read_in_paths_only():
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent / "competition"
+    cwd = re.compile(r"Path\.cwd\(\)|os\.getcwd\(\)")
     found = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "paths.py"
-             for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"Path\.cwd\(\)|os\.getcwd\(\)", line)]
+             for n, line in enumerate(p.read_text().splitlines(), 1) if cwd.search(line)]
     assert not found, f"use competition.paths.project(): {found}"

@@ -42,7 +42,7 @@ from competition.init.decide import (
     decide_task,
     starter_experiment,
 )
-from competition.init.layouts import find_mask_folders, find_polygon, find_rle_csv
+from competition.init.layouts import FINDERS
 from competition.init.render import DOC, EXP_DOC, Draft, _checked, _ordered, render
 from competition.init.scan import _spread, scan
 from competition.io import atomic_write_text
@@ -98,7 +98,7 @@ def draft(root: Path, name: str) -> tuple[Draft, list[tuple[int, int]]]:
     d = Draft()
     d.set("name", name)
     d.set("data_root", _data_root(root))
-    lay = find_polygon(files, d) or find_rle_csv(files, d) or find_mask_folders(files, d)
+    lay = next((found for find in FINDERS.values() if (found := find(files, d)) is not None), None)
     if lay is None and files.unreadable:  # most likely the labels themselves: name the file and why
         rel, why = next(iter(files.unreadable.items()))
         more = f" ({len(files.unreadable) - 1} more CSV(s) unreadable too)" if len(files.unreadable) > 1 else ""

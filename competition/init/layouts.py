@@ -186,3 +186,8 @@ def find_mask_folders(files: Files, d: Draft) -> Layout | None:
     if not test:
         d.undecided.append("no test image folder found (mask_folders.test_images is null)")
     return Layout("mask_folders", train, test, values, sampled=sampled)
+
+
+# format -> its detector, in the order init tries them; a test holds these to the adapter registry and
+# the config schema (a format is registered, has its settings key, and is found by init).
+FINDERS = {"polygon_json": find_polygon, "rle_csv": find_rle_csv, "mask_folders": find_mask_folders}
