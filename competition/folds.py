@@ -23,8 +23,8 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from competition import paths
 from competition.config import CompetitionConfig
 from competition.data.alignment import check_pixel_order
-from competition.data.base import Adapter, DataError, csv_from_text
-from competition.io import STALE_AFTER_S, ReadError, atomic_write_text, clean_stale_temps, read_text
+from competition.data.base import Adapter, DataError
+from competition.io import STALE_AFTER_S, ReadError, atomic_write_text, clean_stale_temps, csv_from_text, read_text
 
 COLUMNS = ("id", "group", "fold")
 _MAX_LISTED = 10

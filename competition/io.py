@@ -6,6 +6,7 @@ writing the same target never share a temp file.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import re
 import stat
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import StringIO
@@ -202,12 +204,35 @@ def read_json(path: Path | str, what: str = "file") -> Any:
         raise ReadError(f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
+def csv_from_text(text: str, **kw) -> pd.DataFrame:
+    """A CSV's cells as strings (empty cells are ""); a row with more cells than the header is a ParserError.
+
+    By default pandas would silently turn the surplus leading cells of such a row into an index,
+    shifting every value one column over.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(StringIO(text), dtype=str, keep_default_na=False, index_col=False, **kw)
+        except pd.errors.ParserWarning:
+            raise pd.errors.ParserError(_surplus_row(text)) from None
+
+
+def _surplus_row(text: str) -> str:
+    rows = csv.reader(StringIO(text))
+    width = len(next(rows, []))
+    for line, row in enumerate(rows, 2):
+        if len(row) > width:
+            return f"line {line} has {len(row)} cells but the header has {width}"
+    return f"a row has more cells than the header's {width}"
+
+
 def read_csv(path: Path | str, what: str = "CSV file", **kw) -> pd.DataFrame:
     """A CSV's cells as strings (empty cells ""), or a :class:`ReadError` naming the file: missing,
-    not UTF-8, empty, or not parseable (pandas' own message, which names the line)."""
+    not UTF-8, empty, or not parseable (pandas' own message, or the row with surplus cells)."""
     text = read_text(path, what)
     try:
-        return pd.read_csv(StringIO(text), dtype=str, keep_default_na=False, **kw)
+        return csv_from_text(text, **kw)
     except pd.errors.EmptyDataError:
         raise ReadError(f"{path}: {what} is empty (expected a header row)") from None
     except pd.errors.ParserError as e:

@@ -90,6 +90,10 @@ def test_csv_and_json_readers_name_the_file_and_the_problem(tmp_path):
     p.write_text('id,class\n"a,b\n')
     with pytest.raises(ReadError, match=r"x.csv: submission is not a valid CSV"):
         read_csv(p, "submission")
+    p.write_text("id,class,rle\nimg,a,1 2,extra\n")  # pandas alone would shift the row into an index
+    with pytest.raises(ReadError,
+                       match=r"x.csv: submission is not a valid CSV \(line 2 has 4 cells but the header has 3\)"):
+        read_csv(p, "submission")
     j = tmp_path / "m.json"
     j.write_text('{"a": 1,')
     with pytest.raises(ReadError, match=r"m.json: metrics file is not valid JSON \(line 1"):

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from competition.config import CompetitionConfig
 from competition.errors import UserError
-from competition.io import ReadError, read_text
+from competition.io import ReadError, csv_from_text, read_text
 from competition.registry import Registry
 
 # format name -> Adapter subclass; each format module registers itself (competition.data.adapters imports them all)
@@ -144,29 +144,6 @@ def read_data_text(path: Path, what: str) -> str:
         return read_text(path, what)
     except ReadError as e:
         raise DataError(str(e)) from None
-
-
-def csv_from_text(text: str, **kw) -> pd.DataFrame:
-    """A CSV's cells as strings (empty cells are ""); a row with more cells than the header is a ParserError.
-
-    By default pandas would silently turn the surplus leading cells of such a row into an index,
-    shifting every value one column over.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", pd.errors.ParserWarning)
-        try:
-            return pd.read_csv(StringIO(text), dtype=str, keep_default_na=False, index_col=False, **kw)
-        except pd.errors.ParserWarning:
-            raise pd.errors.ParserError(_surplus_row(text)) from None
-
-
-def _surplus_row(text: str) -> str:
-    rows = csv.reader(StringIO(text))
-    width = len(next(rows, []))
-    for line, row in enumerate(rows, 2):
-        if len(row) > width:
-            return f"line {line} has {len(row)} cells but the header has {width}"
-    return f"a row has more cells than the header's {width}"
 
 
 def read_csv_table(path: Path, what: str) -> pd.DataFrame:
