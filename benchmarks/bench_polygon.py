@@ -29,7 +29,7 @@ from competition.config import CompetitionConfig, ExperimentConfig
 from competition.data.cache import cache_root
 from competition.data.dataset import SegDataset
 from competition.data.polycache import FOLDER
-from competition.data.polygon import PolygonJsonAdapter, rasterize
+from competition.data.polygon_json import PolygonJsonAdapter, rasterize
 
 CLASSES = ["nucleus", "cell", "vesicle"]
 H, W, N_IMAGES, N_POLYGONS = 768, 1024, 4, 2400

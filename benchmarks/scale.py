@@ -212,7 +212,7 @@ def run_size(n_images: int, workers: int, keep: Path | None) -> dict:
         peak = TreePeak()
         base = tree_rss()
         t = time.perf_counter()
-        _, _, res = ensemble.run("scale", list(EXPERIMENTS), workers=workers or None,
+        _, _, res = ensemble.run("scale", list(EXPERIMENTS), ensemble.EnsembleOptions(workers=workers or None),
                                  log=lambda m: print("  | " + m, flush=True))
         ens_s = time.perf_counter() - t
         top = peak.stop()

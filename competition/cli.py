@@ -144,8 +144,9 @@ def cmd_tune(args) -> int:
             raise ConfigError(f"--fold expects fold numbers separated by commas, got {args.fold!r}") from None
     if args.workers < 1:
         raise ConfigError(f"--workers expects a number >= 1, got {args.workers}")
-    tune.tune(args.exp, space, trials=args.trials, folds=folds, workers=args.workers, storage=args.storage,
-              study=args.study, overrides=parse_overrides(args.set))
+    tune.tune(args.exp, space, tune.Options(trials=args.trials, folds=folds, workers=args.workers,
+                                            storage=args.storage, study=args.study,
+                                            overrides=parse_overrides(args.set)))
     return 0
 
 
@@ -184,17 +185,22 @@ def _report_submission(r, upload: bool, message: str | None, competition: str) -
 
 
 def cmd_submit(args) -> int:
+    from competition.predict.options import Inference  # noqa: PLC0415 (stage, imported when its verb runs)
     from competition.predict.run import submit  # noqa: PLC0415 (stage, imported when its verb runs)
-    r = submit(args.ensemble, args.out, args.device, args.batch_size, args.workers, progress=not args.no_progress,
-               save_probs=args.save_probs, from_probs=args.from_probs, force=args.force)
+    inference = Inference(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.no_progress, force=args.force, save_probs=args.save_probs,
+                          from_probs=args.from_probs)
+    r = submit(args.ensemble, args.out, inference)
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
 
 
 def cmd_predict(args) -> int:
+    from competition.predict.options import Inference  # noqa: PLC0415 (stage, imported when its verb runs)
     from competition.predict.run import predict_experiment  # noqa: PLC0415 (stage, imported when its verb runs)
-    r = predict_experiment(args.exp, args.out, args.device, args.batch_size, args.workers,
-                           progress=not args.no_progress, overrides=parse_overrides(args.set), force=args.force)
+    inference = Inference(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.no_progress, force=args.force)
+    r = predict_experiment(args.exp, args.out, inference, overrides=parse_overrides(args.set))
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
 
@@ -203,6 +209,12 @@ def cmd_lb(args) -> int:
     from competition import ledger  # noqa: PLC0415 (stage, imported when its verb runs)
     if args.submission is None and (args.public is not None or args.private is not None or args.upload):
         raise ConfigError("--public, --private and --upload need the SUBMISSION they are about")
+    if args.fetch and (args.public is not None or args.private is not None):
+        raise ConfigError("--fetch reads the scores from Kaggle; give --public/--private without it")
+    if args.fetch:
+        from competition import lbfetch  # noqa: PLC0415 (stage, imported when its flag is given)
+        for line in lbfetch.fetch().lines():
+            print(line)
     if args.upload:
         print(ledger.upload_recorded(args.submission, args.message))
     if args.public is not None or args.private is not None:
@@ -224,17 +236,19 @@ def cmd_bundle(args) -> int:
 
 def cmd_oof(args) -> int:
     from competition.cv import oofscore  # noqa: PLC0415 (stage, imported when its verb runs)
-    oofscore.run(args.exp, overrides=parse_overrides(args.set), suspects=args.suspects, top=args.top, tta=args.tta,
-                 scales=args.scales, csv=args.csv, truth_csv=args.truth_csv, workers=args.workers)
+    oofscore.run(args.exp, overrides=parse_overrides(args.set), options=oofscore.OofOptions(
+        tta=args.tta, scales=args.scales, suspects=args.suspects, top=args.top, csv=args.csv, truth_csv=args.truth_csv,
+        workers=args.workers))
     return 0
 
 
 def cmd_ensemble(args) -> int:
     from competition import ensemble  # noqa: PLC0415 (stage, imported when its verb runs)
-    ensemble.run(args.name, args.experiments, method=args.method, per_class=args.per_class, steps=args.steps,
-                 trials=args.trials, postprocess_=not args.no_postprocess, nested_cv=not args.no_nested,
-                 threshold=args.threshold, workers=args.workers, force_blend=args.force_blend,
-                 csv=args.csv, truth_csv=args.truth_csv)
+    search = ensemble.SearchOptions(method=args.method, per_class=args.per_class, steps=args.steps,
+                                    trials=args.trials, nested=not args.no_nested, threshold=args.threshold)
+    ensemble.run(args.name, args.experiments, ensemble.EnsembleOptions(
+        search=search, postprocess=not args.no_postprocess, force_blend=args.force_blend, workers=args.workers,
+        csv=args.csv, truth_csv=args.truth_csv))
     return 0
 
 
@@ -420,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public", type=float, default=None, help="its public leaderboard score")
     p.add_argument("--private", type=float, default=None, help="its private leaderboard score")
     p.add_argument("--upload", action="store_true", help="submit it with the Kaggle CLI")
+    p.add_argument("--fetch", action="store_true",
+                   help="read every ledger submission's public/private score from Kaggle (the kaggle package's API)")
     p.add_argument("-m", "--message", default=None, help="Kaggle submission message (default: the file name)")
     p.set_defaults(fn=cmd_lb)
 

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -166,6 +167,19 @@ class MaskFoldersSpec(Strict):
     image_ext: str = ".png"
 
 
+# The data formats, registered once: a format's name is its `format:` value, the key of its settings in
+# a competition YAML (below, its class) and the module that reads it, ``competition/data/<name>.py``
+# (whose Adapter registers under the same name). The `format` literal, the schema's sections, the
+# configuration reference and the error messages are derived from this table; init's detectors
+# (``competition.init.layouts.FINDERS``) and docs/competitions.md are held to it by a test.
+FORMATS: dict[str, type[Strict]] = {
+    "polygon_json": PolygonJsonSpec,
+    "rle_csv": RleCsvSpec,
+    "mask_folders": MaskFoldersSpec,
+}
+FormatName = Literal[tuple(FORMATS)]
+
+
 class SyntheticSpec(Strict):
     """The embedded default: generated deterministically into the data root on first use."""
 
@@ -204,10 +218,12 @@ class IgnoreSpec(Strict):
         return v.strip() if isinstance(v, str) else v
 
 
-class CompetitionConfig(Strict):
+class _Competition(Strict):
+    """A competition YAML; :data:`CompetitionConfig` adds one settings section per entry of :data:`FORMATS`."""
+
     name: "SafeName"
     data_root: str
-    format: Literal["polygon_json", "rle_csv", "mask_folders"]
+    format: FormatName
     classes: list[str] = Field(min_length=1)
     task: Literal["multilabel", "multiclass"] = "multilabel"
     image: ImageSpec = ImageSpec()
@@ -215,9 +231,6 @@ class CompetitionConfig(Strict):
     stratify: StratifySpec = StratifySpec()
     metric: MetricSpec = MetricSpec()
     submission: SubmissionSpec = SubmissionSpec()
-    polygon_json: PolygonJsonSpec = PolygonJsonSpec()
-    rle_csv: RleCsvSpec = RleCsvSpec()
-    mask_folders: MaskFoldersSpec = MaskFoldersSpec()
     synthetic: SyntheticSpec | None = None
     # Test-time augmentations allowed for this competition (e.g. no vflip for upright hand X-rays).
     tta: list[TTAView] = ["identity", "hflip"]
@@ -251,7 +264,7 @@ class CompetitionConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _values_match_classes(self) -> "CompetitionConfig":
+    def _values_match_classes(self) -> "_Competition":
         values = self.rle_csv.class_values
         if values is not None:
             if len(values) != len(self.classes):
@@ -276,6 +289,12 @@ class CompetitionConfig(Strict):
         """The data root, absolute; a relative one is taken from the project folder (the cwd)."""
         p = Path(self.data_root).expanduser()
         return p if p.is_absolute() else (paths.project() / p)
+
+
+# Built, not written out, so that a new format is one entry in FORMATS: each format's settings are the
+# section of the same name (``rle_csv: {csv: train.csv, ...}``), defaults when absent.
+CompetitionConfig = create_model("CompetitionConfig", __base__=_Competition, __module__=__name__,
+                                 **{name: (spec, spec()) for name, spec in FORMATS.items()})
 
 
 # --------------------------------------------------------------------------------------------- #

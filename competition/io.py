@@ -1,8 +1,10 @@
 """Atomic writes, file hashes and reading text, JSON and CSV files: the one place the project does these.
 
 Every artifact teammates share (folds files, configs, ledgers, generated data) is written through
-:func:`atomic_path`, so a reader, or a run killed half-way, never sees half a file, and two processes
-writing the same target never share a temp file.
+:func:`atomic_path`, and every folder written as one artifact (a probability store, the sample cache, a
+bundle) through :func:`atomic_dir` (or :func:`temp_dir_beside` + :func:`publish_dir` when the writer
+is an object), so a reader, or a run killed half-way, never sees half a file or folder, and two
+processes writing the same target never share a temp.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -116,6 +119,58 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def temp_dir_beside(path: Path | str) -> Path:
+    """A fresh hidden folder ``.<name>.<random>.tmp`` beside ``path`` (created exclusively, so
+    concurrent writers never share one) to build a folder in before :func:`publish_dir`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent))
+
+
+def publish_dir(tmp: Path, path: Path, replace: bool = True) -> Path:
+    """Rename the finished folder ``tmp`` to ``path``.
+
+    An existing ``path`` is renamed aside to ``<tmp>.old`` first and deleted only once the new one is
+    in place (renamed back if the second rename fails), so a reader finds the old folder whole, or
+    nothing for an instant, or the new one whole; never a mix. ``replace=False``: an existing
+    ``path`` is another writer's finished folder and ``FileExistsError`` is raised (``tmp`` is kept
+    for the caller to remove).
+    """
+    tmp, path = Path(tmp), Path(path)
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would hide the folder from teammates
+    old = None
+    if path.exists():
+        if not replace:
+            raise FileExistsError(f"{path}: already written by another process")
+        old = tmp.with_name(tmp.name + ".old")
+        path.rename(old)
+    try:
+        tmp.rename(path)
+    except OSError as e:
+        if old is not None and not path.exists():
+            old.rename(path)
+        elif old is None and path.exists() and not replace:
+            raise FileExistsError(f"{path}: already written by another process") from e
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+@contextmanager
+def atomic_dir(path: Path | str, replace: bool = True) -> Iterator[Path]:
+    """A temp folder beside ``path`` to build a whole folder in; on success it becomes ``path``
+    (:func:`publish_dir`), on any failure it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = temp_dir_beside(path)
+    try:
+        yield tmp
+        publish_dir(tmp, path, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

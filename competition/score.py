@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,20 @@ ROWS_NOTE = "rows are numbered from 1 after the header, so row N is line N+1 of 
 
 class ScoreError(UserError, ValueError):
     """The submission or the truth cannot be scored; the message names the rows and what is wrong."""
+
+
+class CsvRows(NamedTuple):
+    """One CSV's id, class and RLE cells as string arrays; index i is the file's row i + 1."""
+    ids: np.ndarray
+    classes: np.ndarray
+    rles: np.ndarray
+
+
+class PairCounts(NamedTuple):
+    """Per truth row (one image x class pair), in pixels: |pred n truth|, |pred| and |truth|."""
+    inter: np.ndarray
+    pred_sum: np.ndarray
+    truth_sum: np.ndarray
 
 
 @dataclass
@@ -148,12 +163,13 @@ def _score(sub, truth, cfg, sizes, lenient, sub_name, truth_name) -> ScoreResult
         raise ScoreError(f"{truth_name}: no height and width columns (the image sizes); pass --sizes-from DIR "
                          f"(each image's size read from its file in DIR) or --size HxW (one size for every image) "
                          f"to `competition score`, or sizes={{image id: (height, width)}} from Python")
-    s_id, s_cls, s_rle = (_strings(sub[c]) for c in cols)
-    t_id, t_cls, t_rle = (_strings(truth[c]) for c in cols)
+    sub_rows = CsvRows(*(_strings(sub[c]) for c in cols))
+    truth_rows = CsvRows(*(_strings(truth[c]) for c in cols))
+    t_id, t_cls = truth_rows.ids, truth_rows.classes
     label = _labeller(spec.id_column, spec.class_column)
     shapes = _truth_shapes(truth, t_id, t_cls, sizes if not has_size_cols else None, truth_name, label)
-    truth_runs = _check_truth(t_id, t_cls, t_rle, shapes, cfg.class_values, truth_name, label)
-    target, pred_runs, problems = _check_submission(s_id, s_cls, s_rle, t_id, t_cls, shapes, cfg, label)
+    truth_runs = _check_truth(truth_rows, shapes, cfg.class_values, truth_name, label)
+    target, pred_runs, problems = _check_submission(sub_rows, truth_rows, shapes, cfg, label)
     if problems and not lenient:
         hint = ""
         if len(target) == 0 and len(sub):
@@ -167,24 +183,24 @@ def _score(sub, truth, cfg, sizes, lenient, sub_name, truth_name) -> ScoreResult
         aligned[j] = r
     n_pixels = np.array([h * w for h, w in shapes], np.int64)
     if void is None:
-        inter, pred_sum, truth_sum = _overlap_counts(aligned, truth_runs, n_pixels)
+        counts = _overlap_counts(aligned, truth_runs, n_pixels)
     else:
-        inter, pred_sum, truth_sum = _counts_without_void(aligned, truth_runs, n_pixels,
-                                                          _void_runs(void, t_id, shapes, cfg, truth_name))
-    dice = score_counts(inter, pred_sum, truth_sum, pair_metric(cfg.metric))
+        counts = _counts_without_void(aligned, truth_runs, n_pixels, _void_runs(void, t_id, shapes, cfg, truth_name))
+    dice = score_counts(counts.inter, counts.pred_sum, counts.truth_sum, pair_metric(cfg.metric))
     names = dict(zip(cfg.class_values, cfg.classes))  # the CSVs' class values -> the names reports show
     per_row = pd.DataFrame({"id": t_id, "class": [names[v] for v in t_cls], "dice": dice})
     by_class = per_row.groupby("class", sort=False)["dice"].mean()
     per_class = {c: float(by_class[c]) for c in cfg.classes if c in by_class.index}
-    report = {name: _report_metric(name, cfg, per_row, inter, pred_sum, truth_sum, aligned, truth_runs, shapes)
+    report = {name: _report_metric(name, cfg, per_row, counts, aligned, truth_runs, shapes)
               for name in cfg.metric.report if name != cfg.metric.name}
     return ScoreResult(mean=float(dice.mean()), per_class=per_class, per_row=per_row,
                        problems=[msg for _, msg in problems], metric=cfg.metric.name, report=report)
 
 
-def _report_metric(name: str, cfg, per_row, inter, pred_sum, truth_sum, pred_runs, truth_runs, shapes) -> dict:
+def _report_metric(name: str, cfg, per_row, counts: PairCounts, pred_runs, truth_runs, shapes) -> dict:
     """One ``metric.report`` entry from the rows' counts (dice, iou, f1_at_iou) or masks (hausdorff95).
     Ignored pixels are left out of the count metrics only (hausdorff95 measures the masks as written)."""
+    inter, pred_sum, truth_sum = counts
     classes = [c for c in cfg.classes if c in set(per_row["class"])]
     by = per_row.groupby("class", sort=False).indices  # class -> its rows
     if name in ("dice", "iou"):
@@ -201,8 +217,9 @@ def _report_metric(name: str, cfg, per_row, inter, pred_sum, truth_sum, pred_run
     return {"mean": float(hd.mean()), "per_class": {c: float(hd[by[c]].mean()) for c in classes}}
 
 
-def _check_truth(t_id, t_cls, t_rle, shapes, classes, name, label) -> list:
+def _check_truth(truth: CsvRows, shapes, classes, name, label) -> list:
     """The truth's runs per row; any problem in the truth is an error, whatever the mode."""
+    t_id, t_cls, t_rle = truth
     if len(t_id) == 0:
         raise ScoreError(f"{name}: no rows to score against")
     truth_runs, problems = _parse_rows(t_rle, shapes, np.arange(len(t_id)), t_id, t_cls, label)
@@ -217,12 +234,14 @@ def _check_truth(t_id, t_cls, t_rle, shapes, classes, name, label) -> list:
     return truth_runs
 
 
-def _check_submission(s_id, s_cls, s_rle, t_id, t_cls, shapes, cfg, label):
+def _check_submission(sub: CsvRows, truth: CsvRows, shapes, cfg, label):
     """Which truth row each usable submission row scores, its runs, and (sort key, message) problems.
 
     Each submission row gets at most one problem, in this priority: unknown class, duplicate, extra,
     malformed RLE. Missing truth rows sort after every submission row.
     """
+    s_id, s_cls, s_rle = sub
+    t_id, t_cls, _ = truth
     spec = cfg.submission
     s_keys, t_keys = pd.MultiIndex.from_arrays([s_id, s_cls]), pd.MultiIndex.from_arrays([t_id, t_cls])
     unknown = ~pd.Series(s_cls).isin(cfg.class_values).to_numpy()
@@ -318,15 +337,15 @@ def _subtract_runs(a: tuple, b: tuple) -> tuple[np.ndarray, np.ndarray]:
     return lo[new], hi[np.r_[new[1:], True]]
 
 
-def _counts_without_void(pred: list, truth: list, n_pixels: np.ndarray, void: list):
+def _counts_without_void(pred: list, truth: list, n_pixels: np.ndarray, void: list) -> PairCounts:
     """:func:`_overlap_counts` over the pixels outside each row's void region only."""
     truth = [_subtract_runs(t, v) for t, v in zip(truth, void)]
     inter, pred_sum, truth_sum = _overlap_counts(pred, truth, n_pixels)
     in_void, _, _ = _overlap_counts(pred, void, n_pixels)
-    return inter, pred_sum - in_void, truth_sum
+    return PairCounts(inter, pred_sum - in_void, truth_sum)
 
 
-def _overlap_counts(pred: list, truth: list, n_pixels: np.ndarray):
+def _overlap_counts(pred: list, truth: list, n_pixels: np.ndarray) -> PairCounts:
     """Per row: |pred n truth|, |pred|, |truth| from (starts, ends) run lists, all rows at once.
 
     Rows are laid end to end (row j starts at the sum of the earlier rows' pixel counts), so the runs
@@ -349,7 +368,7 @@ def _overlap_counts(pred: list, truth: list, n_pixels: np.ndarray):
     pred_sum = np.bincount(p_row, weights=p_e - p_s, minlength=n_rows)
     truth_sum = np.bincount(t_row, weights=t_e - t_s, minlength=n_rows)
     if t_s.size == 0 or p_s.size == 0:
-        return np.zeros(n_rows), pred_sum, truth_sum
+        return PairCounts(np.zeros(n_rows), pred_sum, truth_sum)
     t_len = t_e - t_s
     before = np.concatenate([[0], np.cumsum(t_len)[:-1]])  # truth pixels in the runs before run k
 
@@ -361,7 +380,7 @@ def _overlap_counts(pred: list, truth: list, n_pixels: np.ndarray):
 
     inter = np.bincount(p_row, weights=truth_pixels_below(p_e) - truth_pixels_below(p_s), minlength=n_rows)
     # bincount sums in float64, exact for counts below 2**53.
-    return inter, pred_sum, truth_sum
+    return PairCounts(inter, pred_sum, truth_sum)
 
 
 def _parse_rows(texts, shapes, rows, ids, classes, label):

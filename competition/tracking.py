@@ -12,7 +12,8 @@ Artifacts give the lineage submission <- recipe <- fold checkpoints: a fold logs
 (best.pt, metrics.json, config.yaml, the OOF store's ids/meta), an ensemble declares its members' model
 artifacts as inputs and logs ``recipe-<name>``, a submission declares the recipe and logs
 ``submission-<name>`` (the CSV). An input is declared by content (the same files give the same W&B
-digest, hence the same artifact version), which also works offline: ``wandb sync`` replays it.
+digest, hence the same artifact version): online with ``wandb.Run.use_artifact``; offline, where W&B
+declares no inputs, the run's config records them (``input_artifacts``: name -> digest).
 """
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ class Tracker:
 
     def __init__(self, enabled: bool, **init_kwargs):
         self.run = None
+        self._inputs: dict[str, str] = {}  # offline runs' input artifacts, name -> digest (use_artifact)
         if not enabled:
             return
         try:
@@ -196,16 +198,21 @@ class Tracker:
 
     def use_artifact(self, name: str, type: str, files: dict[str, Path]) -> None:
         """An input of this run, declared by content: the same files give the same digest, i.e. the
-        version the producing run logged (or a new version if they changed since)."""
+        version the producing run logged (or a new version if they changed since). Offline, where W&B
+        cannot declare inputs, the run's config records them instead: ``input_artifacts``, name -> digest."""
         def use():
             # Read in place, not staged: inputs are usually already uploaded, and a copy of every
             # member checkpoint would only fill the staging folder.
             art = _artifact(name, type, files, None, policy="immutable")
-            if art is not None:
-                # For a draft artifact, wandb.Run.use_artifact is this call plus a wait() for the upload,
-                # and it refuses offline runs (checked with wandb 0.19.9 - 0.31). This call blocks
-                # nothing, and an offline run keeps it for `wandb sync` to replay.
-                self.run._log_artifact(art, is_user_created=True, use_after_commit=True)
+            if art is None:
+                return
+            if self.run.offline:
+                # wandb.Run.use_artifact refuses offline runs, and no other public call declares an input
+                # (wandb 0.19.9 - 0.31); the digest names the very version, and `wandb sync` uploads the config.
+                self._inputs[art.name] = art.digest
+                self.run.config.update({"input_artifacts": dict(self._inputs)}, allow_val_change=True)
+            else:
+                self.run.use_artifact(art)  # uploads what the server lacks (usually nothing), then waits
         self._safe(use)
 
     def finish(self) -> None:

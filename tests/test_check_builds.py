@@ -67,7 +67,8 @@ def test_the_model_is_built_on_meta_with_random_init_and_nothing_downloaded(fold
         built.append((cfg.encoder_weights, torch.get_default_device().type))
         return real(cfg, *a, **k)
     monkeypatch.setattr(models, "build_model", spy)
-    monkeypatch.setattr(models, "_download_guard", lambda *a, **k: pytest.fail("weights were fetched"))
+    from competition.models import build
+    monkeypatch.setattr(build, "download_guard", lambda *a, **k: pytest.fail("weights were fetched"))
     write_exp(folded, "inet", model={"encoder_weights": "imagenet"})
     assert check("inet") == 0
     assert built == [(None, "meta")]

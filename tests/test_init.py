@@ -506,16 +506,19 @@ def test_classes_txt_orders_label_names_and_numeric_values(proj, capsys):
 
 
 def test_every_data_format_is_registered_configured_detected_and_documented():
-    """A format is one module plus its registration: the adapter registry, the `format` literal, its
-    settings key, init's detector and the docs must name the same formats."""
+    """A format is its reader module plus one entry in config.FORMATS: the `format` literal, the settings
+    sections, the reader modules' adapters, init's detectors and the docs must name the same formats."""
     import typing
     from pathlib import Path
 
-    from competition.config import CompetitionConfig
-    from competition.data.adapters import ADAPTERS
+    from competition.config import FORMATS, CompetitionConfig
+    from competition.data.adapters import load_readers
+    from competition.data.base import ADAPTERS
     from competition.init.layouts import FINDERS
-    formats = set(typing.get_args(CompetitionConfig.model_fields["format"].annotation))
+    load_readers()
+    formats = set(FORMATS)
+    assert set(typing.get_args(CompetitionConfig.model_fields["format"].annotation)) == formats
     assert set(ADAPTERS.names()) == formats == set(FINDERS)
-    assert all(f in CompetitionConfig.model_fields for f in formats)
+    assert all(CompetitionConfig.model_fields[f].annotation is FORMATS[f] for f in formats)
     docs = (Path(__file__).resolve().parent.parent / "docs/competitions.md").read_text()
     assert all(f"`{f}`" in docs for f in formats)

@@ -13,10 +13,12 @@ import pytest
 
 from competition.io import (
     ReadError,
+    atomic_dir,
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
     clean_stale_temps,
+    default_mode,
     file_hash,
     is_temp_name,
     read_text,
@@ -205,3 +207,29 @@ def test_the_working_directory_is_read_in_paths_only():
     found = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "paths.py"
              for n, line in enumerate(p.read_text().splitlines(), 1) if cwd.search(line)]
     assert not found, f"use competition.paths.project(): {found}"
+
+
+def test_atomic_dir_publishes_whole_or_leaves_the_old_folder(tmp_path):
+    out = tmp_path / "store"
+    with atomic_dir(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".store.") and not out.exists()
+        (tmp / "a").write_text("1")
+    assert (out / "a").read_text() == "1" and mode(out) == default_mode(directory=True)
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a").write_text("2")
+            raise RuntimeError("killed half-way")
+    assert (out / "a").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    with atomic_dir(out) as tmp:  # a rewrite replaces the folder whole: no file of the old one stays
+        (tmp / "b").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_atomic_dir_without_replace_keeps_the_first_writers_folder(tmp_path):
+    out = tmp_path / "cache"
+    with atomic_dir(out, replace=False) as tmp:
+        (tmp / "x").write_text("first")
+    with pytest.raises(FileExistsError):
+        with atomic_dir(out, replace=False) as tmp:
+            (tmp / "x").write_text("second")
+    assert (out / "x").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

@@ -126,3 +126,60 @@ def test_upload_says_clearly_why_not(tmp_path, monkeypatch):
     assert ledger.upload(sub, kaggle_comp(), "first try") == "Successfully submitted"
     assert log.read_text().split() == ["competitions", "submit", "-c", "hand-bones", "-f", str(sub),
                                        "-m", "first", "try"]
+
+
+class FakeKaggle:
+    """The two things `lb --fetch` uses of kaggle's KaggleApi: paged submissions with string scores."""
+
+    def __init__(self, subs):
+        self.subs, self.calls = subs, []
+
+    def competition_submissions(self, slug, page_number=1, page_size=20):
+        self.calls.append((slug, page_number))
+        return self.subs[(page_number - 1) * page_size: page_number * page_size]
+
+
+def kaggle_sub(file_name, public, private="", date="2026-01-01"):
+    return SimpleNamespace(file_name=file_name, public_score=public, private_score=private, date=date)
+
+
+def test_lb_fetch_records_kaggles_scores_by_file_name(project, monkeypatch):
+    import yaml
+
+    from competition import lbfetch
+    from tests.conftest import tiny_competition
+    comp = tiny_competition("c")
+    comp["submission"] = {**comp.get("submission", {}), "kaggle": "hand-bones"}
+    (project / "configs/competitions/c.yaml").write_text(yaml.safe_dump(comp))
+    e1, e2, e3 = add(project, "e1", 0.9), add(project, "e2", 0.92), add(project, "e3", 0.93)
+    monkeypatch.setattr(lbfetch, "PAGE", 2)  # three pages: paging is exercised
+    api = FakeKaggle([kaggle_sub(e1, "0.9012", "0.8999", "2026-01-02"),
+                      kaggle_sub(e1, "0.5", "0.5", "2026-01-01"),  # an older upload of the same file
+                      kaggle_sub(e2, None), kaggle_sub("by-hand.csv", "0.7")])
+    got = lbfetch.fetch(api)
+    assert [c[1] for c in api.calls] == [1, 2, 3]
+    assert got.recorded == [(e1, 0.9012, 0.8999)] and got.pending == [e2] and got.unmatched == ["by-hand.csv"]
+    df = ledger.read()
+    assert df.loc[ledger.find(df, e1), ["public_lb", "private_lb"]].tolist() == ["0.901200", "0.899900"]
+    assert str(df.loc[ledger.find(df, e3), "public_lb"]) in ("", "nan")  # never submitted: untouched
+    assert any("not scored on Kaggle yet" in line for line in got.lines())
+
+
+def test_lb_fetch_without_credentials_or_slug_is_one_line(project, monkeypatch, tmp_path, capsys):
+    from competition.cli import main
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    import yaml
+
+    from tests.conftest import tiny_competition
+    (project / "configs/competitions/c.yaml").write_text(yaml.safe_dump(tiny_competition("c")))
+    add(project, "e1", 0.9)
+    assert main(["lb", "--fetch"]) == 0  # no slug: nothing to ask Kaggle, and it says so
+    assert "no submission.kaggle" in capsys.readouterr().out
+    comp = tiny_competition("c")
+    comp["submission"] = {**comp.get("submission", {}), "kaggle": "hand-bones"}
+    (project / "configs/competitions/c.yaml").write_text(yaml.safe_dump(comp))
+    assert main(["lb", "--fetch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot fetch: no Kaggle credentials" in err[0]

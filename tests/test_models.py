@@ -133,7 +133,9 @@ def empty_hub_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("encoder", ["resnet18", "tu-resnet18"])
 def test_imagenet_offline_fails_fast_with_the_remedy(encoder, monkeypatch, empty_hub_cache):
+    from huggingface_hub import constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as the hub reads HF_HUB_OFFLINE=1 at import
     t = time.perf_counter()
     with pytest.raises(ConfigError, match=r"encoder_weights 'imagenet' could not be downloaded \(offline\?\)\. "
                                           r"Put a local weights file on disk and set model.encoder_weights: "
@@ -146,14 +148,74 @@ def test_unreachable_hub_fails_fast_without_hf_hub_offline(monkeypatch, empty_hu
     """No HF_HUB_OFFLINE and no network: the hub alone would retry for ~25 s; the probe stops that."""
     from huggingface_hub import constants
 
-    import competition.models as models
+    from competition.models import hub
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=1.0: False)
     t = time.perf_counter()
     with pytest.raises(ConfigError, match=r"could not be downloaded \(offline\?\).*could not be reached"):
         build_model(ModelConfig(arch="unet3plus", encoder="resnet18", encoder_weights="imagenet"), 3, 1)
     assert time.perf_counter() - t < 10
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "tu-resnet18"])
+def test_a_reachable_hub_downloads_imagenet_weights_out_of_the_box(encoder, monkeypatch, empty_hub_cache):
+    """No HF_HUB_OFFLINE default: where the hub answers, `encoder_weights: imagenet` goes to the hub
+    (the download itself is mocked: this machine has no network)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from competition.models import hub
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert not huggingface_hub.is_offline_mode()
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=1.0: True)
+    asked = []
+
+    def fake_download(repo_id, filename, *args, **kwargs):
+        asked.append((repo_id, filename))
+        raise OSError("mocked network: the test only checks that the download is attempted")
+
+    import segmentation_models_pytorch.encoders as smp_encoders
+    import timm.models._hub as timm_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    for mod in (smp_encoders, timm_hub):
+        if hasattr(mod, "hf_hub_download"):
+            monkeypatch.setattr(mod, "hf_hub_download", fake_download)
+    with pytest.raises(ConfigError, match=r"could not be downloaded.*mocked network"):
+        build_model(ModelConfig(encoder=encoder, encoder_weights="imagenet"), 3, 1)
+    assert asked, "the hub was never asked for the weights"
+
+
+# timm's repos are fetched at "main", which an unreachable hub would look up: only HF_HUB_OFFLINE for them.
+@pytest.mark.parametrize("encoder, offline", [("resnet18", True), ("resnet18", False), ("tu-test_resnet", True)])
+def test_weights_in_the_local_hub_cache_load_without_the_hub(encoder, offline, monkeypatch, tmp_path):
+    """Offline (HF_HUB_OFFLINE, or the hub unreachable), named weights already in the cache still load."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from competition.models import hub
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=1.0: False)
+    torch.manual_seed(3)
+    saved = (timm.create_model(encoder[3:]) if encoder.startswith("tu-")
+             else build_model(ModelConfig(encoder=encoder), 3, 3).encoder).state_dict()
+    for repo, rev, names in hub._hub_files(encoder, "imagenet"):  # what smp / timm will ask the hub for
+        repo_dir = tmp_path / f"models--{repo.replace('/', '--')}"
+        if rev is None:  # a branch: the cache maps it to a commit
+            rev = "0" * 40
+            (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+            (repo_dir / "refs/main").write_text(rev)
+        (repo_dir / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+        if names[0].endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in saved.items()}, str(repo_dir / "snapshots" / rev / names[0]))
+        else:
+            (repo_dir / "snapshots" / rev / names[0]).write_text("{}")
+    model = build_model(ModelConfig(encoder=encoder, encoder_weights="imagenet"), 3, 3)
+    convs = {round(v.sum().item(), 3) for v in saved.values() if v.ndim == 4}
+    assert {round(v.sum().item(), 3) for v in model.encoder.state_dict().values() if v.ndim == 4} <= convs
 
 
 def _encoder_state(seed: int, encoder="resnet18", in_channels=1):

@@ -200,6 +200,7 @@ def test_nonsquare_multiclass_with_void_trains_and_maps_back_to_native_sizes(ns_
     from competition.cli import main
     from competition.config import load_competition
     from competition.cv import oofscore
+    from competition.predict.options import Inference
     from competition.predict.run import predict_experiment
     from competition.rle import decode
     from competition.score import score_files
@@ -222,7 +223,7 @@ def test_nonsquare_multiclass_with_void_trains_and_maps_back_to_native_sizes(ns_
     # Native CV (void pixels left out: ignore.metric exclude) is exactly what the scorer computes from
     # the OOF written as a submission and the truth with its void rows.
     printed = []
-    r = oofscore.run("lb", csv="oof.csv", truth_csv="truth.csv", log=printed.append)
+    r = oofscore.run("lb", options=oofscore.OofOptions(csv="oof.csv", truth_csv="truth.csv"), log=printed.append)
     head = next(line for line in printed if "OOF Dice" in line)
     assert "(argmax against the background)" in head and "threshold" not in head  # multiclass
     truth = pd.read_csv("truth.csv", keep_default_na=False)
@@ -233,7 +234,7 @@ def test_nonsquare_multiclass_with_void_trains_and_maps_back_to_native_sizes(ns_
     as_background = comp.model_copy(update={"ignore": comp.ignore.model_copy(update={"metric": "background"})})
     assert score_files("oof.csv", "truth.csv", as_background).mean < s.mean - 1e-3  # the band is predicted a
     # The submission: every test image at its own native size.
-    res = predict_experiment("lb", progress=False)
+    res = predict_experiment("lb", inference=Inference(progress=False))
     sub = pd.read_csv(res.path, keep_default_na=False)
     assert len(sub) == 3 * 2
     sizes = {f"t{k}": SIZES[k] for k in range(3)}

@@ -9,7 +9,7 @@ import pytest
 
 from competition.config import CompetitionConfig
 from competition.data import polycache
-from competition.data import polygon as polygon_mod
+from competition.data import polygon_json as polygon_mod
 from competition.data.adapters import make_adapter
 from competition.data.base import DataError
 from competition.data.cache import cache_root

@@ -176,10 +176,11 @@ def test_submit_matches_an_independent_computation_validates_scores_and_logs(pro
 def test_bundle_reproduces_the_submission_byte_for_byte(proj, tmp_path):
     """The bundle runs in a fresh process, in a folder with no project, and writes the same bytes."""
     from competition.predict.bundle import make_bundle
+    from competition.predict.options import Inference
     from competition.predict.run import submit
     write_recipe(postprocess={"thumb": {"min_area": 5}, "radius": {"keep_largest": True}})
     assert torch.get_num_threads() == 1  # the subprocess below runs with OMP_NUM_THREADS=1 too
-    ref = submit("duo", out=proj / "submissions/ref.csv", progress=False, force=True).path
+    ref = submit("duo", out=proj / "submissions/ref.csv", inference=Inference(progress=False, force=True)).path
     bundle = make_bundle("duo", tmp_path / "bundle", log=lambda *_: None)
     assert sorted(p.name for p in bundle.iterdir()) == [".competition-bundle.json", "README.md", "checkpoints",
                                                          "competition.yaml", "recipe.yaml", "run.py"]
@@ -198,6 +199,7 @@ def test_bundle_reproduces_the_submission_byte_for_byte(proj, tmp_path):
 def test_missing_run_and_corrupt_checkpoints_are_errors_naming_them(proj, capsys):
     from competition.checkpoint import CheckpointError
     from competition.cli import main
+    from competition.predict.options import Inference
     from competition.predict.run import submit
     ghost = RecipeMember(experiment="ghost", folds=[0], weights=[1.0],
                          checkpoints=[RecipeCheckpoint(path="runs/ghost/fold0/best.pt", sha256="0" * 16)])
@@ -211,15 +213,16 @@ def test_missing_run_and_corrupt_checkpoints_are_errors_naming_them(proj, capsys
     best.write_bytes(best.read_bytes()[:5000])  # truncated on a bad copy
     with pytest.raises(CheckpointError, match=r"member small fold 1: checkpoint runs/small/fold1/best.pt has "
                                               r"sha256 \w+, the recipe expects"):
-        submit("duo", progress=False, force=True)
+        submit("duo", inference=Inference(progress=False, force=True))
     write_recipe("duo")  # a recipe taken after the damage: the hash matches, the file still cannot load
     with pytest.raises(CheckpointError, match=r"runs/small/fold1/best.pt: cannot be read as a checkpoint"):
-        submit("duo", progress=False, force=True)
+        submit("duo", inference=Inference(progress=False, force=True))
     assert not list((proj / "submissions").glob("*.csv"))  # nothing written, not even a ledger row
 
 
 def test_failed_validation_leaves_no_submission(proj, monkeypatch):
     from competition.predict import submit as submit_mod
+    from competition.predict.options import Inference
     from competition.predict.run import submit
     from competition.score import ScoreError
     write_recipe(members=[RecipeMember(experiment="big", folds=[0], checkpoints=[ck("big", 0)], weights=[1.0])])
@@ -231,7 +234,7 @@ def test_failed_validation_leaves_no_submission(proj, monkeypatch):
 
     monkeypatch.setattr(submit_mod, "encode_counted", off_by_a_pixel)
     with pytest.raises(ScoreError, match=r"row 12 \(image_name=\S+, class=sesamoid\): bad RLE for a 64x64 image"):
-        submit("duo", progress=False, force=True)
+        submit("duo", inference=Inference(progress=False, force=True))
     assert not [p for p in (proj / "submissions").iterdir()]  # no CSV, no temp file, no ledger row
 
 
@@ -274,6 +277,7 @@ def test_large_inputs_go_through_gaussian_sliding_windows(proj, monkeypatch):
     """A crop-policy member (32 px windows over 64 px images) is predicted window by window."""
     from competition.checkpoint import save
     from competition.predict import infer
+    from competition.predict.options import Inference
     from competition.predict.run import submit
     data = torch.load("runs/big/fold0/best.pt", weights_only=True)
     data["config"]["experiment"]["data"].update(policy="crop", input_size=32, crop_from=64)
@@ -286,7 +290,7 @@ def test_large_inputs_go_through_gaussian_sliding_windows(proj, monkeypatch):
     real = infer.sliding_window
     monkeypatch.setattr(infer, "sliding_window", lambda fn, x, window, *a, **k: calls.append((tuple(x.shape), window))
                         or real(fn, x, window, *a, **k))
-    r = submit("crop", progress=False, force=True)
+    r = submit("crop", inference=Inference(progress=False, force=True))
     assert r.rows == 48 and calls and all(shape[-2:] == (64, 64) and w == 32 for shape, w in calls)
 
 
@@ -315,6 +319,7 @@ def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta, exp):
     the image's original size whether the model's output is that size (big) or half of it (small)."""
     from competition.config import Recipe as R
     from competition.data.adapters import make_adapter
+    from competition.predict.options import Inference
     from competition.predict.run import run_recipe
     from competition.predict.tta import variant_name
     from competition.store import tiles
@@ -328,7 +333,7 @@ def test_oof_is_the_submission_held_out_bit_for_bit(proj_oof, tta, exp):
     recipe = R(name="one", competition="tiny-hands", task="multilabel", classes=comp.classes, folds_sha256="",
                members=[member], thresholds=[0.5] * len(comp.classes))
     seen = {}
-    run_recipe(recipe, comp, proj_oof, proj_oof / "submissions/one.csv", "test", progress=False, force=True,
+    run_recipe(recipe, comp, proj_oof, proj_oof / "submissions/one.csv", "test", Inference(progress=False, force=True),
                on_probs=lambda i, us: seen.setdefault(i, us[0]))
     assert sorted(seen) == sorted(ids) == sorted(oof_ids)
     for i in ids:
@@ -343,7 +348,7 @@ def test_oof_csv_closed_loop_with_the_scorer(proj_oof, capsys):
     from competition.cli import main
     from competition.cv import oofscore
     from competition.score import score_files
-    r = oofscore.run("small", csv="oof.csv", truth_csv="truth.csv", log=lambda *_: None)
+    r = oofscore.run("small", options=oofscore.OofOptions(csv="oof.csv", truth_csv="truth.csv"), log=lambda *_: None)
     assert pd.read_csv("oof.csv", keep_default_na=False).columns.tolist() == ["image_name", "class", "rle"]
     s = score_files("oof.csv", "truth.csv", load_competition("tiny-hands"))
     assert abs(s.mean - r["native"]) < 1e-9 and abs(s.mean - r["mean"]) < 1e-9  # one figure
@@ -355,7 +360,8 @@ def test_oof_csv_closed_loop_with_the_scorer(proj_oof, capsys):
     cfg_path = Path("configs/competitions/tiny-hands.yaml")
     comp = yaml.safe_load(cfg_path.read_text())
     cfg_path.write_text(yaml.safe_dump({**comp, "metric": {"name": "iou", "empty_score": 1.0}}))
-    r_iou = oofscore.run("small", csv="oof.csv", truth_csv="truth.csv", log=lambda *_: None)
+    r_iou = oofscore.run("small", options=oofscore.OofOptions(csv="oof.csv", truth_csv="truth.csv"),
+                         log=lambda *_: None)
     s_iou = score_files("oof.csv", "truth.csv", load_competition("tiny-hands"))
     assert abs(s_iou.mean - r_iou["native"]) < 1e-9 and s_iou.metric == "iou"
     assert r_iou["native"] < r["native"]  # IoU <= Dice pair by pair

@@ -229,10 +229,8 @@ def test_ensemble_run_holds_weights_scores_and_the_recipe_artifact(project):
     weights = json.loads((only_run(project) / "files" / s["ensemble_weights"]["path"]).read_text())
     assert weights["data"] == [["e1", "[0, 1]", "a", 0.7], ["e1", "[0, 1]", "b", 0.2],
                                ["e2", "[0, 1]", "a", 0.3], ["e2", "[0, 1]", "b", 0.8]]
-    *inputs, out = ours(rec)
-    assert [(a["type"], a["name"], a["used"]) for a in inputs] == [
-        ("model", f"model-{e}-fold{k}", True) for e in ("e1", "e2") for k in (0, 1)]
-    assert inputs[0]["staged"]["best.pt"] == str(project / "runs/e1/fold0/best.pt")  # read in place, not copied
+    [out] = ours(rec)  # offline, W&B declares no inputs: the config records them (name -> digest)
+    assert list(rec["config"]["input_artifacts"]) == [f"model-{e}-fold{k}" for e in ("e1", "e2") for k in (0, 1)]
     assert (out["type"], out["name"], out["used"], out["files"]) == ("recipe", "recipe-blend", False,
                                                                      ["blend.md", "blend.yaml"])
     assert out["metadata"] == {"in_sample": 0.81, "nested": 0.79}
@@ -263,11 +261,11 @@ def test_lineage_submission_recipe_checkpoints_by_content(project):
     runs = by_job(project)
     assert set(runs) == {"train", "ensemble", "submit"}
     ens, sub = ours(runs["ensemble"]), ours(runs["submit"])
-    assert {a["name"]: a["digest"] for a in ens if a["used"]} == trained
-    [made] = [a for a in ens if not a["used"]]
-    assert [(a["type"], a["name"], a["digest"], a["used"]) for a in sub] == [
-        ("recipe", "recipe-blend", made["digest"], True), ("submission", "submission-blend", sub[1]["digest"], False)]
-    assert sub[1]["files"] == ["20260101-blend.csv"]
+    assert runs["ensemble"]["config"]["input_artifacts"] == trained
+    [made] = ens
+    assert runs["submit"]["config"]["input_artifacts"] == {"recipe-blend": made["digest"]}
+    assert [(a["type"], a["name"], a["used"]) for a in sub] == [("submission", "submission-blend", False)]
+    assert sub[0]["files"] == ["20260101-blend.csv"]
     assert runs["submit"]["run"] == {**runs["submit"]["run"], "job_type": "submit", "group": "blend",
                                      "name": "20260101-blend", "tags": ["tiny-hands"]}
     assert runs["submit"]["summary"]["cv_native_in_sample"] == 0.81
@@ -280,8 +278,19 @@ def test_submission_of_one_experiment_uses_its_fold_models(project):
     rec = recorded(project)
     assert rec["run"]["group"] == "e1" and rec["run"]["job_type"] == "submit"
     # No CSV on disk here: the inputs are still declared, no submission artifact is made.
-    assert [(a["type"], a["name"], a["used"]) for a in ours(rec)] == [
-        ("model", "model-e1-fold0", True), ("model", "model-e1-fold1", True)]
+    assert ours(rec) == [] and list(rec["config"]["input_artifacts"]) == ["model-e1-fold0", "model-e1-fold1"]
+
+
+def test_online_runs_declare_inputs_with_wandb_use_artifact(project):
+    """Online, an input is W&B's own: ``wandb.Run.use_artifact`` with the artifact built from the files."""
+    used = []
+    t = Tracker(False)
+    t.run = SimpleNamespace(offline=False, use_artifact=used.append)
+    t.use_artifact("e1-fold0", "model", {"config.yaml": project / "configs/competitions/tiny-hands.yaml",
+                                         "gone.pt": project / "missing.pt"})
+    [art] = used
+    assert (art.name, art.type, art.is_draft(), sorted(art.manifest.entries)) == (
+        "model-e1-fold0", "model", True, ["config.yaml"])
 
 
 def test_members_that_do_not_track_make_submissions_untracked(project):

@@ -82,7 +82,7 @@ def test_search_keys_are_checked_against_the_experiment_before_training(tune_pro
     from competition.tune.study import prepare
     write(tune_project, "search", "bad", {**TINY_SPACE, "params": param})
     with pytest.raises(ConfigError) as e:
-        prepare("tiny", "bad", None, None, None, None)
+        prepare("tiny", "bad")
     assert message in str(e.value)
     assert not (tune_project / "runs/studies/tiny-bad.db").exists()  # nothing created for a bad space
 
@@ -168,13 +168,13 @@ def test_study_runs_resumes_grows_and_writes_a_tuned_config(tune_project, capsys
 
 
 def test_changed_search_space_refuses_to_reuse_the_study(tune_project):
-    from competition.tune.study import prepare
-    prepare("tiny", "tiny", None, None, None, None)
-    prepare("tiny", "tiny", 5, None, None, None)  # `trials` is not part of a study's identity
+    from competition.tune.study import Options, prepare
+    prepare("tiny", "tiny")
+    prepare("tiny", "tiny", Options(trials=5))  # `trials` is not part of a study's identity
     write(tune_project, "search", "tiny", {**TINY_SPACE, "budget": {"epochs": 3, "folds": [0]}})
     with pytest.raises(ConfigError, match="different space_hash"):
-        prepare("tiny", "tiny", None, None, None, None)
-    prepare("tiny", "tiny", None, None, None, "tiny-v2")  # a new study name is fine
+        prepare("tiny", "tiny")
+    prepare("tiny", "tiny", Options(study="tiny-v2"))  # a new study name is fine
 
 
 def test_set_overrides_reach_every_trial_and_the_tuned_config(tune_project, capsys):

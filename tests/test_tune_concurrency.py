@@ -220,11 +220,11 @@ def test_unpinned_seeds_differ_per_worker_and_a_pinned_seed_reproduces(project):
 def _prepare_in_lockstep(urls: list[str], barrier, results) -> None:
     """A worker's start-up (`prepare`: storage, schema, study, identity) on each fresh database, at the
     same moment as the other processes."""
-    from competition.tune.study import prepare
+    from competition.tune.study import Options, prepare
     for url in urls:
         barrier.wait(timeout=300)
         try:
-            prepare("tiny", "tiny", None, None, url, None)
+            prepare("tiny", "tiny", Options(storage=url))
             results.put((url, "ok"))
         except Exception as e:
             results.put((url, f"{type(e).__name__}: {e}"))

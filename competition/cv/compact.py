@@ -232,9 +232,10 @@ class MulticlassCompact(Compact):
         return np.stack([r[0] for r in res]), np.stack([r[1] for r in res])
 
 
-def _multilabel_chunk(members, truth, s: int, e: int, hi_level: int, parts, counts, args) -> int:
-    """Count images s..e's certain pixels into ``args`` and append their uncertain ones to ``parts``."""
+def _multilabel_chunk(members, truth, rows: slice, hi_level: int, parts, counts, args) -> int:
+    """Count the images ``rows``' certain pixels into ``args`` and append their uncertain ones to ``parts``."""
     C, HW = len(truth.classes), int(np.prod(truth.size))
+    s, e = rows.start, rows.stop
     P = [m.read(s, e).reshape(e - s, C, HW) for m in members]
     T = truth.read(s, e).reshape(e - s, C, HW)
     all_ge = P[0] >= hi_level
@@ -271,7 +272,7 @@ def build(members: list, truth, task: str, threshold: float = 0.5, budget_bytes:
         hi_level = threshold_level(threshold)  # a member alone is positive at v >= its level
         parts, counts, kept = [[] for _ in range(C)], np.zeros((C, N, 2), np.int64), 0
         for s in range(0, N, B):
-            kept += _multilabel_chunk(members, truth, s, min(N, s + B), hi_level, parts, counts, args)
+            kept += _multilabel_chunk(members, truth, slice(s, min(N, s + B)), hi_level, parts, counts, args)
         vals = []
         for c in range(C):  # join class by class, freeing the parts, so the peak stays near the result
             vals.append(np.concatenate(parts[c], axis=1) if parts[c] else np.zeros((M, 0), np.uint8))

@@ -26,9 +26,11 @@ from competition.predict.tta import variant_name
 from competition.store import tiles
 
 
-def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str], views=("identity",),
-                 scales=(1.0,), device: str | torch.device = "auto", log=print) -> Path:
-    """Predict fold ``fold``'s held-out images with its ``best.pt`` and one TTA variant into its OOF store."""
+def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str],
+                 tta: tuple = (("identity",), (1.0,)), device: str | torch.device = "auto") -> Path:
+    """Predict fold ``fold``'s held-out images with its ``best.pt`` and one TTA variant ``tta`` =
+    (views, scales) into its OOF store."""
+    views, scales = tta
     dev = device if isinstance(device, torch.device) else pick_device(device)
     rp = paths.run(exp_name, fold)
     ckpt_path = rp.best

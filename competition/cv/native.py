@@ -231,18 +231,23 @@ class NativeOutcome:
     truth_share: np.ndarray | None = None  # (C,) share of the images whose truth holds the class
 
 
+CANDIDATES = ("search", "single", "equal")  # "ensemble" is whichever of these is best on its selection set
+
+
 def _key(w: np.ndarray, *more) -> bytes:
     """Identity of a blend (counts [2, 2] and [1, 1] are the same blend) and optional levels."""
     return b"|".join([member_weights(w).numpy().tobytes(), *(np.ascontiguousarray(a).tobytes() for a in more)])
 
 
-def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metric: "PairMetric | float", *,
-             postprocess: bool, rules: list[PostProcess], candidates=("search", "single", "equal"),
-             log=print, workers: int | None = None) -> NativeOutcome:
+def evaluate(images: Images, weights: dict, fold_of: np.ndarray, metric: "PairMetric | float", *,
+             rules: list[PostProcess] | None, log=print, workers: int | None = None) -> NativeOutcome:
     """Re-choose thresholds and post-processing at native size for every plan's weights, and score.
 
-    ``weights``: (candidate, fold or None) -> (C, M) weights chosen by the search (:mod:`compact`'s view).
+    ``weights``: (candidate, fold or None) -> (C, M) weights chosen by the search (:mod:`compact`'s view),
+    for every candidate of :data:`CANDIDATES`. ``rules``: the post-processing each class may take
+    (None: no post-processing).
     """
+    task = images.task
     t0 = time.time()
     N = len(images)
     folds = sorted(set(fold_of.tolist()))
@@ -257,7 +262,7 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metr
     levels = {pk: choose_levels(curve_of[_key(w)], subsets[pk[1]]) for pk, w in weights.items()}
     dice = {pk: at_levels(curve_of[_key(w)], levels[pk]) for pk, w in weights.items()}
     chosen = {pk: {} for pk in weights}
-    if postprocess:
+    if rules is not None:
         configs = {}
         for pk, w in weights.items():
             configs.setdefault(_key(w, levels[pk]), (w, levels[pk]))
@@ -269,9 +274,9 @@ def evaluate(images: Images, weights: dict, fold_of: np.ndarray, task: str, metr
             dice[pk] = score_counts(inter, pred, tsum, metric)
     out = NativeOutcome({pk: NativePlan(w, levels[pk], chosen[pk], dice[pk]) for pk, w in weights.items()},
                         truth_share=(tsum > 0).mean(0))
-    procs = list(candidates) + ["ensemble"]
+    procs = list(CANDIDATES) + ["ensemble"]
     for k in keys:  # "ensemble": the candidate best on the images its selection set may look at
-        best = max(candidates, key=lambda p: (out.plans[(p, k)].dice[subsets[k]].mean(), p == "search"))
+        best = max(CANDIDATES, key=lambda p: (out.plans[(p, k)].dice[subsets[k]].mean(), p == "search"))
         out.plans[("ensemble", k)] = out.plans[(best, k)]
     for proc in procs:
         out.in_sample[proc] = float(out.plans[(proc, None)].dice.mean())

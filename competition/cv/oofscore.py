@@ -8,6 +8,8 @@ Both go through :func:`competition.cv.heldout.predict_fold`, the submission's ow
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -42,7 +44,7 @@ def ensure_oof(exp_name: str, comp, adapter, folds: pd.DataFrame, views=("identi
         log(f"{exp_name} fold {k}: predicting its {len(ids)} held-out images with {rp.best.name} "
             f"(TTA {'+'.join(views)} @ {', '.join(f'{s:g}' for s in scales)}) -> {d.name}/ ...")
         with locks.hold(rp.lock, True, f"run folder {rp.root}"):
-            predict_fold(exp_name, int(k), comp, adapter, ids, views, scales, log=log)
+            predict_fold(exp_name, int(k), comp, adapter, ids, (views, scales))
         made.append(int(k))
     return made
 
@@ -132,14 +134,32 @@ def report(exp_name: str, view, scores: np.ndarray, threshold: float, task: str,
     return "\n".join(lines), table
 
 
-def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = False, top: int = 20,
-        tta: list[str] | None = None, scales: list[float] | None = None, csv: str | None = None,
-        truth_csv: str | None = None, workers: int | None = None, log=print) -> dict:
+@dataclass(frozen=True)
+class OofOptions:
+    """What ``competition oof`` takes besides the experiment and its overrides.
+
+    ``tta`` / ``scales``: the TTA variant scored, and produced where a trained fold lacks it (None: the
+    plain OOF); ``suspects``: also list the ``top`` likeliest label errors; ``csv`` / ``truth_csv``: the
+    OOF and the training truth in the competition's format; ``workers``: processes for the pass over
+    the images (None: every core).
+    """
+    tta: list[str] | None = None
+    scales: list[float] | None = None
+    suspects: bool = False
+    top: int = 20
+    csv: str | None = None
+    truth_csv: str | None = None
+    workers: int | None = None
+
+
+def run(exp_name_or_path: str, overrides: dict | None = None, options: OofOptions = OofOptions(),
+        log=print) -> dict:
     """Score an experiment's OOF (producing missing folds' OOF first); optionally list label suspects."""
+    csv, truth_csv = options.csv, options.truth_csv
     exp = load_experiment(exp_name_or_path, overrides)
     comp = load_competition(exp.competition)
-    views = check_views(tta, comp.tta, "--tta") if tta else ["identity"]
-    scales = [float(s) for s in (scales or [1.0])]
+    views = check_views(options.tta, comp.tta, "--tta") if options.tta else ["identity"]
+    scales = [float(s) for s in (options.scales or [1.0])]
     if any(s <= 0 for s in scales):
         raise ConfigError(f"--scales must be positive numbers, got {scales}")
     variant = variant_name(views, scales)
@@ -151,7 +171,7 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
     images = store.Images([view], truth, adapter, comp.task)
     # The same binarisation as training's OOF score in metrics.json and as `competition predict`.
     threshold = exp.train.threshold
-    scores = per_image(images, comp.task, threshold, pair_metric(comp.metric), workers)
+    scores = per_image(images, comp.task, threshold, pair_metric(comp.metric), options.workers)
     if csv:
         native.write_csv(csv, images, np.ones((len(comp.classes), 1), np.int64), [threshold] * len(comp.classes),
                          {}, comp)
@@ -169,8 +189,8 @@ def run(exp_name_or_path: str, overrides: dict | None = None, suspects: bool = F
         log(f"wrote {truth_csv}: the training truth in the competition's format")
     result = {"mean": float(scores.mean()), "native": float(scores.mean()),
               "table": table, "produced": made, "path": out, "variant": variant}
-    if suspects:
-        if top < 1:
-            raise ConfigError(f"--top must be at least 1, got {top}")
-        result["suspects"] = sus.run(exp.name, images, adapter, comp.task, pass_level(threshold), top, log)
+    if options.suspects:
+        if options.top < 1:
+            raise ConfigError(f"--top must be at least 1, got {options.top}")
+        result["suspects"] = sus.run(exp.name, images, adapter, comp.task, pass_level(threshold), options.top, log)
     return result

@@ -17,6 +17,7 @@ labels sparse tiles.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -73,6 +74,13 @@ class Stack:
     def uclass(self) -> np.ndarray:
         ny, nx = self.grid
         return self.ukeys // (ny * nx)
+
+
+class TileGrid(NamedTuple):
+    """An image's tile grid: rows and columns of tiles, and the tile's side in pixels."""
+    ny: int
+    nx: int
+    tile: int
 
 
 def _keys(s: SparseImage, G: int, nx: int) -> np.ndarray:
@@ -286,6 +294,7 @@ def components(st: Stack, configs: list[tuple[np.ndarray, np.ndarray]], table: n
     f_in = _tile_masks(st.fkeys, st.size, T, nx, G, None)[0]
     if f_in is None:
         f_in = np.ones((len(st.fkeys), T * T), bool)
+    grid = TileGrid(ny, nx, T)
     blend_of: dict[bytes, int] = {}
     for w, _ in configs:
         blend_of.setdefault(np.ascontiguousarray(w).tobytes(), len(blend_of))
@@ -312,16 +321,19 @@ def components(st: Stack, configs: list[tuple[np.ndarray, np.ndarray]], table: n
                 tk = st.tkeys[tcls_start[c]:tcls_start[c + 1]] - c * G
                 tt = st.ttiles[tcls_start[c]:tcls_start[c + 1]]
                 done[key] = _label(keys[any_pos], tls[any_pos], None if kept is None else kept[any_pos],
-                                   tk, tt, ny, nx, T)
+                                   tk, tt, grid)
             per_class.append(done[key])
         out.append(per_class)
     return out
 
 
-def _label(keys, tiles, kept, tkeys, ttiles, ny: int, nx: int, T: int):
+def _label(keys, tiles, kept, tkeys, ttiles, grid: TileGrid):
     """Components of one class's mask given by its positive tiles (``keys`` (n,) on the grid, ``tiles``
-    (n, T*T) bool): the tiles are grouped into 8-connected clusters on the tile grid (components cannot
-    cross between clusters), and each cluster's bounding box is labelled at full resolution."""
+    (n, T*T) bool), with ``kept`` (n, T*T) the pixels the metric counts (None: all) and ``tkeys`` /
+    ``ttiles`` the class's truth tiles: the tiles are grouped into 8-connected clusters on the tile grid
+    (components cannot cross between clusters), and each cluster's bounding box is labelled at full
+    resolution."""
+    ny, nx, T = grid
     if not len(keys):
         z = np.zeros(0, np.int64)
         return z, z, z

@@ -21,6 +21,7 @@ import shutil
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -37,20 +38,34 @@ class OOFIncomplete(UserError, ValueError):
     """An experiment's OOF does not cover the folds file exactly; the message names the fold or ids."""
 
 
-def canonical_order(folds: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+class Order(NamedTuple):
+    """The canonical order: every row's image id and fold."""
+    ids: list[str]
+    fold_of: np.ndarray
+
+
+def canonical_order(folds: pd.DataFrame) -> Order:
     """(ids, fold of each row): folds in ascending order, ids in folds-file order within a fold."""
     df = folds.sort_values("fold", kind="stable")
-    return df["id"].astype(str).tolist(), df["fold"].to_numpy(np.int64)
+    return Order(df["id"].astype(str).tolist(), df["fold"].to_numpy(np.int64))
+
+
+class Variant(NamedTuple):
+    """One TTA variant of an OOF: its name ("" for the plain OOF), views and scales."""
+    name: str
+    tta: list
+    tta_scales: list
 
 
 class MemberOOF:
     """All folds' OOF of one experiment (one TTA variant), image by image in canonical order."""
 
-    def __init__(self, experiment: str, ids: list[str], fold_of: np.ndarray, parts: list[tuple[Path, np.ndarray]],
-                 classes: list[str], task: str, original_sizes: dict, variant: str, tta: list, tta_scales: list):
-        self.experiment, self.ids, self.fold_of = experiment, ids, fold_of
+    def __init__(self, experiment: str, order: Order, parts: list[tuple[Path, np.ndarray]], classes: list[str],
+                 task: str, original_sizes: dict, variant: Variant):
+        self.experiment = experiment
+        self.ids, self.fold_of = order
         self.classes, self.task, self.original_sizes = classes, task, original_sizes
-        self.variant, self.tta, self.tta_scales = variant, tta, tta_scales
+        self.variant, self.tta, self.tta_scales = variant.name, variant.tta, variant.tta_scales
         self.parts = parts  # per fold: (store folder, store row of each canonical row of the fold)
         self._where = [(p, int(r)) for p, (_, rows) in enumerate(parts) for r in rows]
         self._open: dict[int, tiles.Store] = {}
@@ -89,7 +104,8 @@ def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], ta
                     variant: str = "") -> MemberOOF:
     """Check that the experiment's OOF (plain, or one TTA variant) covers every id of the folds file
     exactly once, and open it."""
-    ids, fold_of = canonical_order(folds)
+    order = canonical_order(folds)
+    ids, fold_of = order
     fold_list = sorted(set(fold_of.tolist()))
     missing = [k for k in fold_list if not tiles.exists(paths.oof_dir(experiment, k, variant))]
     if missing:
@@ -118,7 +134,7 @@ def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], ta
         if tta is not None and this != tta:
             raise OOFIncomplete(f"{d}/meta.json: TTA {this} differs from fold {fold_list[0]}'s {tta}")
         tta = this
-    return MemberOOF(experiment, ids, fold_of, parts, list(classes), task, originals, variant, tta[0], tta[1])
+    return MemberOOF(experiment, order, parts, list(classes), task, originals, Variant(variant, *tta))
 
 
 def _check_ids(experiment: str, fold: int, d: Path, have: list[str], want: list[str]) -> None:

@@ -45,7 +45,6 @@ import mmap
 import os
 import secrets
 import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -58,7 +57,7 @@ from tqdm import tqdm
 from competition import paths
 from competition.config import to_plain
 from competition.errors import UserError
-from competition.io import atomic_write_text, current_umask, data_fingerprint
+from competition.io import atomic_dir, atomic_write_text, data_fingerprint
 
 FORMAT_VERSION = 2  # 2: per-row checksums (sums.npy); part of the key, so older folders are rebuilt
 IMAGES, MASKS, FILLED, SUMS, META = "images.npy", "masks.npy", "filled.npy", "sums.npy", "meta.json"
@@ -300,23 +299,14 @@ class SampleCache:
 
     def _build(self) -> None:
         """Create the folder (complete, then renamed into place) and remove older keys' folders."""
-        root = self.folder.parent
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{self.folder.name}.", suffix=".tmp"))
         try:
-            for file, dtype, shape in self._layout().values():
-                _create_npy(tmp / file, dtype, shape)
-            atomic_write_text(tmp / META, json.dumps(self.meta))  # last: a folder with meta.json is complete
-            os.chmod(tmp, 0o777 & ~_umask())
-            try:
-                os.rename(tmp, self.folder)
-            except OSError:  # another process (a worker, a DDP rank, a teammate) was first: use theirs
-                if not (self.folder / META).is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with atomic_dir(self.folder, replace=False) as tmp:
+                for file, dtype, shape in self._layout().values():
+                    _create_npy(tmp / file, dtype, shape)
+                atomic_write_text(tmp / META, json.dumps(self.meta))  # last: a folder with meta.json is complete
+        except FileExistsError:  # another process (a worker, a DDP rank, a teammate) was first: use theirs
+            if not (self.folder / META).is_file():
+                raise
         self._remove_stale()
 
     def _discard(self, damage: CacheDamaged) -> None:
@@ -582,6 +572,3 @@ def _existing_parent(p: Path) -> Path:
         p = p.parent
     return p
 
-
-def _umask() -> int:
-    return current_umask()

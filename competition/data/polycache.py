@@ -13,7 +13,7 @@ what is cached is the mask at the size asked for, one file per (image, size)::
 The key hashes everything that decides the mask: the label file's bytes (so a fixed label, however
 its time stamp moved, is never served stale, and a cache hit needs no validation: those bytes
 passed it when the file was written), the image's size, the target size, the class list and the
-other mask-shaping keys of the competition config, the source of ``polygon.py`` (a changed
+other mask-shaping keys of the competition config, the source of ``polygon_json.py`` (a changed
 rasteriser invalidates every file) and the OpenCV version. Writing a new key removes the older keys
 of the same image, kind and size.
 

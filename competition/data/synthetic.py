@@ -34,7 +34,7 @@ import pandas as pd
 
 from competition.config import CompetitionConfig
 from competition.data.base import DataError
-from competition.data.polygon import rasterize
+from competition.data.polygon_json import rasterize
 from competition.io import ReadError, atomic_write_bytes, atomic_write_text, is_temp_name, read_text
 from competition.rle import encode
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from competition.ensemble import search as srch
+from competition.ensemble.options import SearchOptions
 from competition.metrics import PairMetric
 
 PROCEDURES = ("ensemble", "search", "single", "equal")
@@ -34,22 +35,22 @@ class Searched:
     singles: np.ndarray  # (M,) each member alone at the search threshold, all images
 
 
-def search_all(ev, fold_of: np.ndarray, metric: "PairMetric | float", *, method: str = "caruana",
-               per_class: bool = False, steps: int = 50, trials: int = 100, nested: bool = True,
+def search_all(ev, fold_of: np.ndarray, metric: "PairMetric | float", options: SearchOptions = SearchOptions(),
                log=print) -> Searched:
-    """Every candidate's weights on every selection set (all images, and each fold's complement)."""
+    """Every candidate's weights on every selection set (all images, and each fold's complement when
+    ``options.nested``)."""
     N = ev.n_images
     folds = sorted(set(fold_of.tolist()))
-    keys = [None] + (folds if nested and len(folds) > 1 else [])
+    keys = [None] + (folds if options.nested and len(folds) > 1 else [])
     weights, in_sample = {}, None
     for k in keys:
         sub = np.ones(N, bool) if k is None else fold_of != k
-        if method == "caruana":
-            res = srch.caruana(ev, sub, metric, per_class=per_class, steps=steps)
-        elif method == "optuna":
-            res = srch.optuna_weights(ev, sub, metric, per_class=per_class, trials=trials)
+        if options.method == "caruana":
+            res = srch.caruana(ev, sub, metric, per_class=options.per_class, steps=options.steps)
+        elif options.method == "optuna":
+            res = srch.optuna_weights(ev, sub, metric, per_class=options.per_class, trials=options.trials)
         else:
-            raise ValueError(f"unknown search method {method!r}; expected caruana or optuna")
+            raise ValueError(f"unknown search method {options.method!r}; expected caruana or optuna")
         in_sample = res if k is None else in_sample
         weights[("search", k)] = res.weights
         weights[("single", k)] = srch.best_single(ev, sub, metric).weights

@@ -9,6 +9,7 @@ import numpy as np
 from competition import paths
 from competition.config import ConfigError, Recipe, RecipeCheckpoint, atomic_write_text, dump_yaml, validate
 from competition.cv.blend import normalized, threshold_value
+from competition.ensemble.members import Members
 from competition.io import file_hash
 
 
@@ -36,16 +37,23 @@ def _r(x) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
-def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict, out, nat, chosen: str,
-          why: str, *, search: dict) -> Recipe:
-    """The recipe for candidate ``chosen``: its in-sample weights with the thresholds and
-    post-processing chosen on them (all at the images' original sizes), and every score beside it."""
+def build(name: str, members: Members, ckpts: dict, out, nat, choice: tuple[str, str], *, search: dict) -> Recipe:
+    """The recipe for the chosen candidate: its in-sample weights with the thresholds and post-processing
+    chosen on them (all at the images' original sizes), and every score beside it.
+
+    ``ckpts``: :func:`checkpoints` of the members; ``out`` / ``nat``: the searches
+    (:class:`~competition.ensemble.nested.Searched`) and their native-resolution outcome; ``choice``:
+    (candidate, why) from :func:`competition.ensemble.pipeline.choose`; ``search``: the search's
+    settings, as the recipe records them.
+    """
+    comp, exps, views = members.comp, members.exps, members.views
+    chosen, why = choice
     plan = nat.plans[(chosen, None)]
     W = normalized(plan.weights)
     used = [m for m in range(W.shape[1]) if W[:, m].any()]
     glob = bool(np.all(W == W[0]))
     folds = sorted({int(f) for f in out.fold_of})
-    members = [{"experiment": exps[m].name, "folds": folds,
+    recipe_members = [{"experiment": exps[m].name, "folds": folds,
                 "checkpoints": [c.model_dump() for c in ckpts[exps[m].name]],
                 "weights": [float(W[0, m])] if glob else [float(x) for x in W[:, m]],
                 "tta": list(views[m].tta), "tta_scales": list(views[m].tta_scales)} for m in used]
@@ -94,7 +102,7 @@ def build(name: str, comp, folds_sha: str, exps: list, views: list, ckpts: dict,
         scores["truth_share"] = {c: _r(v) for c, v in zip(comp.classes, nat.truth_share)}
     data = {
         "name": name, "competition": comp.name, "task": comp.task, "classes": list(comp.classes),
-        "folds_sha256": folds_sha, "members": members,
+        "folds_sha256": members.folds_sha, "members": recipe_members,
         # Unrounded: the submission compares float32(p) >= float32(t) exactly as native CV did.
         "thresholds": [threshold_value(int(k)) for k in plan.levels] if comp.task == "multilabel"
         else [0.5] * len(comp.classes),

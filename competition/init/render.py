@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from competition.config import TTA_VIEWS, CompetitionConfig, ConfigError, validate
+from competition.config import FORMATS, TTA_VIEWS, CompetitionConfig, ConfigError, validate
 
 # --------------------------------------------------------------------------------------------- #
 # What every key means (the comment written above it); a draft adds how it was chosen
@@ -13,7 +13,7 @@ from competition.config import TTA_VIEWS, CompetitionConfig, ConfigError, valida
 DOC = {
     "name": "the competition's name: this file is configs/competitions/<name>.yaml, the split folds/<name>.csv",
     "data_root": "the data folder, relative to the project folder (where you run make) when it lies inside it",
-    "format": "how the labels are stored: polygon_json, rle_csv or mask_folders",
+    "format": f"how the labels are stored: {', '.join(FORMATS)}",
     "task": "multiclass: one class per pixel (softmax; background is implicit, every unlabelled pixel); "
             "multilabel: classes may overlap (one sigmoid per class)",
     "classes": "the class names, in output-channel order: what tables, W&B and plots show",

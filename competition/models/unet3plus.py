@@ -22,6 +22,8 @@ CPU (``benchmarks/bench_step.py``), and costs four full-resolution logit tensors
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
@@ -32,15 +34,38 @@ def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+@dataclass(frozen=True)
+class Decoder:
+    """The decoder's options: ``model.kwargs`` of a ``unet3plus`` experiment (its fields are the valid keys).
+
+    Args:
+        cat_channels: channels of each resampled input of a decoder stage (paper: 64); a stage fuses
+            ``n_levels * cat_channels`` channels.
+        interpolation: ``bilinear`` (paper) or ``nearest`` (deterministic backward on CUDA).
+        upsample_last: a coarser input goes through its conv3x3-BN-ReLU at its own resolution and is
+            upsampled afterwards (the paper upsamples first). Same shapes and parameters; a coarse
+            branch conv costs 4**(levels apart) less, and training steps measured 1.5x faster at
+            128 px (ResNet-10-T encoder, 32 channels per branch, batch 8, CPU).
+    """
+
+    cat_channels: int = 64
+    interpolation: str = "bilinear"
+    upsample_last: bool = False
+
+    def __post_init__(self):
+        if self.interpolation not in ("bilinear", "nearest"):
+            raise ValueError(f"unet3plus interpolation must be 'bilinear' or 'nearest', got {self.interpolation!r}")
+
+
 class _DecoderStage(nn.Module):
     """One decoder stage at level ``level``: resamples all ``n_levels`` inputs to its size, fuses them."""
 
-    def __init__(self, level: int, in_channels: list[int], cat_channels: int, interpolation: str,
-                 upsample_last: bool = False):
+    def __init__(self, level: int, in_channels: list[int], decoder: Decoder):
         super().__init__()
-        self.level, self.interpolation, self.upsample_last = level, interpolation, upsample_last
-        self.branches = nn.ModuleList(conv_bn_relu(c, cat_channels) for c in in_channels)
-        self.fuse = conv_bn_relu(cat_channels * len(in_channels), cat_channels * len(in_channels))
+        self.level, self.interpolation, self.upsample_last = level, decoder.interpolation, decoder.upsample_last
+        width = decoder.cat_channels
+        self.branches = nn.ModuleList(conv_bn_relu(c, width) for c in in_channels)
+        self.fuse = conv_bn_relu(width * len(in_channels), width * len(in_channels))
 
     def forward(self, inputs: list[torch.Tensor], levels: list[int]) -> torch.Tensor:
         """``inputs[i]`` lives at ``levels[i]`` (stride 2**level); finer ones are pooled, coarser upsampled."""
@@ -69,27 +94,20 @@ class UNet3Plus(nn.Module):
     """UNet 3+ decoder on ``smp.encoders.get_encoder(encoder_name, in_channels, depth)``.
 
     Args:
-        cat_channels: channels of each resampled input of a decoder stage (paper: 64); a stage fuses
-            ``n_levels * cat_channels`` channels.
-        interpolation: ``bilinear`` (paper) or ``nearest`` (deterministic backward on CUDA).
-        upsample_last: a coarser input goes through its conv3x3-BN-ReLU at its own resolution and is
-            upsampled afterwards (the paper upsamples first). Same shapes and parameters; a coarse
-            branch conv costs 4**(levels apart) less, and training steps measured 1.5x faster at
-            128 px (ResNet-10-T encoder, 32 channels per branch, batch 8, CPU).
+        decoder: the decoder's options (:class:`Decoder`; None: the paper's).
         deep_supervision: training-mode forward returns one output per decoder stage, the auxiliary
             ones at their own resolution (see module doc).
         encoder_weights: passed to smp (None = random init); local files are loaded by ``build_model``.
     """
 
     def __init__(self, encoder_name: str = "resnet18", in_channels: int = 3, classes: int = 1,
-                 encoder_depth: int = 5, encoder_weights: str | bool | None = None, cat_channels: int = 64,
-                 interpolation: str = "bilinear", deep_supervision: bool = False, upsample_last: bool = False):
+                 encoder_depth: int = 5, encoder_weights: str | bool | None = None, decoder: Decoder | None = None,
+                 deep_supervision: bool = False):
         super().__init__()
-        if interpolation not in ("bilinear", "nearest"):
-            raise ValueError(f"unet3plus interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
+        decoder = decoder or Decoder()
         self.encoder = smp.encoders.get_encoder(encoder_name, in_channels=in_channels, depth=encoder_depth,
                                                 weights=encoder_weights)
-        self.interpolation, self.deep_supervision = interpolation, deep_supervision
+        self.interpolation, self.deep_supervision = decoder.interpolation, deep_supervision
         out_ch = list(self.encoder.out_channels)
         # Feature i is at stride 2**i; index 0 is the raw image and transformer-style timm encoders give
         # a zero-channel placeholder at stride 2: neither carries learned features.
@@ -98,13 +116,13 @@ class UNet3Plus(nn.Module):
             raise ValueError(f"unet3plus needs at least 2 feature levels; encoder {encoder_name!r} at depth "
                              f"{encoder_depth} gives {self.levels}")
         n = len(self.levels)
-        up = cat_channels * n
+        up = decoder.cat_channels * n
         # Stage at level L receives encoder features at levels <= L and decoder outputs at levels > L
         # (the deepest "decoder output" is the bottleneck encoder feature itself).
         self.stages = nn.ModuleList()
         for k in range(n - 2, -1, -1):
             in_ch = [out_ch[lvl] for lvl in self.levels[:k + 1]] + [up] * (n - 2 - k) + [out_ch[self.levels[-1]]]
-            self.stages.append(_DecoderStage(self.levels[k], in_ch, cat_channels, interpolation, upsample_last))
+            self.stages.append(_DecoderStage(self.levels[k], in_ch, decoder))
         # Heads finest first: one per decoder stage, then the bottleneck. Without deep supervision only
         # the final head exists: parameters no loss reaches would break DDP (unused parameters).
         self.heads = nn.ModuleList([nn.Conv2d(up, classes, 3, padding=1)])

@@ -5,6 +5,7 @@
     members.py  a recipe's checkpoints: hash-checked, rebuilt from their own configs, loaded once
     infer.py    one batch through every model: TTA, weights, resize to original size, threshold on device
     submit.py   expected rows, the streaming CSV writer with its RLE worker pool, validation
+    options.py  how a prediction runs (device, batch size, workers, --force, ...): one value, CLI to run_recipe
     run.py      `competition submit` / `competition predict`
     bundle.py   `competition bundle`: an offline folder that reproduces the submission
 """

@@ -61,9 +61,10 @@ from competition.config import (
 )
 from competition.errors import UserError, describe_error
 from competition.installs import closure
-from competition.io import file_hash
+from competition.io import atomic_dir, file_hash
 from competition.ledger import describe_members
 from competition.predict.members import check_recipe, checkpoint_paths, read_checkpoint
+from competition.predict.options import Inference
 from competition.predict.run import resolve_recipe, run_recipe
 
 RUN_PY = '''#!/usr/bin/env python3
@@ -204,11 +205,9 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
     comp = load_competition(recipe.competition)
     check_recipe(recipe, comp.classes, comp.task, str(source))
     sources = iter(checkpoint_paths(recipe, paths.project(), str(source)))  # hashes checked here
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # unique per process
-    (tmp / "checkpoints").mkdir(parents=True)
-    members, used = [], set()
-    try:
+    with atomic_dir(out) as tmp:  # the old bundle is replaced only by a whole new one
+        (tmp / "checkpoints").mkdir()
+        members, used = [], set()
         for m in recipe.members:
             cks = []
             for fold in m.folds:
@@ -239,32 +238,12 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
         (tmp / MARKER).write_text(json.dumps({
             "format": FORMAT, "recipe": recipe.name, "made_by": f"competition {version('competition')}",
             "entries": sorted(p.name for p in tmp.iterdir()) + [MARKER], "files": _relative(tmp)}, indent=1) + "\n")
-        _swap(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        check_out(out)  # again: it may have changed while we built
     extra = (f", wheels/ ({len(list((out / 'wheels').glob('*.whl')))} wheels, {_mib(out / 'wheels'):.0f} MiB)"
              if wheels else "")
     log(f"wrote bundle {out}: {len(used)} checkpoints ({_mib(out / 'checkpoints'):.1f} MiB), recipe.yaml, "
         f"competition.yaml, run.py{extra}; {_mib(out):.0f} MiB in all")
     return out
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; an old ``out`` (checked again: it may have changed while we built) is set
-    aside by a rename and deleted only once the new one is in place."""
-    check_out(out)
-    old = None
-    if out.exists():
-        old = tmp.with_name(tmp.name + ".old")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None and not out.exists():
-            old.rename(out)  # put the old bundle back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _mib(folder: Path) -> float:
@@ -311,10 +290,9 @@ def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None
 
 
 def run_bundle(folder: Path, data_root: str | None = None, out: Path = Path("submission.csv"),
-               device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-               progress: bool = True, force: bool = False):
+               inference: Inference = Inference()):
     """Inference from a bundle folder: the CSV at ``out`` (validated, written atomically; one that
-    cannot be right is refused unless ``force``, as ``competition submit`` does)."""
+    cannot be right is refused unless ``inference.force``, as ``competition submit`` does)."""
     folder = Path(folder).resolve()
     comp_file = folder / "competition.yaml"
     data = read_yaml(comp_file)
@@ -322,8 +300,7 @@ def run_bundle(folder: Path, data_root: str | None = None, out: Path = Path("sub
         data["data_root"] = str(Path(data_root).expanduser().resolve())
     comp = validate(CompetitionConfig, data, comp_file)
     recipe = load_recipe(folder / "recipe.yaml")
-    return run_recipe(recipe, comp, folder, Path(out), str(folder / "recipe.yaml"), device, batch_size,
-                      workers, progress=progress, force=force)
+    return run_recipe(recipe, comp, folder, Path(out), str(folder / "recipe.yaml"), inference)
 
 
 def main(folder: Path, argv: list[str]) -> int:
@@ -340,8 +317,9 @@ def main(folder: Path, argv: list[str]) -> int:
                     help="write the CSV even where it cannot be right (the checks of competition submit --force)")
     args = ap.parse_args(argv)
     try:
-        r = run_bundle(folder, args.data_root, Path(args.out), args.device, args.batch_size, args.workers,
-                       progress=not args.no_progress, force=args.force)
+        inference = Inference(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                              progress=not args.no_progress, force=args.force)
+        r = run_bundle(folder, args.data_root, Path(args.out), inference)
     except (UserError, OSError) as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2

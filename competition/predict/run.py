@@ -9,7 +9,7 @@ or a failed validation leaves no file named as a submission.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from competition.io import STALE_AFTER_S, atomic_path, clean_stale_temps, file_h
 from competition.predict import plausible, saved
 from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for, masks_for_writer
 from competition.predict.members import check_recipe, load_models, member_weights
+from competition.predict.options import Inference
 from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
 
 
@@ -102,28 +103,23 @@ def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source:
 
 
 def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, source: str,
-               device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-               rle_workers: int | None = None, progress: bool = True, on_probs=None, save_probs: bool = False,
-               from_probs: bool = False, force: bool = False) -> SubmitResult:
+               inference: Inference = Inference(), on_probs=None) -> SubmitResult:
     """Predict every test image with the recipe and write a validated CSV to ``out``.
 
-    Checkpoint paths in the recipe are relative to ``root`` (the project folder, or a bundle).
+    Checkpoint paths in the recipe are relative to ``root`` (the project folder, or a bundle);
+    ``inference`` says how (device, batch size, ...: :class:`Inference`).
     ``on_probs(test id, [uint8 (C, H, W) per member])`` sees each image's member probabilities at its
-    original size (what an OOF row holds for a held-out image). ``save_probs`` keeps them under
-    ``runs/<exp>/test[-<variant>]/``; ``from_probs`` blends saved ones instead of running the models.
-    A CSV that passes the format but cannot be right (:mod:`competition.predict.plausible`) is not
-    written unless ``force``.
+    original size (what an OOF row holds for a held-out image). ``inference.save_probs`` keeps them under
+    ``runs/<exp>/test[-<variant>]/``; ``inference.from_probs`` blends saved ones instead of running the
+    models. A CSV that passes the format but cannot be right (:mod:`competition.predict.plausible`) is
+    not written unless ``inference.force``.
     """
-    for flag, v in (("--batch-size", batch_size), ("--workers", workers)):
-        if v is not None and v < (1 if flag == "--batch-size" else 0):
-            raise ConfigError(f"{flag} {v}: expected a number >= {1 if flag == '--batch-size' else 0}")
-    if from_probs and save_probs:
-        raise ConfigError("--from-probs and --save-probs: the saved probabilities are what --from-probs reads")
-    dev = pick_device(device)
+    inference.check()
+    dev = pick_device(inference.device)
     adapter = make_adapter(comp)
     ids, expected = expected_rows(comp, adapter)
     sub_ids = [adapter.submission_id(i, "test") for i in ids]
-    if from_probs:
+    if inference.from_probs:
         check_recipe(recipe, comp.classes, comp.task, source)
         predictor = EnsemblePredictor([], member_weights(recipe, source), comp.task, recipe.thresholds, dev)
         stores = saved.open_saved(recipe, ids)
@@ -134,16 +130,16 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
         predictor = build_predictor(recipe, comp, root, source, dev)
         exps = [m.experiment for m in predictor.members]
         auto = batch_size_for(exps)  # 1 when images keep their native, differing sizes
-        bs = batch_size if batch_size is not None and auto > 1 else auto
-        nw = workers if workers is not None else min(e.data.workers for e in exps)
+        bs = inference.batch_size if inference.batch_size is not None and auto > 1 else auto
+        nw = inference.workers if inference.workers is not None else min(e.data.workers for e in exps)
         loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
                             num_workers=nw, pin_memory=dev.type == "cuda")
     saver = None
-    if save_probs:
+    if inference.save_probs:
         saver = saved.Saver(recipe, ids, comp.classes, {i: tuple(adapter.image_size(i, "test")) for i in ids})
         on_probs = _both(on_probs, saver)
     def member_probs(batch) -> list[list[torch.Tensor]]:
-        if not from_probs:
+        if not inference.from_probs:
             return predictor.member_probs(batch["inputs"], batch["size"])
         return [[torch.from_numpy(st(int(r))) for r in batch["index"]] for st in stores]
 
@@ -151,8 +147,8 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
     t0 = time.time()
     try:
         with atomic_path(out) as tmp:
-            with SubmissionWriter(tmp, comp, recipe.postprocess, rle_workers) as writer, \
-                    tqdm(total=len(ids), unit="img", desc=f"predict {recipe.name}", disable=not progress,
+            with SubmissionWriter(tmp, comp, recipe.postprocess, inference.rle_workers) as writer, \
+                    tqdm(total=len(ids), unit="img", desc=f"predict {recipe.name}", disable=not inference.progress,
                          dynamic_ncols=True) as bar:
                 for batch in loader:
                     sizes = [tuple(s) for s in batch["size"].tolist()]
@@ -164,7 +160,7 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                         writer.add(sub_ids[i], *masks_for_writer(predictor, p))
                     bar.update(len(sizes))
             rows = validate_submission(tmp, comp, expected)
-            _plausible(writer.counts, recipe, out, source, force)
+            _plausible(writer.counts, recipe, out, source, inference.force)
             if saver is not None:
                 saver.close()
     finally:
@@ -195,9 +191,8 @@ def _both(first, second):
     return call
 
 
-def submit(ensemble: str | None = None, out: Path | None = None, device: str = "auto",
-           batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-           log=print, save_probs: bool = False, from_probs: bool = False, force: bool = False) -> SubmitResult:
+def submit(ensemble: str | None = None, out: Path | None = None, inference: Inference = Inference(),
+           log=print) -> SubmitResult:
     """``competition submit``: the recipe's CSV under ``submissions/`` plus a ledger row (both or neither)."""
     source = resolve_recipe(ensemble)
     if ensemble is None:
@@ -207,8 +202,7 @@ def submit(ensemble: str | None = None, out: Path | None = None, device: str = "
     clean_stale_temps(paths.submissions_dir(), STALE_AFTER_S)  # CSVs of killed submits
     with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
         result = run_recipe(recipe, comp, paths.project(), Path(out) if out else submission_path(recipe.name),
-                            str(source), device, batch_size, workers, progress=progress, save_probs=save_probs,
-                            from_probs=from_probs, force=force)
+                            str(source), inference)
     _record(ledger.row_for(result, recipe, file_hash(source), comp.name), recipe, source, result.path)
     return result
 
@@ -228,17 +222,19 @@ def recipe_runs(recipe: Recipe) -> list:
 PREDICT_KEYS = ("train.threshold", "oof.tta", "oof.tta_scales", "data.batch_size", "data.workers")
 
 
-def predict_experiment(experiment: str, out: Path | None = None, device: str = "auto",
-                       batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-                       overrides: dict | None = None, force: bool = False) -> SubmitResult:
+def predict_experiment(experiment: str, out: Path | None = None, inference: Inference = Inference(),
+                       overrides: dict | None = None) -> SubmitResult:
     """``competition predict --exp E``: all folds' best.pt, equal weights, the experiment's threshold
-    (``overrides``: ``--set`` of the :data:`PREDICT_KEYS`)."""
+    (``overrides``: ``--set`` of the :data:`PREDICT_KEYS`; ``inference.batch_size`` and ``workers``, when
+    given, win over their ``data.*`` keys)."""
     recipe, comp = experiment_recipe(experiment, overrides)
     overrides = overrides or {}  # the flags win over --set data.batch_size / data.workers
-    batch_size = overrides.get("data.batch_size") if batch_size is None else batch_size
-    workers = overrides.get("data.workers") if workers is None else workers
+    inference = replace(
+        inference,
+        batch_size=overrides.get("data.batch_size") if inference.batch_size is None else inference.batch_size,
+        workers=overrides.get("data.workers") if inference.workers is None else inference.workers)
     result = run_recipe(recipe, comp, paths.project(), Path(out) if out else submission_path(experiment),
-                        f"runs/{experiment}", device, batch_size, workers, progress=progress, force=force)
+                        f"runs/{experiment}", inference)
     _record(ledger.row_for(result, recipe, "", comp.name), recipe, None, result.path)
     return result
 

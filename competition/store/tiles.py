@@ -35,10 +35,8 @@ flipped byte is never blended into a score. Version-1 stores, written before the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from competition.errors import ConfigError, UserError
-from competition.io import default_mode, read_text
+from competition.io import publish_dir, read_text, temp_dir_beside
 from competition.paths import OOF_PROBS
 
 FORMAT, VERSION = "tiles", 2
@@ -121,8 +119,7 @@ class StoreWriter:
                  tile: int = TILE, workers: int = 1):
         self.out_dir, self.ids, self.classes, self.meta, self.tile = Path(out_dir), list(ids), list(classes), meta, tile
         self.sizes = {i: tuple(int(v) for v in sizes[i]) for i in self.ids}
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        self.tmp = temp_dir_beside(self.out_dir)
         self._payload = open(self.tmp / PAYLOAD, "wb")
         self._parts: dict[int, np.ndarray] = {}
         self._sums: dict[int, int] = {}
@@ -183,15 +180,7 @@ class StoreWriter:
                 "quantization": "uint8, p = value / 255", **self.meta,
                 "original_sizes": {i: list(self.sizes[i]) for i in self.ids}}
         (self.tmp / META).write_text(json.dumps(meta, indent=1))
-        os.chmod(self.tmp, default_mode(directory=True))  # mkdtemp's 0700 would hide the store from teammates
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f"{self.tmp.name}.old")
-            self.out_dir.rename(old)
-            self.tmp.rename(self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out_dir)
-        return self.out_dir
+        return publish_dir(self.tmp, self.out_dir)
 
     def _shutdown(self) -> None:
         if self._pool is not None:

@@ -80,9 +80,9 @@ def _build_model(exp: ExperimentConfig, out_ch: int, in_ch: int):
     -> (model, on_meta)."""
     cfg = exp.model
     w = cfg.encoder_weights
-    kind = models._weights_kind(w)
+    kind = models.weights_kind(w)
     if kind == "named":
-        models._check_named_weights(cfg.encoder, w)  # the tag against the encoder's list: no download
+        models.check_named_weights(cfg.encoder, w)  # the tag against the encoder's list: no download
     elif kind == "file":
         p = Path(w).expanduser()
         if not p.is_file():

@@ -49,6 +49,7 @@ from competition.train import distributed as dd
 from competition.train.averaging import Swa, TopK
 from competition.train.check import _class_weights, check_run, oof_variants
 from competition.train.engine import Engine, TrainingDiverged, seed_everything
+from competition.train.foldrun import FoldRun, FoldState
 
 __all__ = ["fit", "TrainingDiverged"]
 
@@ -99,14 +100,46 @@ def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write,
     """
     d = dd.setup()
     # Everything that can be checked without a model or a loader, first: a typo costs seconds.
-    comp, adapter, folds = check_run(exp, fold, lock=d.main)
+    checked = check_run(exp, fold, lock=d.main)
     rp = paths.run(exp.name, fold)
     with locks.hold(rp.lock, True, f"run folder {rp.root}") if d.main else contextlib.nullcontext():
-        return _fit(exp, fold, restart, log, on_epoch, d, comp, adapter, folds)
+        return _fit(exp, fold, d, checked, restart, log, on_epoch)
 
 
-def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp, adapter, folds) -> dict:
-    # The model next: unavailable weights fail before any data is loaded.
+def _fit(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart: bool, log, on_epoch) -> dict:
+    """The locked part of ``fit``; ``checked`` is what ``check_run`` found: (comp, adapter, folds)."""
+    run = _start(exp, fold, d, checked, restart, log)
+    t0 = time.time()
+    bar = tqdm(total=exp.train.epochs, initial=run.state.epoch, desc=f"{exp.name} fold {fold}", unit="epoch",
+               position=0, dynamic_ncols=True, disable=not (d.main and exp.train.progress))
+    saver = ckpt.AsyncSaver()
+    try:
+        _epochs(run, bar, saver, on_epoch)
+    finally:
+        saver.close()  # every queued checkpoint is on disk before anything reads it (or we stop)
+    bar.close()
+    dd.barrier(d)
+    run.state.averaging = _averaged(run)
+    train_seconds = time.time() - t0
+    if d.enabled:
+        same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in run.engine.raw.parameters()]), d)
+        if not same:
+            raise RuntimeError("DDP ranks hold different weights after training; refusing to write results")
+        if d.main:
+            log(f"weights identical on all {d.world} ranks")
+
+    result = {}
+    if d.main:
+        result = _finish(run, train_seconds)
+    run.tracker.finish()
+    dd.barrier(d)
+    return result
+
+
+def _start(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart: bool, log) -> FoldRun:
+    """Build the fold's run: the model first (unavailable weights fail before any data is loaded), the
+    run folder, the data, the engine, then the state, resumed from last.pt when there is one."""
+    comp, adapter, folds = checked
     seed_everything(exp.train.seed, exp.train.deterministic)
     out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
     in_ch = 1 if comp.image.channels == "grayscale" else 3
@@ -143,141 +176,129 @@ def _fit(exp: ExperimentConfig, fold: int, restart: bool, log, on_epoch, d, comp
     steps = math.ceil(len(train_loader) / exp.train.grad_accum)
     engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, steps)
 
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    last = rp.last
-    saved = None
-    if last.is_file() and not restart:
-        saved = ckpt.load(last)
-        # A longer schedule (extending a run): the schedule is rebuilt for the new length and only
-        # its position is restored.
-        longer = (saved.get("config") or {}).get("experiment", {}).get("train", {}).get("epochs") != exp.train.epochs
-        state = engine.load_state(saved, recompute_schedule=longer)
-        if longer:  # an extended run trains its new epochs even if it had stopped early
-            state["bad_epochs"] = 0
-        if d.main:  # history.csv may lag last.pt by an epoch after a kill between the two writes
-            atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
-            log(f"resuming {exp.name} fold {fold} from {last} at epoch {state['epoch'] + 1}")
-
-    dd.require_same(state["epoch"], d, "the epoch to start from (last.pt)")
-    topk = TopK(exp.train.average_top_k, rp, state.get("top_k")) if exp.train.average_top_k else None
+    state, saved = _resume(exp, fold, d, engine, rp, restart, log)
+    dd.require_same(state.epoch, d, "the epoch to start from (last.pt)")
+    topk = TopK(exp.train.average_top_k, rp, state.top_k) if exp.train.average_top_k else None
     swa = Swa(exp.train.swa, engine.raw, device) if exp.train.swa else None
     if swa is not None and saved is not None and saved.get("swa") is not None:
         swa.load_state_dict(saved["swa"])
     tracker = tracking.for_training(exp, comp, fold, run_cfg) if d.main else tracking.Tracker(False)
-    t0 = time.time()
-    bar = tqdm(total=exp.train.epochs, initial=state["epoch"], desc=f"{exp.name} fold {fold}", unit="epoch",
-               position=0, dynamic_ncols=True, disable=not (d.main and exp.train.progress))
-    saver = ckpt.AsyncSaver()
-    try:
-        _epochs(exp, comp, fold, d, engine, state, rp, run_cfg, sampler, train_ds, train_loader, val_loader,
-                val_ds, tracker, bar, saver, log, on_epoch, topk, swa)
-    finally:
-        saver.close()  # every queued checkpoint is on disk before anything reads it (or we stop)
-    bar.close()
-    dd.barrier(d)
-    state["averaging"] = _averaged(exp, comp, d, engine, state, rp, run_cfg, train_loader, val_loader, val_ds,
-                                   topk, swa, log)
-    train_seconds = time.time() - t0
-    if d.enabled:
-        same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in engine.raw.parameters()]), d)
-        if not same:
-            raise RuntimeError("DDP ranks hold different weights after training; refusing to write results")
-        if d.main:
-            log(f"weights identical on all {d.world} ranks")
-
-    result = {}
-    if d.main:
-        result = _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log, tracker)
-    tracker.finish()
-    dd.barrier(d)
-    return result
+    return FoldRun(exp=exp, comp=comp, adapter=adapter, fold=fold, d=d, rp=rp, run_cfg=run_cfg, engine=engine,
+                   train_ds=train_ds, sampler=sampler, train_loader=train_loader, val_ids=val_ids, val_ds=val_ds,
+                   val_loader=val_loader, tracker=tracker, log=log, state=state, topk=topk, swa=swa)
 
 
-def _averaged(exp, comp, d, engine, state, rp, run_cfg, train_loader, val_loader, val_ds, topk, swa, log) -> dict:
+def _resume(exp: ExperimentConfig, fold: int, d: dd.Dist, engine: Engine, rp: paths.RunPaths, restart: bool,
+            log) -> tuple[FoldState, dict | None]:
+    """-> (the state to start from, last.pt's contents or None): a fresh state without last.pt or with
+    ``restart``; else the engine loaded from last.pt and its state."""
+    if not rp.last.is_file() or restart:
+        return FoldState(), None
+    saved = ckpt.load(rp.last)
+    # A longer schedule (extending a run): the schedule is rebuilt for the new length and only
+    # its position is restored.
+    longer = (saved.get("config") or {}).get("experiment", {}).get("train", {}).get("epochs") != exp.train.epochs
+    state = FoldState.from_dict(engine.load_state(saved, recompute_schedule=longer))
+    if longer:  # an extended run trains its new epochs even if it had stopped early
+        state.bad_epochs = 0
+    if d.main:  # history.csv may lag last.pt by an epoch after a kill between the two writes
+        atomic_write_text(rp.history, pd.DataFrame(state.history).to_csv(index=False))
+        log(f"resuming {exp.name} fold {fold} from {rp.last} at epoch {state.epoch + 1}")
+    return state, saved
+
+
+def _averaged(run: FoldRun) -> dict:
     """Validate the weight averages like an epoch; the best one becomes best.pt if it beats every epoch."""
+    engine, state, topk, swa = run.engine, run.state, run.topk, run.swa
     candidates = []
     if topk is not None and (avg := topk.average()) is not None:
         model = copy.deepcopy(engine.raw)
         model.load_state_dict(avg)
         candidates.append((f"top{len(topk.kept)}", model))
-    if swa is not None and (model := swa.finalize(train_loader, engine.device)) is not None:
+    if swa is not None and (model := swa.finalize(run.train_loader, engine.device)) is not None:
         candidates.append(("swa", model))
     out = {}
     for name, model in candidates:
-        scores = engine.validate(val_loader, len(val_ds), model)
+        scores = engine.validate(run.val_loader, len(run.val_ds), model)
         out[name] = float(scores.mean())
-        if d.main:
-            log(f"{name}: averaged weights score val dice {out[name]:.4f} (best epoch {state['best_score']:.4f})")
-        if out[name] > state["best_score"]:
-            state.update(best_score=out[name], best_averaged=name)
-            if d.main:
-                ckpt.save({"model": model.state_dict(), "epoch": state["best_epoch"], "score": out[name],
-                           "averaged": name, "config": run_cfg,
-                           "val_dice_per_class": {c: float(v) for c, v in zip(comp.classes, scores)}}, rp.best)
+        if run.d.main:
+            run.log(f"{name}: averaged weights score val dice {out[name]:.4f} (best epoch {state.best_score:.4f})")
+        if out[name] > state.best_score:
+            state.best_score, state.best_averaged = out[name], name
+            if run.d.main:
+                ckpt.save({"model": model.state_dict(), "epoch": state.best_epoch, "score": out[name],
+                           "averaged": name, "config": run.run_cfg,
+                           "val_dice_per_class": {c: float(v) for c, v in zip(run.comp.classes, scores)}}, run.rp.best)
     return out
 
 
-def _epochs(exp, comp, fold, d, engine, state, rp, run_cfg, sampler, train_ds, train_loader, val_loader, val_ds,
-            tracker, bar, saver, log, on_epoch, topk=None, swa=None) -> None:
+def _epochs(run: FoldRun, bar: tqdm, saver: ckpt.AsyncSaver, on_epoch) -> None:
     """The epochs still to run; checkpoints go to ``saver`` (written in the background)."""
-    while state["epoch"] < exp.train.epochs and not _stopped_early(exp, state):
-        epoch = state["epoch"] + 1
+    exp, d, engine, state, topk, swa = run.exp, run.d, run.engine, run.state, run.topk, run.swa
+    while state.epoch < exp.train.epochs and not _stopped_early(exp, state):
+        epoch = state.epoch + 1
         if swa is not None and swa.active(epoch):
             engine.scheduler.hold(swa.cfg.lr)
         # Reseed per epoch so a resumed epoch draws exactly what the uninterrupted run drew.
         seed_everything(exp.train.seed * 1000 + epoch, exp.train.deterministic)
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
+        run.sampler.set_epoch(epoch)
+        run.train_ds.set_epoch(epoch)
         te = time.time()
-        train_loss, n_train = engine.train_epoch(train_loader, epoch)
-        scores = engine.validate(val_loader, len(val_ds))
+        train_loss, n_train = engine.train_epoch(run.train_loader, epoch)
+        scores = engine.validate(run.val_loader, len(run.val_ds))
         engine.scheduler.step_epoch(float(scores.mean()))
         row = {"epoch": epoch, "train_loss": train_loss, "val_dice": float(scores.mean()),
                "lr": engine.lr, "seconds": time.time() - te, "train_images_per_s": n_train / (time.time() - te),
-               **{f"dice/{c}": float(s) for c, s in zip(comp.classes, scores)}}
-        state["history"].append(row)
-        improved = row["val_dice"] > state["best_score"]
+               **{f"dice/{c}": float(s) for c, s in zip(run.comp.classes, scores)}}
+        state.history.append(row)
+        improved = row["val_dice"] > state.best_score
         if improved:
-            state.update(best_score=row["val_dice"], best_epoch=epoch, bad_epochs=0)
+            state.best_score, state.best_epoch, state.bad_epochs = row["val_dice"], epoch, 0
         else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
+            state.bad_epochs += 1
+        state.epoch = epoch
         if swa is not None and swa.active(epoch):
             swa.update(engine.raw)
         if d.main:
             saver.wait()  # the previous epoch's checkpoints are on disk before this epoch's are queued
         if topk is not None:  # every rank keeps the list; rank 0 writes the files
             topk.offer(epoch, row["val_dice"], engine.model_for_eval().state_dict(), saver if d.main else None)
-            state["top_k"] = [list(x) for x in topk.kept]
+            state.top_k = [list(x) for x in topk.kept]
         if d.main:
-            if improved:
-                saver.save(engine.best_payload(run_cfg, epoch, row["val_dice"]), rp.best)
-            payload = engine.full_state(run_cfg, state)
-            if swa is not None:
-                payload["swa"] = swa.state_dict()
-            saver.save(payload, rp.last)
-            atomic_write_text(rp.history, pd.DataFrame(state["history"]).to_csv(index=False))
-            tracker.log(row, step=epoch)
-            log(f"epoch {epoch:3d}/{exp.train.epochs}  loss {train_loss:.4f}  val dice {row['val_dice']:.4f}"
-                f"{' *' if improved else '  '}  best {state['best_score']:.4f} (epoch {state['best_epoch']})"
-                f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+            _record(run, saver, row, improved)
         if on_epoch is not None:
             try:
                 on_epoch(epoch, row["val_dice"])
             except BaseException as e:  # e.g. optuna.TrialPruned: the W&B run says why it stopped
                 saver.wait()
-                tracker.summary({"stopped_by": type(e).__name__, "epochs_run": epoch})
-                tracker.finish()
+                run.tracker.summary({"stopped_by": type(e).__name__, "epochs_run": epoch})
+                run.tracker.finish()
                 bar.close()
                 raise
         bar.update(1)
-        bar.set_postfix(best=f"{state['best_score']:.4f}")
+        bar.set_postfix(best=f"{state.best_score:.4f}")
         dd.barrier(d)
 
 
-def _stopped_early(exp: ExperimentConfig, state: dict) -> bool:
+def _record(run: FoldRun, saver: ckpt.AsyncSaver, row: dict, improved: bool) -> None:
+    """Rank 0's record of a finished epoch: best.pt if it improved, last.pt, history.csv, tracker, log."""
+    state, epoch = run.state, row["epoch"]
+    if improved:
+        saver.save(run.engine.best_payload(run.run_cfg, epoch, row["val_dice"]), run.rp.best)
+    payload = run.engine.full_state(run.run_cfg, state.as_dict())
+    if run.swa is not None:
+        payload["swa"] = run.swa.state_dict()
+    saver.save(payload, run.rp.last)
+    atomic_write_text(run.rp.history, pd.DataFrame(state.history).to_csv(index=False))
+    run.tracker.log(row, step=epoch)
+    run.log(f"epoch {epoch:3d}/{run.exp.train.epochs}  loss {row['train_loss']:.4f}  val dice {row['val_dice']:.4f}"
+            f"{' *' if improved else '  '}  best {state.best_score:.4f} (epoch {state.best_epoch})"
+            f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+
+
+def _stopped_early(exp: ExperimentConfig, state: FoldState) -> bool:
     p = exp.train.early_stopping
-    return p is not None and state["bad_epochs"] >= p
+    return p is not None and state.bad_epochs >= p
 
 
 EXTENDABLE = ("experiment.train.epochs", "experiment.train.early_stopping")  # schedule length only
@@ -315,15 +336,16 @@ def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | 
                       f"(RESTART=1) to start this fold over")
 
 
-def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log, tracker) -> dict:
+def _finish(run: FoldRun, train_seconds: float) -> dict:
     """Predict the held-out fold from best.pt through the submission's inference path (every OOF
     variant), then metrics.json: the OOF score at each image's original size."""
-    rp = paths.run(exp.name, fold)
+    exp, comp, adapter, fold, val_ids, state = run.exp, run.comp, run.adapter, run.fold, run.val_ids, run.state
+    rp, tracker = run.rp, run.tracker
     best = ckpt.load(rp.best)
     variants = oof_variants(exp, comp)
     t = time.time()
     for views, scales in variants:
-        store_dir = predict_fold(exp.name, fold, comp, adapter, val_ids, views, scales, device=engine.device)
+        store_dir = predict_fold(exp.name, fold, comp, adapter, val_ids, (views, scales), device=run.engine.device)
     pred_seconds = time.time() - t
     # This fold's rows only, in the order they were predicted (the folds file was read by fit); the
     # truth of these images alone, in memory.
@@ -334,11 +356,11 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
     also = oofscore.report_metrics(images, comp.task, exp.train.threshold, comp.metric)
     summ = summarize(scores, comp.classes)
     metrics = {"experiment": exp.name, "fold": fold, "competition": comp.name,
-               "best_epoch": best["epoch"], "epochs_run": state["epoch"],
-               "val_dice": state["best_score"], "val_dice_per_class": dict(zip(
-                   comp.classes, [state["history"][best["epoch"] - 1][f"dice/{c}"] for c in comp.classes]))
+               "best_epoch": best["epoch"], "epochs_run": state.epoch,
+               "val_dice": state.best_score, "val_dice_per_class": dict(zip(
+                   comp.classes, [state.history[best["epoch"] - 1][f"dice/{c}"] for c in comp.classes]))
                if "val_dice_per_class" not in best else best["val_dice_per_class"],
-               "averaging": state.get("averaging", {}), "best_is": best.get("averaged") or f"epoch {best['epoch']}",
+               "averaging": state.averaging, "best_is": best.get("averaged") or f"epoch {best['epoch']}",
                # One resolution: the OOF is scored at each image's original size (``oof_dice_native`` is
                # the same figure, kept under its earlier name for readers of older runs).
                "oof_dice": summ["mean"], "oof_dice_per_class": summ["per_class"], "oof_size": "original",
@@ -346,7 +368,7 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
                "oof_store_bytes": sum(tiles.open_store(rp.oof(variant_name(v, s))).nbytes for v, s in variants),
                "oof_variants": [variant_name(v, s) or "plain" for v, s in variants],
                "metric": comp.metric.name, "oof_report": also,  # metric.report at the original sizes
-               "first_epoch_val_dice": state["history"][0]["val_dice"] if state["history"] else None,
+               "first_epoch_val_dice": state.history[0]["val_dice"] if state.history else None,
                "train_seconds": round(train_seconds, 2),
                "predict_images_per_s": round(len(val_ids) * len(variants) / max(pred_seconds, 1e-9), 2),
                "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
@@ -365,7 +387,7 @@ def _finish(exp, comp, adapter, fold, val_ids, state, engine, train_seconds, log
                      **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()},
                      **{f"oof_report/{k}": v for k, v in also.items()}})
     tracking.log_fold(tracker, exp, fold, metrics)  # best.pt + metrics.json + OOF summary as a W&B artifact
-    log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
-        f"OOF dice {metrics['oof_dice']:.4f} at the original size "
-        f"-> {store_dir.parent}")
+    run.log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
+            f"OOF dice {metrics['oof_dice']:.4f} at the original size "
+            f"-> {store_dir.parent}")
     return metrics

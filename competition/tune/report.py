@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from competition import paths
 from competition.config import atomic_write_text
+from competition.io import atomic_path
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -56,7 +57,8 @@ def save_plots(study: optuna.Study, out: Path, have_importances: bool) -> list[P
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(9, 5)
             fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=100)
+            with atomic_path(out / f"{name}.png") as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
             plt.close(fig)
             written.append(out / f"{name}.png")
         try:

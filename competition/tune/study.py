@@ -54,6 +54,19 @@ class Job:
     overrides: tuple = ()  # (dotted key, value) pairs from --set, applied to the base experiment
 
 
+@dataclass(frozen=True)
+class Options:
+    """How ``competition tune`` runs a study (its command-line options); None takes the search space's
+    value (``trials``, ``budget.folds``) or the default (the SQLite file, ``<exp>-<space>``)."""
+
+    trials: int | None = None  # finished trials the study should hold
+    folds: list[int] | None = None
+    workers: int = 1  # local worker processes
+    storage: str | None = None  # an Optuna RDB URL
+    study: str | None = None
+    overrides: dict | None = None  # --set: the base experiment of every trial
+
+
 def studies_dir() -> Path:
     return paths.studies_dir()
 
@@ -179,27 +192,25 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def prepare(exp: str, space_name: str, trials: int | None, folds: list[int] | None, storage: str | None,
-            study_name: str | None, workers: int = 1,
-            overrides: dict | None = None) -> tuple[Job, SearchSpace, optuna.Study]:
-    """Validate everything and create (or reopen) the study before any worker starts. ``overrides``
+def prepare(exp: str, space_name: str, opts: Options = Options()) -> tuple[Job, SearchSpace, optuna.Study]:
+    """Validate everything and create (or reopen) the study before any worker starts. ``opts.overrides``
     (``--set``) change the base experiment every trial starts from; they are part of the study's identity."""
     space = load_search(space_name)
-    base = to_plain(load_experiment(exp, overrides))
+    base = to_plain(load_experiment(exp, opts.overrides))
     sp.check(space, base, f"search space {space_name!r}")
-    name = study_name or default_study_name(exp, space_name)
+    name = opts.study or default_study_name(exp, space_name)
     paths.check_name("study", name)
-    url = storage_url(name, storage)
+    url = storage_url(name, opts.storage)
     cores = os.cpu_count() or 1
-    job = Job(exp=exp, space=space_name, study=name, storage=url, trials=trials or space.trials,
-              folds=tuple(folds if folds is not None else space.budget.folds),
-              threads=max(1, cores // workers) if workers > 1 else 0,
-              overrides=tuple(sorted((overrides or {}).items())))
+    job = Job(exp=exp, space=space_name, study=name, storage=url, trials=opts.trials or space.trials,
+              folds=tuple(opts.folds if opts.folds is not None else space.budget.folds),
+              threads=max(1, cores // opts.workers) if opts.workers > 1 else 0,
+              overrides=tuple(sorted((opts.overrides or {}).items())))
     # Two workers creating the same study: Optuna's load_if_exists turns the loser's duplicate into a load.
     study = optuna.create_study(study_name=name, storage=open_storage(url), direction="maximize",
                                 load_if_exists=True, pruner=make_pruner(space, len(job.folds)))
     ident = {"experiment": exp, "space_hash": space_hash(space), "folds": list(job.folds)}
-    if overrides:  # absent for a study without --set, so studies created before this key still resume
+    if opts.overrides:  # absent for a study without --set, so studies created before this key still resume
         ident["overrides"] = {k: v for k, v in job.overrides}
     # Keys another worker has already written must match; the missing ones are written, then read back,
     # so of two workers that start together with different spaces at least one is refused.
