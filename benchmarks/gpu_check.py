@@ -90,7 +90,7 @@ def _inference(root: Path, recipe: str, smoke: bool) -> dict:
                                        **({"data.input_size": 64, "data.crop_from": None, "data.policy": "resize",
                                            "model.output_scale": 1} if smoke else {})})
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = build_model(exp.model, comp.num_classes, 1).to(dev).eval()
+        model = build_model(exp.model, comp.num_classes, 1, exp.data.input_hw).to(dev).eval()
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
             torch.cuda.reset_peak_memory_stats()

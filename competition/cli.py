@@ -20,8 +20,10 @@ from competition.config import (
 )
 from competition.data.adapters import make_adapter
 from competition.data.base import safe_join
+from competition.durations import parse_budget
 from competition.errors import UserError, describe_error
 from competition.installs import missing_extra
+from competition.paths import ALL_DATA
 
 # Each verb imports its stage (folds, score, train, tune, ...) inside its cmd_* function, when it runs:
 # so the core works without the optional extras (optuna, wandb, matplotlib) and `competition --help`
@@ -51,7 +53,7 @@ def cmd_folds(args) -> int:
 
 def cmd_init(args) -> int:
     from competition.init import init  # noqa: PLC0415 (stage, imported when its verb runs)
-    result = init(args.data_dir, name=args.name, force=args.force)
+    result = init(args.data_dir, name=args.name, force=args.force, budget=args.budget, gpus=args.gpus)
     print(result.format())
     return 1 if result.problems else 0
 
@@ -95,13 +97,16 @@ def cmd_train(args) -> int:
     if args.comp is not None:
         from competition.train.dryrun import resolve_competition  # noqa: PLC0415 (stage, imported when its verb runs)
         comp = resolve_competition(exp, args.comp)  # refused unless it has the experiment's classes
-    if args.fold == "all":
+    if args.fold == "all":  # the CV folds; the all-data run is asked for by name
         folds = sorted(set(load_folds(comp or load_competition(exp.competition))["fold"]))
+    elif args.fold == ALL_DATA:
+        folds = [ALL_DATA]
     else:
         try:
             folds = [int(args.fold)]
         except ValueError:
-            raise ConfigError(f"--fold expects a fold number or 'all', got {args.fold!r}") from None
+            raise ConfigError(f"--fold expects a fold number, 'all' (every CV fold) or '{ALL_DATA}' (one model "
+                              f"on every training image, runs/<exp>/{ALL_DATA}/), got {args.fold!r}") from None
     if args.dry_run:
         from competition.train.dryrun import dry_run  # noqa: PLC0415 (stage, imported when its verb runs)
         for k in folds:
@@ -111,14 +116,18 @@ def cmd_train(args) -> int:
         from competition.train.check import check_run  # noqa: PLC0415 (stage, imported when its verb runs)
         t0 = time.time()
         for k in folds:
-            check_run(exp, k, comp)
+            check_run(exp, k, comp, restart=args.restart)
         print(f"configuration ok: {exp.name} fold(s) {', '.join(map(str, folds))}"
               f"{f' on {comp.name}' if comp is not None else ''} "
               f"({time.time() - t0:.1f}s; the model was built without weights, nothing was written)")
         return 0
+    budget_s = parse_budget(args.budget) if args.budget else None
+    t0 = time.time()
     try:
-        for k in folds:
-            fit(exp, k, restart=args.restart)
+        for i, k in enumerate(folds):
+            # --budget over several folds: each fold gets an equal share of what is left when it starts.
+            deadline = None if budget_s is None else time.time() + (t0 + budget_s - time.time()) / (len(folds) - i)
+            fit(exp, k, restart=args.restart, deadline=deadline)
     finally:
         dd.teardown(dd.setup())
     return 0
@@ -189,7 +198,7 @@ def cmd_submit(args) -> int:
     from competition.predict.run import submit  # noqa: PLC0415 (stage, imported when its verb runs)
     inference = Inference(device=args.device, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.no_progress, force=args.force, save_probs=args.save_probs,
-                          from_probs=args.from_probs)
+                          from_probs=args.from_probs, runtime=args.runtime, compile=args.compile)
     r = submit(args.ensemble, args.out, inference)
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
@@ -199,7 +208,7 @@ def cmd_predict(args) -> int:
     from competition.predict.options import Inference  # noqa: PLC0415 (stage, imported when its verb runs)
     from competition.predict.run import predict_experiment  # noqa: PLC0415 (stage, imported when its verb runs)
     inference = Inference(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                          progress=not args.no_progress, force=args.force)
+                          progress=not args.no_progress, force=args.force, runtime=args.runtime, compile=args.compile)
     r = predict_experiment(args.exp, args.out, inference, overrides=parse_overrides(args.set))
     _report_submission(r, args.upload, args.message, r.competition)
     return 0
@@ -229,8 +238,21 @@ def cmd_lb(args) -> int:
 
 def cmd_bundle(args) -> int:
     from competition.predict.bundle import make_bundle  # noqa: PLC0415 (stage, imported when its verb runs)
-    make_bundle(args.ensemble, args.out, wheels=args.wheels, wheels_torch=args.wheels_torch,
-                wheels_python=args.wheels_python)
+    from competition.predict.estimate import estimate_bundle  # noqa: PLC0415 (stage, imported when its verb runs)
+    from competition.predict.options import Inference  # noqa: PLC0415 (stage, imported when its verb runs)
+    if args.test_images is not None and args.test_images < 1:
+        raise ConfigError(f"--test-images {args.test_images}: expected a number of images >= 1")
+    out = make_bundle(args.ensemble, args.out, wheels=args.wheels, wheels_torch=args.wheels_torch,
+                      wheels_python=args.wheels_python, runtime=args.runtime)
+    if not args.no_estimate:
+        for line in estimate_bundle(out, Inference(progress=False, runtime=args.runtime), args.test_images):
+            print(line)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from competition.predict.export import export_recipe  # noqa: PLC0415 (stage, imported when its verb runs)
+    export_recipe(args.ensemble, args.format, Path(args.out) if args.out else None)
     return 0
 
 
@@ -238,7 +260,8 @@ def cmd_oof(args) -> int:
     from competition.cv import oofscore  # noqa: PLC0415 (stage, imported when its verb runs)
     oofscore.run(args.exp, overrides=parse_overrides(args.set), options=oofscore.OofOptions(
         tta=args.tta, scales=args.scales, suspects=args.suspects, top=args.top, csv=args.csv, truth_csv=args.truth_csv,
-        workers=args.workers))
+        workers=args.workers, include_excluded=args.include_excluded, write_exclude=args.write_exclude,
+        force=args.force))
     return 0
 
 
@@ -248,7 +271,7 @@ def cmd_ensemble(args) -> int:
                                     trials=args.trials, nested=not args.no_nested, threshold=args.threshold)
     ensemble.run(args.name, args.experiments, ensemble.EnsembleOptions(
         search=search, postprocess=not args.no_postprocess, force_blend=args.force_blend, workers=args.workers,
-        csv=args.csv, truth_csv=args.truth_csv))
+        csv=args.csv, truth_csv=args.truth_csv, full_data=args.full_data), include_excluded=args.include_excluded)
     return 0
 
 
@@ -264,6 +287,15 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="write the CSV even when it cannot be right (a class empty in every test image though "
                         "training has it in most, every mask empty, a class covering every pixel)")
+    _runtime_flag(p)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks first (--runtime torch; for a GPU: compiling takes a while)")
+
+
+def _runtime_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="what runs the networks: torch (default) or onnx (ONNX Runtime on their ONNX export; needs "
+                        "the export extra); TTA, resizing and thresholds are the same code either way")
 
 
 def _set_flag(p: argparse.ArgumentParser) -> None:
@@ -291,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", metavar="DATA_DIR", help="the competition's data folder")
     p.add_argument("--name", default=None, help="competition name (default: the folder's name)")
     p.add_argument("--force", action="store_true", help="overwrite existing config files of that name")
+    p.add_argument("--budget", default=None, metavar="TIME",
+                   help="plan the starter experiment so that all its folds train within TIME (30m, 4h, 1h30m), "
+                        "from training steps measured on this machine")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the budget's runs will use (DDP; default 1)")
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("score", help="score a submission CSV with the competition's metric")
@@ -309,8 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one fold (or all) of an experiment; resumes from last.pt")
     p.add_argument("--exp", default=DEFAULT_EXPERIMENT,
                    help="experiment name (configs/experiments/<name>.yaml) or a YAML path")
-    p.add_argument("--fold", default="0", help="fold number, or 'all' to train every fold in turn")
+    p.add_argument("--fold", default="0", help="fold number, 'all' to train every CV fold in turn, or 'all-data': "
+                   "one model on every training image (no validation, no OOF) -> runs/<exp>/all-data/")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the fold over")
+    p.add_argument("--budget", default=None, metavar="TIME",
+                   help="stop cleanly (a complete last.pt; train again to continue) before TIME runs out, e.g. 30m, "
+                        "4h; with --fold all, shared out over the folds")
     _set_flag(p)
     p.add_argument("--check", action="store_true",
                    help="validate the whole configuration (names, augmentations, scheduler, folds vs data, output "
@@ -361,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the images x classes where the OOF most confidently disagrees with the truth, "
                         "with overlay PNGs in runs/<exp>/suspects/")
     p.add_argument("--top", type=int, default=20, help="how many suspects to list and draw (default 20)")
+    p.add_argument("--write-exclude", default=None, metavar="FILE.csv",
+                   help="also write the top suspects' images (each once, most suspect first) as an id,reason CSV "
+                        "to review and then point data.exclude at (implies --suspects; an existing FILE is refused "
+                        "unless --force)")
+    p.add_argument("--force", action="store_true", help="with --write-exclude: overwrite an existing FILE")
+    p.add_argument("--include-excluded", action="store_true",
+                   help="also score the experiment's data.exclude images (always predicted into the OOF; left out "
+                        "of the score, the table and the suspects by default)")
     p.add_argument("--tta", nargs="+", default=None, metavar="VIEW",
                    help="write and score a TTA variant of every trained fold (views from the competition's "
                         "`tta` list), runs/<exp>/fold<k>/oof-<variant>/; `competition ensemble` uses it")
@@ -399,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="threshold the weights are chosen at (default 0.5)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the per-class post-processing search")
     p.add_argument("--no-nested", action="store_true", help="skip the nested-CV estimate (in-sample only)")
+    p.add_argument("--include-excluded", action="store_true",
+                   help="choose and score on the members' data.exclude images too (by default the weights, "
+                        "thresholds and scores leave out the union of the members' excluded images)")
     p.add_argument("--force-blend", action="store_true",
                    help="write the weighted ensemble even when the best single member or equal weights has the "
                         "better nested estimate")
@@ -408,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the training truth in the competition's format (with height, width)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes for the passes over the images (default: every core; memory grows with it)")
+    p.add_argument("--full-data", action="store_true",
+                   help="members whose experiment has a finished all-data run (train --fold all-data) submit with "
+                        "that one model; weights, thresholds and post-processing are still chosen on the folds' OOF")
     p.set_defaults(fn=cmd_ensemble)
 
     p = sub.add_parser("submit", help="TTA inference with an ensemble recipe -> validated submission CSV + ledger row")
@@ -449,7 +503,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="include torch and torchvision in wheels/ (GBs; implies --wheels)")
     p.add_argument("--wheels-python", default=None, metavar="X.Y",
                    help="wheels for this Python version (default: this interpreter's; implies --wheels)")
+    _runtime_flag(p)
+    p.add_argument("--no-estimate", action="store_true",
+                   help="skip the run-time estimate (a few images predicted with the bundle on this machine)")
+    p.add_argument("--test-images", type=int, default=None, metavar="N",
+                   help="the hidden test set's size, for the run-time estimate (default: the local test images)")
     p.set_defaults(fn=cmd_bundle)
+
+    p = sub.add_parser("export", help="a recipe's fold models as ONNX or TorchScript files, each checked against "
+                                      "torch, plus export.json (input size, normalisation, TTA, thresholds)")
+    p.add_argument("--ensemble", default=None,
+                   help="recipe name (ensembles/<name>.yaml) or a YAML path (default: the newest recipe)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
+    p.add_argument("--out", default=None, help="the folder to write (default: runs/_export/<recipe>-<format>/)")
+    p.set_defaults(fn=cmd_export)
     return ap
 
 

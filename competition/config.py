@@ -125,6 +125,9 @@ class SubmissionSpec(Strict):
     sample_submission: str | None = None  # relative to the data root
     test_truth: str | None = None  # relative to the data root; hidden test truth, for `competition score`
     kaggle: str | None = None  # the Kaggle competition slug, for `--upload` (kaggle competitions submit -c SLUG)
+    # A code competition's run-time limit in hours (e.g. 9): `competition bundle` warns when its estimate
+    # (measured on the machine making the bundle) exceeds 80% of it. null: no limit known, no warning.
+    time_limit_h: Annotated[float, Field(gt=0)] | None = None
 
 
 class PolygonJsonSpec(Strict):
@@ -400,11 +403,17 @@ DEFAULT_EXPERIMENT = "baseline"
 
 
 class ModelConfig(Strict):
-    """``arch``: any smp architecture name (Unet, UnetPlusPlus, FPN, ...) or ours (``unet3plus``).
+    """``arch``: any smp architecture name (Unet, UnetPlusPlus, FPN, ...), ours (``unet3plus``, ``nnunet``:
+    nnU-Net's 2D U-Net planned from ``data.input_size``, ``hrnetv2``: the HRNetV2 head on a ``tu-hrnet_*``
+    encoder), or a plug-in: an import path ``package.module:factory`` (the project folder is searched when
+    the module is not importable otherwise) or an entry point of the group ``competition.architectures``,
+    called as ``factory(in_channels=, classes=, **kwargs)`` (docs/extending.md). ``encoder``,
+    ``encoder_weights``, ``encoder_depth`` and ``decoder_channels`` do not apply to nnunet and plug-ins.
 
     ``encoder``: an smp encoder name or a timm one as ``tu-<name>``. ``encoder_weights``: null (random
     init, the default), ``imagenet`` (needs internet or a warm cache) or a path to a local weights file.
     ``output_scale``: >1 adds the high-resolution head (predict at k x the input size).
+    ``init_from``: start from a trained model's weights (docs/training.md, "Starting from a trained model").
     """
 
     arch: str = "Unet"
@@ -412,9 +421,18 @@ class ModelConfig(Strict):
     encoder_weights: str | None = None
     encoder_depth: int = Field(5, ge=3, le=5)
     decoder_channels: list[int] | None = None
-    deep_supervision: bool = False  # UNet 3+ only: one output per decoder stage while training
+    deep_supervision: bool = False  # unet3plus, nnunet, plug-ins: one output per decoder stage while training
     output_scale: int = Field(1, ge=1, le=8)
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed through to the architecture
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed through to the architecture (plug-in: factory)
+    # Whole-model init (nnU-Net's -pretrained_weights; progressive resizing; fine-tuning a finished run): a
+    # checkpoint, relative to the project folder, e.g. runs/<exp>/fold{fold}/best.pt; {fold} becomes the
+    # fold being trained, and is required for a CV fold (any other fold's model, or a full-data one, has
+    # seen fold k's validation images). Weights only: optimizer, schedule and epochs start fresh; a resumed
+    # run (last.pt) does not read it again. The path and sha256 go into the run's config.yaml.
+    init_from: str | None = Field(None, min_length=1)
+    # Leave the parent's head out: the segmentation head's tensors and any whose shape differs (a changed
+    # class count); they keep their fresh init.
+    init_skip_head: bool = False
 
 
 class LossTerm(Strict):
@@ -516,11 +534,37 @@ class DataConfig(Strict):
     cache: bool = False
     # Pseudo-labelled test images (`competition pseudo`) added to every fold's training images only.
     pseudo: "PseudoConfig | None" = None
+    # Curated data: images left out of training (every fold's and the all-data run's) and out of OOF
+    # scoring (`competition oof`, metrics.json, `make ensemble`), e.g. label errors found with
+    # `competition oof EXP --suspects`. A list of image ids, or the path (relative to the project
+    # folder) of a CSV with columns `id` and `reason` (more columns allowed). The folds file keeps them
+    # (splits stay stable) and their OOF is still predicted (`competition oof --include-excluded`).
+    exclude: list[str] | str | None = Field(
+        None, description="image ids left out of training and OOF scoring: a list of ids, or a CSV path "
+                          "(relative to the project folder) with columns id, reason")
 
     @field_validator("input_size", mode="before")
     @classmethod
     def _input_size(cls, v: Any) -> int | list[int]:
         return _size_hw(v, "data.input_size")
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _exclude_ids(cls, v: Any) -> Any:
+        # YAML reads an unquoted numeric id (`[12, 345]`) as an int; ids are strings everywhere else.
+        if isinstance(v, (list, tuple)):
+            return [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in v]
+        return v
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude(cls, v: Any) -> list[str] | str | None:
+        if isinstance(v, str) and not v.strip().lower().endswith(".csv"):
+            raise ValueError(f"data.exclude is a list of image ids or the path of a CSV file (*.csv) with columns "
+                             f"id, reason; got the string {v!r} (one id? write it as a list: [{v}])")
+        if isinstance(v, list) and any(not i.strip() for i in v):
+            raise ValueError("data.exclude lists an empty image id")
+        return v
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -695,8 +739,15 @@ class RecipeCheckpoint(Strict):
 
 class RecipeMember(Strict):
     experiment: SafeName
+    # The CV folds whose OOF chose this member's weight (and the recipe's thresholds and post-processing).
     folds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    # The models submit averages: one per fold (in ``folds`` order), or with ``full_data`` the one model
+    # trained on every training image (runs/<exp>/all-data/best.pt).
     checkpoints: list[RecipeCheckpoint] = Field(min_length=1)
+    full_data: bool = False
+    # Lineage, for the record: the checkpoint each model started from (model.init_from), by run
+    # (``fold<k>`` / ``all-data``); empty when every model started from scratch.
+    init_from: dict[str, RecipeCheckpoint] = Field(default_factory=dict)
     # One weight (global) or one per class; the members' weights sum to 1 (per class).
     weights: list[Annotated[Finite, Field(ge=0)]] = Field(min_length=1)
     # The OOF variant this member was chosen as: its TTA views and scales, applied at submit time.
@@ -707,7 +758,11 @@ class RecipeMember(Strict):
     def _one_checkpoint_per_fold(self) -> "RecipeMember":
         if len(set(self.folds)) != len(self.folds):
             raise ValueError(f"member {self.experiment}: folds {self.folds} list a fold twice")
-        if len(self.checkpoints) != len(self.folds):
+        if self.full_data:
+            if len(self.checkpoints) != 1:
+                raise ValueError(f"member {self.experiment}: full_data: true takes one checkpoint (the model "
+                                 f"trained on all the data), got {len(self.checkpoints)}")
+        elif len(self.checkpoints) != len(self.folds):
             raise ValueError(f"member {self.experiment}: {len(self.checkpoints)} checkpoints for "
                              f"{len(self.folds)} folds {self.folds}; expected one per fold")
         return self
@@ -717,6 +772,13 @@ class PostProcess(Strict):
     # components smaller than this (pixels at the original size) are removed
     min_area: Annotated[int, Field(ge=0)] | None = None
     keep_largest: bool = False
+
+
+class RecipeExclusion(Strict):
+    """The curated images (members' ``data.exclude``, their union) left out of the recipe's choice and scores."""
+    count: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{16,64}$")  # of the sorted ids (folds.ids_hash): a list and a CSV agree
+    scored: bool = False  # true: `make ensemble --include-excluded` chose and scored on them too
 
 
 class Recipe(Strict):
@@ -742,6 +804,8 @@ class Recipe(Strict):
     scores: dict[str, Any] = Field(default_factory=dict)  # in_sample, nested, per_class, best_single, ...
     # The pseudo-label sets (data.pseudo) any member trained on: its test predictions lean on them.
     pseudo_labels: list[str] = Field(default_factory=list)
+    # The members' excluded images (data.exclude); null in recipes written before the key existed.
+    excluded: RecipeExclusion | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

@@ -5,6 +5,10 @@ a folds file that no longer matches the dataset is an error listing the ids that
 own ``group`` column is never trusted: groups are recomputed from the data, so a hand-edited (or
 stale) file cannot smuggle one subject into two folds.
 
+Curated data (``data.exclude``) never changes the file: folds are made on every image, so the split
+stays the same whatever a teammate excludes; :func:`training_ids` and :func:`validation_ids` leave the
+excluded images out where a model trains or is scored.
+
 Before writing (or keeping) the file, the labels are checked: every RLE against its image's size, and,
 on a few sampled square images, whether the masks fit their images better in the other pixel order
 (:mod:`competition.data.alignment`). Lopsided folds (the largest over twice the smallest, from uneven
@@ -12,8 +16,11 @@ groups) are allowed but warned about in the summary.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +31,16 @@ from competition import paths
 from competition.config import CompetitionConfig
 from competition.data.alignment import check_pixel_order
 from competition.data.base import Adapter, DataError
-from competition.io import STALE_AFTER_S, ReadError, atomic_write_text, clean_stale_temps, csv_from_text, read_text
+from competition.errors import ConfigError
+from competition.io import (
+    STALE_AFTER_S,
+    ReadError,
+    atomic_write_text,
+    clean_stale_temps,
+    csv_from_text,
+    read_csv,
+    read_text,
+)
 
 COLUMNS = ("id", "group", "fold")
 _MAX_LISTED = 10
@@ -250,3 +266,97 @@ def run(cfg: CompetitionConfig, adapter: Adapter, k: int | None = None, seed: in
     df = make_folds(cfg, adapter, k, seed)
     write_folds(df, path, force=True)
     return path, df, True
+
+
+# --------------------------------------------------------------------------------------------- #
+# Curated data: data.exclude
+# --------------------------------------------------------------------------------------------- #
+EXCLUDE_COLUMNS = ("id", "reason")
+
+
+def ids_hash(ids: Iterable[str]) -> str:
+    """First 16 hex digits of the SHA-256 of the sorted distinct ids, one per line: the same for a
+    list in the YAML and a CSV naming the same images, whatever their order or reasons."""
+    return hashlib.sha256("\n".join(sorted(set(ids))).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """The images ``data.exclude`` names, checked against the folds file; ``source``: where they came
+    from (the CSV's path, or the YAML list); ``reasons``: id -> the CSV's reason ("" for a list)."""
+    ids: frozenset[str] = frozenset()
+    source: str = ""
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def sha256(self) -> str:
+        return ids_hash(self.ids)
+
+    def record(self) -> dict:
+        """What a run folder's config and metrics.json say about it (count, hash, source, the ids)."""
+        return {"count": len(self.ids), "sha256": self.sha256, "source": self.source, "ids": sorted(self.ids)}
+
+
+def _read_exclude_csv(path: Path) -> dict[str, str]:
+    expected = (f"expected a CSV with columns {', '.join(EXCLUDE_COLUMNS)} (more columns are allowed), one "
+                f"image per row, e.g. written by `competition oof EXP --suspects --write-exclude FILE`")
+    try:
+        df = read_csv(path, "data.exclude file")
+    except ReadError as e:
+        raise ConfigError(f"data.exclude: {e}; {expected}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in EXCLUDE_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"data.exclude: {path}: missing column(s) {missing} (found {list(df.columns)}); {expected}")
+    ids = df["id"].str.strip()
+    empty = np.flatnonzero((ids == "").to_numpy())
+    if len(empty):
+        raise ConfigError(f"data.exclude: {path}: empty id at line(s) {_few(empty + 2)}; every row names one image")
+    dup = np.flatnonzero(ids.duplicated().to_numpy())
+    if len(dup):
+        rows = [f"line {k + 2} ({ids.iloc[k]!r})" for k in dup]
+        raise ConfigError(f"data.exclude: {path}: id(s) listed twice, at {_few(rows)}; list each image once")
+    return dict(zip(ids, df["reason"].str.strip()))
+
+
+def excluded(spec: list[str] | str | None, folds: pd.DataFrame) -> Exclusion:
+    """``data.exclude`` (a list of ids, or a CSV path relative to the project folder) read and checked:
+    every id must be an image of the folds file (a typo would otherwise exclude nothing, silently)."""
+    if not spec:
+        return Exclusion()
+    if isinstance(spec, str):
+        path = paths.project() / spec
+        reasons, source = _read_exclude_csv(path), spec
+    else:
+        reasons, source = {str(i).strip(): "" for i in spec}, "data.exclude (list)"
+    known = set(folds["id"].astype(str))
+    unknown = sorted(set(reasons) - known)
+    if unknown:
+        where = f" ({source})" if isinstance(spec, str) else ""
+        raise ConfigError(f"data.exclude{where}: {len(unknown)} id(s) not in the folds file (not images of the "
+                          f"training data): {_few(unknown)}")
+    return Exclusion(frozenset(reasons), source, reasons)
+
+
+def _kept(ids: pd.Series, exclude: Collection[str], what: str) -> list[str]:
+    out = [i for i in ids.astype(str) if i not in exclude]
+    if len(ids) and not out:
+        raise ConfigError(f"data.exclude leaves out all {len(ids)} of {what}; nothing is left to train or score on")
+    return out
+
+
+def training_ids(folds: pd.DataFrame, fold: int | None, exclude: Collection[str] = frozenset()) -> list[str]:
+    """The ids a model trains on, in folds-file order: every fold but ``fold`` (None: every image, the
+    all-data run), less the excluded ones. The one place a training set is chosen."""
+    if fold is None:
+        return _kept(folds["id"], exclude, "the images")
+    return _kept(folds.loc[folds["fold"] != fold, "id"], exclude, f"fold {fold}'s training images")
+
+
+def validation_ids(folds: pd.DataFrame, fold: int, exclude: Collection[str] = frozenset()) -> list[str]:
+    """Fold ``fold``'s ids that are scored (each epoch's validation Dice, the OOF score), in folds-file
+    order: its held-out images less the excluded ones (which are still predicted into its OOF)."""
+    return _kept(folds.loc[folds["fold"] == fold, "id"], exclude, f"fold {fold}'s held-out images")

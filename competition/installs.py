@@ -7,7 +7,7 @@ The core install (``pip install competition``) is what ``folds``, ``train``, ``s
     tune   optuna       competition tune, ensemble --method optuna
     track  wandb        W&B tracking (without it, runs are recorded locally only)
     plots  matplotlib   runs --plot, lb's plot, tune --report's plots (scipy: lb's rank correlation)
-    all    the three above; ``make venv`` installs all, dev, postgres and bench
+    all    the three above; ``make venv`` installs all, dev, postgres, and bench and nnunet (no-deps)
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def project_requirements(pyproject: str | Path, extras: tuple[str, ...] = ()) ->
 
 def write_constraints(path: str | Path = "constraints.txt", pyproject: str | Path = "pyproject.toml",
                       extras: tuple[str, ...] = ("all", "dev", "docs", "postgres"),
-                      no_deps: tuple[str, ...] = ("bench",)) -> int:
+                      no_deps: tuple[str, ...] = ("bench", "nnunet")) -> int:
     """Pin everything ``make venv`` installs to the versions installed now (``make constraints``)."""
     pins = closure(project_requirements(pyproject, extras))
     core = set(project_requirements(pyproject))

@@ -24,9 +24,12 @@ from competition.config import CompetitionConfig, ConfigError, Recipe, atomic_wr
 from competition.io import ReadError, atomic_path, read_csv
 
 COLUMNS = ["time", "file", "competition", "ensemble", "ensemble_sha256", "members", "cv_native_in_sample",
-           "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "pseudo_labels", "images", "seconds", "public_lb",
-           "private_lb"]
-ADDED = ["cv_native_in_sample", "cv_native_nested", "pseudo_labels"]  # absent from ledgers written before them
+           "cv_native_nested", "oof_in_sample", "oof_nested", "tta", "pseudo_labels", "excluded", "images", "seconds",
+           "public_lb", "private_lb"]
+# Absent from ledgers written before them (read as ""). ``excluded``: the recipe's data.exclude images as
+# "<count> sha256:<hash>" ("0" for none; "" for a recipe older than the key), so two submissions whose
+# CV left out different images are not compared as equals.
+ADDED = ["cv_native_in_sample", "cv_native_nested", "pseudo_labels", "excluded"]
 PLOT = "cv_vs_lb.png"
 
 
@@ -84,15 +87,28 @@ def _score(scores: dict, *keys: str) -> str:
 
 
 def describe_members(recipe: Recipe) -> str:
-    """``baseline(f0,1,2)x0.60 + unet3plus(f0,1,2)x0.40``; per-class weights show their mean."""
+    """``baseline(f0,1,2)x0.60 + unet3plus(f0,1,2)x0.40``; per-class weights show their mean. A full-data
+    member reads ``baseline(all-data; OOF f0,1,2)x0.60``: its one model saw every training image, its
+    weight was chosen on the folds' OOF."""
     c = len(recipe.classes)
     w = np.array([np.broadcast_to(np.asarray(m.weights, float), (c,)) for m in recipe.members])
     w = w / np.where(w.sum(0) > 0, w.sum(0), 1)
     parts = []
     for m, row in zip(recipe.members, w):
         weight = f"{row[0]:.2f}" if np.allclose(row, row[0]) else f"~{row.mean():.2f}"
-        parts.append(f"{m.experiment}(f{','.join(map(str, m.folds))})x{weight}")
+        folds = f"f{','.join(map(str, m.folds))}"
+        parts.append(f"{m.experiment}({'all-data; OOF ' + folds if m.full_data else folds})x{weight}")
     return " + ".join(parts)
+
+
+def excluded_cell(recipe: Recipe) -> str:
+    """The ledger's ``excluded`` cell of a recipe (see ADDED); "+scored" when they were scored too."""
+    x = recipe.excluded
+    if x is None:
+        return ""
+    if not x.count:
+        return "0"
+    return f"{x.count} sha256:{x.sha256}{' +scored' if x.scored else ''}"
 
 
 def row_for(result, recipe: Recipe, recipe_sha: str, competition: str) -> dict:
@@ -109,7 +125,8 @@ def row_for(result, recipe: Recipe, recipe_sha: str, competition: str) -> dict:
             "oof_nested": _score(recipe.scores.get("at_oof_size") or {}, "nested"),
             "tta": " ".join(f"{m.experiment}:{'+'.join(m.tta)}@{','.join(f'{s:g}' for s in m.tta_scales)}"
                             for m in recipe.members),
-            "pseudo_labels": " ".join(recipe.pseudo_labels), "images": str(result.images),
+            "pseudo_labels": " ".join(recipe.pseudo_labels), "excluded": excluded_cell(recipe),
+            "images": str(result.images),
             "seconds": f"{result.seconds:.1f}", "public_lb": "", "private_lb": ""}
 
 

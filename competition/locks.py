@@ -214,6 +214,6 @@ def probe(path: Path, what: str) -> None:
 def hold_runs(runs, exclusive: bool = False):
     """Locks on several run folders (``paths.RunPaths``), taken in a fixed order."""
     with ExitStack() as stack:
-        for rp in sorted(runs, key=lambda r: (r.experiment, r.fold)):
+        for rp in sorted(runs, key=lambda r: (r.experiment, str(r.fold))):  # "all-data" beside int folds
             stack.enter_context(hold(rp.lock, exclusive, f"run folder {rp.root}"))
         yield

@@ -4,6 +4,8 @@ folder, the cwd). No other module spells a file name of a run folder, a recipe o
     folds/<competition>.csv                      committed: the shared split
     runs/<exp>/fold<k>/                          gitignored, one :class:`RunPaths`: config.yaml, last.pt,
                                                  best.pt, metrics.json, history.csv, oof[-<variant>]/, .lock
+    runs/<exp>/all-data/                         the full-data model (``--fold all-data``): the same files,
+                                                 no OOF
     runs/<exp>/oof_scores[-<variant>].csv        `competition oof`; runs/<exp>/suspects/
     runs/<exp>/test[-<variant>]/                 saved test probabilities of a member (submit --save-probs)
     runs/_truth/<comp>-<key>/                    the truth store (original sizes, the store format)
@@ -65,16 +67,36 @@ def experiment_dir(experiment: str) -> Path:
     return inside(runs_root(), runs_root() / check_name("experiment", experiment))
 
 
+# The run trained on every training image of the folds file (nnU-Net's ``fold all``): the value ``--fold``
+# takes and the name of its run folder, ``runs/<exp>/all-data/``.
+ALL_DATA = "all-data"
+
+
+def fold_label(fold: int | str) -> str:
+    """The name of a run folder: ``fold<k>`` for a CV fold, ``all-data`` for the full-data run."""
+    return ALL_DATA if fold == ALL_DATA else f"fold{int(fold)}"
+
+
 @dataclass(frozen=True)
 class RunPaths:
-    """Every file of one training run folder ``runs/<exp>/fold<k>/``."""
+    """Every file of one training run folder: ``runs/<exp>/fold<k>/`` (``fold`` an int) or
+    ``runs/<exp>/all-data/`` (``fold`` is :data:`ALL_DATA`)."""
 
     experiment: str
-    fold: int
+    fold: int | str
+
+    @property
+    def label(self) -> str:
+        """``fold<k>`` or ``all-data``: the folder's name, and how logs, W&B and recipes name the run."""
+        return fold_label(self.fold)
+
+    @property
+    def is_all_data(self) -> bool:
+        return self.fold == ALL_DATA
 
     @property
     def root(self) -> Path:
-        return experiment_dir(self.experiment) / f"fold{int(self.fold)}"
+        return experiment_dir(self.experiment) / self.label
 
     @property
     def config(self) -> Path:
@@ -123,21 +145,32 @@ class RunPaths:
 
     @classmethod
     def of(cls, folder: Path) -> "RunPaths | None":
-        """The reverse lookup: a ``runs/<exp>/fold<k>`` folder -> its RunPaths (None if not one)."""
+        """The reverse lookup: a ``runs/<exp>/fold<k>`` or ``runs/<exp>/all-data`` folder -> its RunPaths
+        (None if not one)."""
         folder = Path(folder)
         name = folder.name
-        if not (name.startswith("fold") and name[4:].isdigit() and NAME.fullmatch(folder.parent.name)):
+        if not NAME.fullmatch(folder.parent.name):
+            return None
+        if name == ALL_DATA:
+            return cls(folder.parent.name, ALL_DATA)
+        if not (name.startswith("fold") and name[4:].isdigit()):
             return None
         return cls(folder.parent.name, int(name[4:]))
 
 
-def run(experiment: str, fold: int) -> RunPaths:
+def run(experiment: str, fold: int | str) -> RunPaths:
+    """A CV fold's run folder (``fold`` a number) or the full-data run's (``fold`` = :data:`ALL_DATA`)."""
     check_name("experiment", experiment)
-    return RunPaths(experiment, int(fold))
+    return RunPaths(experiment, ALL_DATA if fold == ALL_DATA else int(fold))
+
+
+def all_data_run(experiment: str) -> RunPaths:
+    """``runs/<exp>/all-data/``: the experiment trained on every training image (no OOF)."""
+    return run(experiment, ALL_DATA)
 
 
 def trained_folds(experiment: str) -> dict[int, RunPaths]:
-    """fold -> RunPaths for every fold of the experiment with a ``best.pt``."""
+    """fold -> RunPaths for every CV fold of the experiment with a ``best.pt`` (never the all-data run)."""
     root = experiment_dir(experiment)
     out = {}
     for d in sorted(root.glob("fold*")) if root.is_dir() else []:
@@ -148,7 +181,8 @@ def trained_folds(experiment: str) -> dict[int, RunPaths]:
 
 
 def finished_runs(pattern: str = "*") -> list[RunPaths]:
-    """Every run folder under runs/ with a ``metrics.json``, experiments matching the glob."""
+    """Every CV fold's run folder under runs/ with a ``metrics.json``, experiments matching the glob
+    (the all-data runs have no validation score to list)."""
     out = []
     for d in sorted(runs_root().glob(f"{pattern}/fold*")):
         rp = RunPaths.of(d)

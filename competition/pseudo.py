@@ -55,6 +55,11 @@ def produce(ensemble: str | None, name: str | None = None, min_confidence: float
     recipe = load_recipe(source)
     name = paths.check_name("pseudo-label set", name or recipe.name)
     comp = load_competition(recipe.competition)
+    full_data = [m.experiment for m in recipe.members if m.full_data]
+    if full_data:  # fold k's pseudo-labels must come from models that never saw fold k's images
+        raise ConfigError(f"{source}: member(s) {full_data} are full-data models, which trained on every fold's "
+                          f"images; fold k's pseudo-labels would leak fold k into its own training. Use a recipe of "
+                          f"the CV fold models (make ensemble without FULL_DATA=1) for pseudo-labels")
     folds = sorted(set.intersection(*(set(m.folds) for m in recipe.members)))
     if not folds:
         raise ConfigError(f"{source}: its members share no fold, so no fold's pseudo-labels can be made")

@@ -2,8 +2,9 @@
 (``runs/<exp>/fold<k>/metrics.json`` and ``config.yaml``), for teammates without W&B and for CI.
 
 Columns: experiment, fold, the configuration keys whose values differ between the listed runs, best
-validation Dice, the worst classes, epochs (best / run) and training wall time. ``--plot`` draws the
-per-class validation Dice of each experiment (mean over its folds) as grouped bars in a PNG.
+validation Dice, the worst classes, epochs (best / run), whether the run had converged
+(:mod:`competition.convergence`: ``NO`` = still improving at its last epoch) and training wall time.
+``--plot`` draws the per-class validation Dice of each experiment (mean over its folds) as grouped bars in a PNG.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition import paths
+from competition import convergence, paths
 from competition.config import ConfigError, read_yaml
 from competition.io import ReadError, atomic_path, read_text
 
@@ -61,6 +62,7 @@ def collect(pattern: str = "*") -> tuple[pd.DataFrame, dict[str, dict]]:
                      "worst_classes": ", ".join(f"{c} {v:.2f}" for c, v in worst),
                      "epochs": f"{m.get('best_epoch')}/{m.get('epochs_run')}",
                      "train_s": m.get("train_seconds"),
+                     "converged": _status(rp, m),
                      **{f"oof_{k}": v for k, v in (m.get("oof_report") or {}).items()}})  # metric.report
         per_class[f"{exp}/{fold}"] = pc
     return pd.DataFrame(rows), per_class
@@ -73,7 +75,13 @@ def differing(df: pd.DataFrame, fixed_cols: list[str]) -> list[str]:
             and df[c].astype(str).nunique(dropna=False) > 1]
 
 
-SUMMARY = ["val_dice", "worst_classes", "epochs", "train_s"]
+SUMMARY = ["val_dice", "worst_classes", "epochs", "converged", "train_s"]
+
+
+def _status(rp: paths.RunPaths, m: dict) -> str:
+    """yes / NO (still improving: more epochs would help) / early (stopped early) / ? (too few epochs)."""
+    v = (m.get("convergence") or {}).get("status") or getattr(convergence.of_run(rp), "status", None)
+    return {"converged": "yes", "still_improving": "NO", "stopped_early": "early", "too_short": "?"}.get(v, "-")
 
 
 def table(df: pd.DataFrame, sort: str = "val_dice", ascending: bool = False) -> pd.DataFrame:

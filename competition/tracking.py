@@ -8,12 +8,14 @@ One W&B run per stage: ``job_type`` is ``train``, ``tune``, ``ensemble`` or ``su
 login --host``) and that server answers within a couple of seconds; otherwise recorded offline under
 ``wandb/`` for ``make wandb-sync``. ``tracking.wandb: false`` in an experiment turns it off.
 
-Artifacts give the lineage submission <- recipe <- fold checkpoints: a fold logs ``model-<exp>-fold<k>``
-(best.pt, metrics.json, config.yaml, the OOF store's ids/meta), an ensemble declares its members' model
-artifacts as inputs and logs ``recipe-<name>``, a submission declares the recipe and logs
-``submission-<name>`` (the CSV). An input is declared by content (the same files give the same W&B
-digest, hence the same artifact version): online with ``wandb.Run.use_artifact``; offline, where W&B
-declares no inputs, the run's config records them (``input_artifacts``: name -> digest).
+Artifacts give the lineage submission <- recipe <- fold checkpoints <- their parents: a fold logs
+``model-<exp>-fold<k>`` (best.pt, metrics.json, config.yaml, the OOF store's ids/meta; the all-data run
+``model-<exp>-all-data``), a run started from another's weights (``model.init_from``) declares that
+model artifact as its input, an ensemble declares its members' model artifacts as inputs and logs
+``recipe-<name>``, a submission declares the recipe and logs ``submission-<name>`` (the CSV). An input
+is declared by content (the same files give the same W&B digest, hence the same artifact version):
+online with ``wandb.Run.use_artifact``; offline, where W&B declares no inputs, the run's config records
+them (``input_artifacts``: name -> digest).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 
 from competition import paths
 from competition.config import TrackingConfig, read_yaml, validate
+from competition.io import file_hash
 
 # W&B's cloud API hosts: api.wandb.ai, and CoreWeave's front for it (the SDK default since 0.2x).
 CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
@@ -263,26 +266,42 @@ def fold_files(folder: Path) -> dict[str, Path]:
 
 
 def _checkpoint_folds(members) -> list[tuple[str, Path]]:
-    """(``<exp>-fold<k>``, run folder) of every member checkpoint inside a run folder."""
+    """(``<exp>-fold<k>`` or ``<exp>-all-data``, run folder) of every member checkpoint inside a run folder."""
     out = []
     for m in members:
         for c in m["checkpoints"]:
             folder = (paths.project() / c["path"]).parent
             rp = paths.RunPaths.of(folder)
-            if rp is not None and (f"{rp.experiment}-fold{rp.fold}", folder) not in out:
-                out.append((f"{rp.experiment}-fold{rp.fold}", folder))
+            if rp is not None and (f"{rp.experiment}-{rp.label}", folder) not in out:
+                out.append((f"{rp.experiment}-{rp.label}", folder))
     return out
 
 
 # ------------------------------------------------------------------------------------------------ #
 # One function per stage
 # ------------------------------------------------------------------------------------------------ #
-def for_training(exp, comp, fold: int, config: dict) -> Tracker:
+def for_training(exp, comp, fold: int | str, config: dict) -> Tracker:
     """job_type ``train`` (``tune`` for tuning trials), group = experiment (or ``tracking.group``:
-    tuning sets the study), name ``<exp>-fold<k>``, tags competition and ``fold<k>``."""
+    tuning sets the study), name ``<exp>-fold<k>`` (``<exp>-all-data``), tags competition and ``fold<k>``."""
     t = exp.tracking
+    label = paths.fold_label(fold)
     return Tracker(t.wandb, **target(t, comp.name), group=t.group or exp.name, job_type=t.job_type or "train",
-                   name=f"{exp.name}-fold{fold}", tags=[comp.name[:64], f"fold{fold}"], config=config)
+                   name=f"{exp.name}-{label}", tags=[comp.name[:64], label], config=config)
+
+
+def log_parent(tracker: Tracker, checkpoint: Path, sha256: str | None = None) -> None:
+    """A run started from another run's weights (``model.init_from``) declares them as its input: the
+    parent run's model artifact when the checkpoint is a run folder's best.pt (the same files give the
+    same digest, i.e. the version that run logged), else the file itself. Skipped when the file is gone
+    or no longer the one the run started from (``sha256``, as config.yaml records it)."""
+    path = Path(checkpoint)
+    if tracker.run is None or not path.is_file() or (sha256 and file_hash(path, len(sha256)) != sha256):
+        return
+    rp = paths.RunPaths.of(path.parent)
+    if rp is not None and path.name == rp.best.name:
+        tracker.use_artifact(f"{rp.experiment}-{rp.label}", "model", fold_files(path.parent))
+    else:
+        tracker.use_artifact(f"init-{path.stem}", "model", {path.name: path})
 
 
 def log_fold(tracker: Tracker, exp, fold: int, metrics: dict) -> None:
@@ -290,7 +309,8 @@ def log_fold(tracker: Tracker, exp, fold: int, metrics: dict) -> None:
     would upload a checkpoint per trial; ensembling a trial's folds declares them then."""
     if tracker.run is None or exp.tracking.job_type == "tune":
         return
-    tracker.log_artifact(f"{exp.name}-fold{fold}", "model", fold_files(paths.run(exp.name, fold).root),
+    rp = paths.run(exp.name, fold)
+    tracker.log_artifact(f"{exp.name}-{rp.label}", "model", fold_files(rp.root),
                          {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
 
 

@@ -27,7 +27,12 @@ RECIPES = sorted(p.stem for p in (REPO / "configs/experiments").glob("handbone-*
 # headers), so the test runs it on the same data at a smaller network input: the resize recipes keep
 # their output_scale (and so the high-resolution head), the crop recipe still crops the 2048² image.
 INPUT_SIZE = {"handbone-unet3plus-2048": 128, "handbone-unet3plus-eff": 256,
-              "handbone-hrnet-1024crop": 256, "handbone-segformer": 256}
+              "handbone-hrnet-1024crop": 256, "handbone-segformer": 256, "handbone-hrnet": 256,
+              "handbone-nnunet": 256}
+# nnunet is planned from the input size: at 256 px it has 7 stages (6 outputs), not the recipe's 9.
+EXTRA = {"handbone-nnunet": ["--set", "loss.deep_supervision_weights=null"]}
+# Random init as nnU-Net trains; every other recipe starts from ImageNet weights.
+WEIGHTS = {"handbone-nnunet": None}
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -119,7 +124,7 @@ def test_recipes_validate_and_name_hand_bone():
     assert set(RECIPES) == set(INPUT_SIZE), "a new handbone-* recipe needs its test input size here"
     for name in RECIPES:
         exp = load_experiment(name)
-        assert exp.competition == "hand-bone" and exp.model.encoder_weights == "imagenet"
+        assert exp.competition == "hand-bone" and exp.model.encoder_weights == WEIGHTS.get(name, "imagenet")
         text = find_config("experiments", name).read_text()
         assert text.startswith("# ") and "not yet measured" in text and "GPU: NVIDIA" in text
 
@@ -160,15 +165,40 @@ def test_dry_run_every_recipe_on_the_twin(recipe, in_twin, capsys):
     size = INPUT_SIZE[recipe]
     before = tree(in_twin)
     assert main(["train", "--exp", recipe, "--comp", TWIN, "--fold", "0", "--dry-run", "--batch-size", "1",
-                 "--workers", "0", "--input-size", str(size)]) == 0
+                 "--workers", "0", "--input-size", str(size), *EXTRA.get(recipe, [])]) == 0
     out = capsys.readouterr().out
     print(out)
     assert tree(in_twin) == before and not (in_twin / "runs").exists()  # nothing written, no run folder
-    assert "model.encoder_weights 'imagenet' replaced by random init" in out
+    replaced = "model.encoder_weights 'imagenet' replaced by random init" in out
+    assert replaced == (exp.model.encoder_weights is not None)
     assert f"input:  1x1x{size}x{size} float32" in out
     o = size * exp.model.output_scale
     assert f"target: 1x29x{o}x{o} uint8" in out
-    assert (f"finest first: 1x29x{o}x{o}, 1x29x{size // 4}x{size // 4}," if exp.model.deep_supervision
-            else f"output: 1x29x{o}x{o}") in out
+    if exp.model.arch == "nnunet":  # one output per decoder stage, from stride 1: the plan is printed
+        assert f"finest first: {', '.join(f'1x29x{size // 2 ** k}x{size // 2 ** k}' for k in range(6))}" in out
+        assert f"model plan: nnU-Net 2D plan for {size}x{size}: PlainConvUNet, 7 stages" in out
+    elif exp.model.deep_supervision:
+        assert f"finest first: 1x29x{o}x{o}, 1x29x{size // 4}x{size // 4}," in out
+    else:
+        assert f"output: 1x29x{o}x{o}" in out
     assert "parameters" in out and "step (forward + loss + backward + optimizer step" in out
     assert "peak memory:" in out and "dry run ok: nothing was written" in out
+
+
+@pytest.mark.parametrize("recipe", ["handbone-nnunet", "handbone-hrnet"])
+def test_the_nnunet_and_hrnetv2_recipes_pass_check(recipe, in_twin, capsys):
+    """The whole recipe at its full size (1024 crops of the 2048 twin), its model built on the meta device
+    (no weights downloaded) and put through one training-mode forward: nothing is written."""
+    exp = load_experiment(recipe)
+    if exp.model.arch == "nnunet":
+        pytest.importorskip("dynamic_network_architectures")
+    before = tree(in_twin)
+    assert main(["train", "--exp", recipe, "--comp", TWIN, "--fold", "0", "--check"]) == 0
+    assert f"configuration ok: {recipe} fold(s) 0 on {TWIN}" in capsys.readouterr().out
+    assert tree(in_twin) == before
+    assert (exp.data.input_size, exp.data.policy, exp.data.crop_from) == (1024, "crop", 2048)
+    if exp.model.arch == "nnunet":
+        assert len(exp.loss.deep_supervision_weights) == 8  # 9 stages at 1024 px: 8 decoder stages
+    else:
+        assert (exp.model.arch, exp.model.encoder, exp.model.encoder_weights) == ("hrnetv2", "tu-hrnet_w48",
+                                                                                  "imagenet")

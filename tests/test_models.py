@@ -1,5 +1,6 @@
 """Model building: every architecture honours the forward contract, UNet 3+ deep supervision, the
-high-resolution head, encoder-weight handling (offline failure, local files) and config errors."""
+high-resolution head, encoder-weight handling (offline failure, local files) and config errors; the
+nnU-Net 2D U-Net (its plan from the input size) and the HRNetV2 head. Plug-ins: test_plugin_arch.py."""
 import time
 import warnings
 
@@ -21,10 +22,18 @@ def encoder_for(arch: str) -> str:
     return "tu-test_vit" if arch.lower() == "dpt" else "tu-test_resnet"  # DPT takes ViT encoders only
 
 
+# Tested below with the encoders and options they take (nnunet: none; hrnetv2: a timm HRNet).
+OWN_ENCODER = {"nnunet": ModelConfig(arch="nnunet", kwargs={"base_features": 4, "max_features": 16}),
+               "hrnetv2": ModelConfig(arch="hrnetv2", encoder="tu-hrnet_w18_small")}
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES.names())
 def test_every_architecture_returns_logits_at_input_size(arch):
     size = 128 if arch == "PAN" else 64  # PAN's pyramid pooling needs >= 4 px at stride 32
-    model = build_model(ModelConfig(arch=arch, encoder=encoder_for(arch)), num_classes=3, in_channels=1)
+    if arch == "nnunet":
+        pytest.importorskip("dynamic_network_architectures")
+    cfg = OWN_ENCODER.get(arch) or ModelConfig(arch=arch, encoder=encoder_for(arch))
+    model = build_model(cfg, num_classes=3, in_channels=1, input_size=(size, size))
     y = out_of(model, torch.randn(2, 1, size, size))
     assert isinstance(y, torch.Tensor) and y.shape == (2, 3, size, size)
 
@@ -112,12 +121,21 @@ def test_high_res_head_passes_deep_supervision_lists():
     (ModelConfig(arch="Unett"), r"model.arch: unknown architecture 'Unett'; valid: .*DeepLabV3Plus.*Unet.*unet3plus"),
     (ModelConfig(encoder="resnet19"), r"unknown encoder 'resnet19'.*get_encoder_names.*tu-<name>"),
     (ModelConfig(encoder="tu-not_a_model"), r"unknown timm model 'not_a_model'.*timm.list_models"),
-    (ModelConfig(arch="Unet", deep_supervision=True), r"deep_supervision is supported by unet3plus only"),
+    (ModelConfig(arch="Unet", deep_supervision=True),
+     r"deep_supervision is supported by nnunet, unet3plus and plug-ins only, not Unet"),
     (ModelConfig(kwargs={"decoder_chanels": [8]}), r"Unet does not take \['decoder_chanels'\].*decoder_channels"),
     (ModelConfig(kwargs={"in_channels": 3}), r"may not set \['in_channels'\]"),
     (ModelConfig(arch="FPN", decoder_channels=[8, 8]), r"does not apply to FPN.*decoder_pyramid_channels"),
     (ModelConfig(arch="unet3plus", kwargs={"cat_chanels": 8}), r"unknown \['cat_chanels'\]; valid: cat_channels"),
     (ModelConfig(encoder_weights="instagram"), r"no weights 'instagram'; valid: \['imagenet'"),
+    (ModelConfig(arch="hrnetv2", encoder="tu-resnet18"), r"model.encoder: hrnetv2 takes a timm HRNet encoder "
+                                                         r"\(.*tu-hrnet_w48.*\), got 'tu-resnet18'"),
+    (ModelConfig(arch="hrnetv2", encoder="tu-hrnet_w18_small", encoder_depth=4),
+     r"model.encoder_depth does not apply to hrnetv2"),
+    (ModelConfig(arch="hrnetv2", encoder="tu-hrnet_w18_small", deep_supervision=True),
+     r"deep_supervision is supported by .* only, not hrnetv2"),
+    (ModelConfig(arch="hrnetv2", encoder="tu-hrnet_w18_small", kwargs={"head_chanels": 8}),
+     r"model.kwargs for hrnetv2: unknown \['head_chanels'\]; valid: head_channels \(default None\)"),
 ])
 def test_config_errors_name_the_key_and_valid_values(cfg, match):
     with pytest.raises(ConfigError, match=match):
@@ -267,3 +285,140 @@ def test_random_init_emits_no_download_and_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         build_model(ModelConfig(encoder="tu-test_resnet", encoder_weights=None), 3, 1)
+
+
+# -- nnU-Net ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, stages, bottleneck", [((64, 64), 5, 4), ((512, 512), 8, 4), ((1024, 1024), 9, 4),
+                                                      ((100, 120), 5, 6), ((8, 8), 2, 4), ((2048, 1024), 9, 4)])
+def test_nnunet_plans_as_nnunet_plans_2d(size, stages, bottleneck):
+    from competition.models.nnunet import Options, plan
+    p = plan(size)
+    # n_stages = 1 + floor(log2(min edge / 4)); 32 * 2**i features capped at 512; the first stage at stride 1
+    assert p.n_stages == stages and p.strides == (1,) + (2,) * (stages - 1)
+    assert p.features == tuple(min(32 * 2 ** i, 512) for i in range(stages))
+    assert min(size) // p.total_stride == bottleneck
+    assert p.encoder_blocks == (2,) * stages and p.decoder_convs == (2,) * (stages - 1)
+    r = plan(size, Options(variant="resenc"))
+    assert r.features == p.features and r.encoder_blocks[:4] == (1, 3, 4, 6)[:stages]
+    assert set(r.encoder_blocks[4:]) <= {6} and r.decoder_convs == (1,) * (stages - 1)
+    assert f"{stages} stages" in p.describe() and "features 32-64" in p.describe()
+
+
+def test_nnunet_plan_refuses_an_input_too_small():
+    from competition.models.nnunet import plan
+    with pytest.raises(ConfigError, match=r"data.input_size 7x64: nnunet .* needs an input of at least 8 px"):
+        plan((7, 64))
+
+
+@pytest.fixture
+def dna():
+    return pytest.importorskip("dynamic_network_architectures")
+
+
+@pytest.mark.parametrize("variant", ["plain", "resenc"])
+def test_nnunet_deep_supervision_every_decoder_stage_finest_first(dna, variant):
+    cfg = ModelConfig(arch="nnunet", deep_supervision=True,
+                      kwargs={"variant": variant, "base_features": 4, "max_features": 16})
+    model = build_model(cfg, 3, 1, input_size=(64, 64))
+    net = model.net
+    assert type(net).__name__ == ("PlainConvUNet" if variant == "plain" else "ResidualEncoderUNet")
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert norms and all(m.eps == 1e-5 and m.affine for m in norms)
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in net.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {m.kernel_size for m in convs} <= {(3, 3), (1, 1)}
+    # conv bias everywhere but the package's 1x1 residual projections (ResEnc's skips: bias-free by design)
+    assert all(m.bias is not None for n, m in net.named_modules()
+               if isinstance(m, torch.nn.Conv2d) and ".skip." not in n)
+    x = torch.randn(2, 1, 64, 64)
+    outs = out_of(model, x, train=True)
+    assert [o.shape for o in outs] == [(2, 3, 64 // s, 64 // s) for s in (1, 2, 4, 8)]  # 5 stages: 4 decoder
+    y = (torch.rand(2, 3, 64, 64) > 0.5).float()
+    build_loss(LossConfig(), "multilabel", 3)(outs, y).backward()
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in net.decoder.seg_layers)
+    assert out_of(model, x).shape == (2, 3, 64, 64)
+    # an edge that is not a multiple of the total stride (16): padded, and cropped back
+    assert out_of(model, torch.randn(1, 1, 72, 56)).shape == (1, 3, 72, 56)
+    assert [o.shape[-2:] for o in out_of(model, torch.randn(1, 1, 72, 56), train=True)] == [
+        (72, 56), (36, 28), (18, 14), (9, 7)]
+
+
+def test_nnunet_without_deep_supervision_trains_every_parameter(dna):
+    """No auxiliary head is left without a gradient (DDP refuses parameters no loss reaches)."""
+    model = build_model(ModelConfig(arch="nnunet", kwargs={"base_features": 4, "max_features": 8}), 2, 1,
+                        input_size=(32, 32))
+    out = out_of(model, torch.randn(2, 1, 32, 32), train=True)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2, 32, 32)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert len(model.net.decoder.seg_layers) == 1
+
+
+def test_nnunet_checkpoint_round_trip_on_meta(dna):
+    """predict rebuilds a model on the meta device and assigns the checkpoint's weights to it."""
+    cfg = ModelConfig(arch="nnunet", deep_supervision=True, kwargs={"base_features": 4, "max_features": 8})
+    torch.manual_seed(0)
+    model = build_model(cfg, 2, 1, input_size=(32, 32)).eval()
+    with torch.device("meta"):
+        again = build_model(cfg, 2, 1, input_size=(32, 32))
+    again.load_state_dict(model.state_dict(), assign=True)
+    x = torch.randn(1, 1, 32, 32)
+    assert torch.equal(out_of(model, x), out_of(again.eval(), x))
+
+
+@pytest.mark.parametrize("cfg, size, match", [
+    (ModelConfig(arch="nnunet", encoder="resnet34"), (64, 64), r"model.encoder does not apply to nnunet"),
+    (ModelConfig(arch="nnunet", encoder_weights="imagenet"), (64, 64), r"model.encoder_weights does not apply"),
+    (ModelConfig(arch="nnunet", decoder_channels=[8]), (64, 64), r"model.decoder_channels does not apply"),
+    (ModelConfig(arch="nnunet", kwargs={"variant": "resnet"}), (64, 64), r"variant for nnunet: 'plain' or 'resenc'"),
+    (ModelConfig(arch="nnunet", kwargs={"features": 8}), (64, 64),
+     r"model.kwargs for nnunet: unknown \['features'\]; valid: variant .*base_features"),
+    (ModelConfig(arch="nnunet"), None, r"nnunet plans its network from data.input_size"),
+])
+def test_nnunet_config_errors(dna, cfg, size, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(cfg, 3, 1, input_size=size)
+
+
+def test_nnunet_without_its_package_names_it(monkeypatch):
+    import sys
+    for name in ("dynamic_network_architectures", "dynamic_network_architectures.architectures.unet"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it fails
+    with pytest.raises(ConfigError, match=r"nnunet needs the package dynamic-network-architectures .* pip install "
+                                          r"--no-deps 'dynamic-network-architectures>=0.4,<0.5'"):
+        build_model(ModelConfig(arch="nnunet"), 3, 1, input_size=(64, 64))
+
+
+# -- HRNetV2 ----------------------------------------------------------------------------------------
+
+def test_hrnetv2_concatenates_all_four_branches_at_stride_4():
+    from competition.models import HRNetV2, model_summary
+    model = build_model(ModelConfig(arch="hrnetv2", encoder="tu-hrnet_w18_small"), 3, 1)
+    assert isinstance(model, HRNetV2) and model.strides == [4, 8, 16, 32]
+    width = sum(model.branch_channels)  # 16 + 32 + 64 + 128 for hrnet_w18_small
+    assert width == 240 and model.head[0].in_channels == width and model.head[-1].out_channels == 3
+    assert "branches 16+32+64+128 at strides 4-8-16-32" in model_summary(model)
+    seen = []
+    model.head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape))
+    assert out_of(model, torch.randn(2, 1, 64, 64)).shape == (2, 3, 64, 64)
+    assert seen == [(2, 240, 16, 16)]
+    assert out_of(model, torch.randn(1, 1, 96, 64), train=True).shape == (1, 3, 96, 64)
+    assert out_of(model, torch.randn(1, 1, 80, 72)).shape == (1, 3, 80, 72)  # padded to 96 x 96, cropped back
+    small = build_model(ModelConfig(arch="hrnetv2", encoder="tu-hrnet_w18_small", kwargs={"head_channels": 8}), 2, 3)
+    assert small.head[0].out_channels == 8 and small.encoder.conv1.in_channels == 3
+
+
+def test_hrnetv2_loads_a_local_encoder_weights_file(tmp_path):
+    import timm
+    torch.manual_seed(1)
+    source = timm.create_model("hrnet_w18_small")  # a plain timm checkpoint: classifier and all
+    torch.save(source.state_dict(), tmp_path / "hrnet.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the classification head's keys are unexpected
+        model = build_model(ModelConfig(arch="hrnetv2", encoder="tu-hrnet_w18_small",
+                                        encoder_weights=str(tmp_path / "hrnet.pth")), 3, 3)
+    assert torch.equal(model.encoder.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.encoder.stage4[0].branches[3][0].conv1.weight,
+                       source.stage4[0].branches[3][0].conv1.weight)

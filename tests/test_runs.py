@@ -44,7 +44,7 @@ def test_table_shows_differing_params_best_dice_and_worst_classes(runs):
     df, per_class = runs_table.collect()
     t = runs_table.table(df)
     assert list(t.columns) == ["experiment", "fold", "model.encoder", "optimizer.lr",
-                               "val_dice", "worst_classes", "epochs", "train_s"]
+                               "val_dice", "worst_classes", "epochs", "converged", "train_s"]
     assert t[["experiment", "fold"]].values.tolist() == [["fast", 0], ["base", 0], ["base", 1]]  # best first
     assert t["val_dice"].tolist() == pytest.approx([0.745, 0.725, 0.675])
     assert t.loc[0, "worst_classes"] == "c 0.20, b 0.90, d 0.93"
@@ -55,6 +55,18 @@ def test_table_shows_differing_params_best_dice_and_worst_classes(runs):
     assert asc["train_s"].tolist() == [12.5, 12.5, 13.5]
     with pytest.raises(ValueError, match="--sort 'nope': not a column; choose from experiment, fold"):
         runs_table.table(df, sort="nope")
+
+
+def test_the_table_says_which_runs_were_still_improving(runs):
+    import math
+    rising = [0.9 * (1 - math.exp(-0.1 * e)) for e in range(1, 11)]
+    (runs / "runs/base/fold0/history.csv").write_text(
+        "epoch,val_dice\n" + "".join(f"{e},{v}\n" for e, v in enumerate(rising, 1)))
+    (runs / "runs/base/fold1/history.csv").write_text(  # flat after epoch 3
+        "epoch,val_dice\n" + "".join(f"{e},{min(0.7, 0.3 * e)}\n" for e in range(1, 11)))
+    t = runs_table.table(runs_table.collect()[0])
+    got = dict(zip(zip(t["experiment"], t["fold"]), t["converged"]))
+    assert got == {("base", 0): "NO", ("base", 1): "yes", ("fast", 0): "-"}  # fast: no history.csv
 
 
 def test_flatten_nests_keys_and_keeps_lists_whole():

@@ -5,6 +5,10 @@ A fold that was trained (``best.pt`` present) but has no OOF (interrupted at the
 to save disk) gets one; ``--tta VIEW... [--scales S...]`` writes a TTA *variant* of every trained fold
 (``runs/<exp>/fold<k>/oof-<variant>/``) that ``competition ensemble`` then treats as a candidate member.
 Both go through :func:`competition.cv.heldout.predict_fold`, the submission's own inference path.
+
+The experiment's ``data.exclude`` images are predicted like every other (their OOF is in the store)
+but left out of the score, the table and the suspects unless ``--include-excluded``;
+``--suspects --write-exclude FILE`` writes the suspects' images as a ``data.exclude`` CSV to review.
 """
 from __future__ import annotations
 
@@ -14,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from competition import locks, metrics, paths
+from competition import convergence, locks, metrics, paths
 from competition.config import ConfigError, atomic_write_text, load_competition, load_experiment
 from competition.cv import native
 from competition.cv import suspects as sus
 from competition.cv import views as store
 from competition.cv.heldout import predict_fold
 from competition.data.adapters import make_adapter
-from competition.folds import load_folds
+from competition.folds import Exclusion, excluded, load_folds
 from competition.io import file_hash
 from competition.metrics import PairMetric, pair_metric
 from competition.predict.tta import check_views, variant_name
@@ -141,7 +145,9 @@ class OofOptions:
     ``tta`` / ``scales``: the TTA variant scored, and produced where a trained fold lacks it (None: the
     plain OOF); ``suspects``: also list the ``top`` likeliest label errors; ``csv`` / ``truth_csv``: the
     OOF and the training truth in the competition's format; ``workers``: processes for the pass over
-    the images (None: every core).
+    the images (None: every core); ``include_excluded``: score the ``data.exclude`` images too;
+    ``write_exclude``: write the suspects' images as a ``data.exclude`` CSV (implies ``suspects``;
+    an existing file is refused unless ``force``).
     """
     tta: list[str] | None = None
     scales: list[float] | None = None
@@ -150,6 +156,9 @@ class OofOptions:
     csv: str | None = None
     truth_csv: str | None = None
     workers: int | None = None
+    include_excluded: bool = False
+    write_exclude: str | None = None
+    force: bool = False
 
 
 def run(exp_name_or_path: str, overrides: dict | None = None, options: OofOptions = OofOptions(),
@@ -162,13 +171,22 @@ def run(exp_name_or_path: str, overrides: dict | None = None, options: OofOption
     scales = [float(s) for s in (options.scales or [1.0])]
     if any(s <= 0 for s in scales):
         raise ConfigError(f"--scales must be positive numbers, got {scales}")
+    suspects = options.suspects or options.write_exclude is not None
+    if suspects and options.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {options.top}")
+    if options.write_exclude is not None:
+        sus.check_exclude_target(options.write_exclude, options.force)
     variant = variant_name(views, scales)
     adapter = make_adapter(comp)
     folds = load_folds(comp, adapter)
+    excl = excluded(exp.data.exclude, folds)  # an unknown id fails before any prediction
     made = ensure_oof(exp.name, comp, adapter, folds, views, scales, log)
     view = store.open_experiment(exp.name, folds, comp.classes, comp.task, variant)
     truth = store.truth_store(comp, adapter, view.ids, file_hash(paths.folds_file(comp.name)), log=log)
     images = store.Images([view], truth, adapter, comp.task)
+    if not options.include_excluded:
+        images = images.without(excl.ids)
+    view = images.members[0]
     # The same binarisation as training's OOF score in metrics.json and as `competition predict`.
     threshold = exp.train.threshold
     scores = per_image(images, comp.task, threshold, pair_metric(comp.metric), options.workers)
@@ -178,9 +196,16 @@ def run(exp_name_or_path: str, overrides: dict | None = None, options: OofOption
     if truth_csv:
         native.write_truth_csv(truth_csv, adapter, view.ids, comp)
     text, table = report(exp.name, view, scores, threshold, comp.task, variant)
+    if len(excl):
+        table.insert(3, "excluded", [i in excl.ids for i in view.ids])
     out = paths.oof_scores(exp.name, variant)
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6f"))
     log(text)
+    if len(excl):
+        log(_exclusion_note(excl, options.include_excluded))
+    verdicts = {int(k): v for k in sorted(set(folds["fold"]))
+                if (v := convergence.of_run(paths.run(exp.name, int(k)))) is not None}
+    log(f"training: {convergence.summarize(verdicts)}")
     log(f"\nper-image table: {out.relative_to(paths.project())}")
     if csv:
         log(f"wrote {csv}: the OOF as a submission at native size (score it: competition score {csv} "
@@ -188,9 +213,19 @@ def run(exp_name_or_path: str, overrides: dict | None = None, options: OofOption
     if truth_csv:
         log(f"wrote {truth_csv}: the training truth in the competition's format")
     result = {"mean": float(scores.mean()), "native": float(scores.mean()),
-              "table": table, "produced": made, "path": out, "variant": variant}
-    if options.suspects:
-        if options.top < 1:
-            raise ConfigError(f"--top must be at least 1, got {options.top}")
+              "table": table, "produced": made, "path": out, "variant": variant,
+              "excluded": {"count": len(excl), "sha256": excl.sha256, "scored": options.include_excluded},
+              "convergence": {k: v.status for k, v in verdicts.items()}}
+    if suspects:
         result["suspects"] = sus.run(exp.name, images, adapter, comp.task, pass_level(threshold), options.top, log)
+        if options.write_exclude is not None:
+            n = sus.write_exclude(options.write_exclude, result["suspects"], options.force)
+            log(f"wrote {options.write_exclude}: {n} image(s) of the top {options.top} suspects, most suspect first "
+                f"(id, reason); review them, then point data.exclude at the file")
     return result
+
+
+def _exclusion_note(excl: Exclusion, included: bool) -> str:
+    what = ("scored too (--include-excluded)" if included
+            else "left out of these scores (their OOF is kept; --include-excluded scores them)")
+    return (f"data.exclude ({excl.source}): {len(excl)} image(s), sha256 {excl.sha256}, {what}")

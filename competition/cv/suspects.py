@@ -8,18 +8,22 @@ matches best (Dice of this class's prediction against every class's truth), whic
 labels show up (only when that match is at least 0.5 and beats the class's own Dice). Ties (e.g.
 classes missed outright with full confidence) go to the larger disagreeing area. The top N are
 written as image | truth | prediction panels.
+
+``--write-exclude FILE`` writes the top N's images (each once, most suspect first) as a ``data.exclude``
+CSV (``id,reason``), for a person to review before pointing ``data.exclude`` at it.
 """
 from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
 from competition import paths, viz
-from competition.config import atomic_write_text
+from competition.config import ConfigError, atomic_write_text
 from competition.cv.blend import blend_labels, truth_labels
 
 
@@ -78,6 +82,9 @@ def _safe(name: str) -> str:
 def run(exp_name: str, images, adapter, task: str, level: int, top: int, log=print) -> pd.DataFrame:
     view = images.members[0]
     df = scores(images, task, level)
+    # What "low" means for this class in this fold: its mean Dice over the fold's scored images.
+    fold_mean = df.groupby(["fold", "class"])["dice"].transform("mean")
+    df.insert(df.columns.get_loc("dice") + 1, "fold_class_dice", fold_mean)
     top_df = df[df["suspicion"] > 0].head(top)
     folder = paths.suspects_dir(exp_name)
     shutil.rmtree(folder, ignore_errors=True)
@@ -106,3 +113,40 @@ def run(exp_name: str, images, adapter, task: str, level: int, top: int, log=pri
     else:
         log("\nno suspects: the OOF agrees with the truth everywhere")
     return top_df
+
+
+def check_exclude_target(path: str | Path, force: bool) -> None:
+    """Refuse, before any work, a ``--write-exclude`` file that exists (unless ``force``) or has no folder:
+    a reviewed exclusion list must never be overwritten by a fresh, unreviewed one."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise ConfigError(f"--write-exclude {path}: the file exists (perhaps a reviewed list data.exclude points "
+                          f"at); pass --force to overwrite it, or name a new file")
+    if p.is_dir():
+        raise ConfigError(f"--write-exclude {path}: is a folder; expected a CSV file path")
+    if not p.resolve().parent.is_dir():
+        raise ConfigError(f"--write-exclude {path}: the folder {p.resolve().parent} does not exist")
+
+
+def _reason(rank: int, r: dict) -> str:
+    swap = (f", matches the truth of {r['matches_truth_of']} (dice {r['matches_dice']:.2f})"
+            if r["matches_truth_of"] else "")
+    return (f"suspect rank {rank}: class {r['class']} dice {r['dice']:.2f} vs fold mean {r['fold_class_dice']:.2f}, "
+            f"confidence {r['confidence']:.2f}, suspicion {r['suspicion']:.3f}{swap}")
+
+
+def exclude_rows(top_df: pd.DataFrame) -> pd.DataFrame:
+    """The suspects table as ``data.exclude`` rows: each image once, at its best rank, with the reasons
+    of all its suspect classes ("; "-separated)."""
+    reasons: dict[str, list[str]] = {}
+    for rank, r in enumerate(top_df.to_dict("records"), 1):
+        reasons.setdefault(str(r["id"]), []).append(_reason(rank, r))
+    return pd.DataFrame({"id": list(reasons), "reason": ["; ".join(v) for v in reasons.values()]})
+
+
+def write_exclude(path: str | Path, top_df: pd.DataFrame, force: bool) -> int:
+    """Write the suspects' images as an ``id,reason`` CSV (atomically); -> the number of images."""
+    check_exclude_target(path, force)
+    rows = exclude_rows(top_df)
+    atomic_write_text(path, rows.to_csv(index=False, lineterminator="\n"))
+    return len(rows)

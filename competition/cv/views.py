@@ -99,6 +99,18 @@ class MemberOOF:
     def __getstate__(self):  # a worker opens the stores itself
         return {**self.__dict__, "_open": {}}
 
+    def subset(self, rows: np.ndarray) -> MemberOOF:
+        """The same OOF over canonical rows ``rows`` only (ascending), e.g. without the excluded images."""
+        rows = np.asarray(rows, np.int64)
+        ids = [self.ids[i] for i in rows]
+        kept = [[] for _ in self.parts]
+        for i in rows:
+            p, r = self._where[i]
+            kept[p].append(r)
+        parts = [(d, np.array(k, np.int64)) for (d, _), k in zip(self.parts, kept)]
+        return MemberOOF(self.experiment, Order(ids, self.fold_of[rows]), parts, self.classes, self.task,
+                         {i: self.original_sizes[i] for i in ids}, Variant(self.variant, self.tta, self.tta_scales))
+
 
 def open_experiment(experiment: str, folds: pd.DataFrame, classes: list[str], task: str,
                     variant: str = "") -> MemberOOF:
@@ -220,6 +232,25 @@ class MemoryTruth:
         return tiles.assemble(index, payload, self.n_classes, self.sizes[i], self.tile)
 
 
+class TruthRows:
+    """Some rows of a truth store (or :class:`MemoryTruth`), read like it: the truth is built once for
+    every image of the folds file, whichever of them a pass scores."""
+
+    def __init__(self, truth, rows: np.ndarray):
+        self.truth, self.rows = truth, [int(r) for r in rows]
+        self.ids = [truth.ids[r] for r in self.rows]
+        self.sizes = [tuple(truth.sizes[r]) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sparse(self, i: int) -> tiles.SparseImage:
+        return self.truth.sparse(self.rows[i])
+
+    def image(self, i: int) -> np.ndarray:
+        return self.truth.image(self.rows[i])
+
+
 # --------------------------------------------------------------------------------------------- #
 # Images: what every pass reads
 # --------------------------------------------------------------------------------------------- #
@@ -258,6 +289,16 @@ class Images:
     def dense(self, i: int) -> tuple[list[np.ndarray], np.ndarray]:
         """(members' (C, H, W) uint8, (C, H, W) bool truth) of image ``i``."""
         return [m.image(i) for m in self.members], self.truth.image(i) > 0
+
+    def without(self, exclude) -> Images:
+        """These images less the ids in ``exclude`` (``data.exclude``): what is scored and chosen on.
+        Their OOF stays in the stores; only the rows read here change."""
+        rows = np.array([r for r, i in enumerate(self.ids) if i not in exclude], np.int64)
+        if len(rows) == len(self.ids):
+            return self
+        if not len(rows):
+            raise UserError(f"data.exclude leaves out all {len(self.ids)} images: nothing is left to score")
+        return Images([m.subset(rows) for m in self.members], TruthRows(self.truth, rows), self.adapter, self.task)
 
 _WORKER: dict = {}
 

@@ -26,6 +26,8 @@ class EnsembleOptions:
 
     ``workers``: processes for the passes over the images (None: every core). ``csv`` / ``truth_csv``:
     the recipe's OOF and the training truth in the competition's format, to score with ``competition score``.
+    ``full_data``: members whose experiment has a finished all-data run submit with that one model
+    (weights, thresholds and post-processing still chosen on the folds' OOF).
     """
     search: SearchOptions = field(default_factory=SearchOptions)
     postprocess: bool = True
@@ -33,3 +35,4 @@ class EnsembleOptions:
     workers: int | None = None
     csv: str | None = None
     truth_csv: str | None = None
+    full_data: bool = False

@@ -1,32 +1,107 @@
 """``ensembles/<name>.yaml`` (the :class:`~competition.config.Recipe` that ``competition submit`` reads)
-and ``ensembles/<name>.md`` (the same choice and its scores, per class, for people)."""
+and ``ensembles/<name>.md`` (the same choice and its scores, per class, for people).
+
+A member runs its fold models at submit time, or with ``--full-data`` (when its experiment has a
+finished ``runs/<exp>/all-data/`` run) its one full-data model; its weight, the thresholds and the
+post-processing are chosen on the folds' OOF either way, and every score is the fold models'.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from competition import paths
-from competition.config import ConfigError, Recipe, RecipeCheckpoint, atomic_write_text, dump_yaml, validate
+from competition.config import (
+    ConfigError,
+    Recipe,
+    RecipeCheckpoint,
+    atomic_write_text,
+    dump_yaml,
+    read_yaml,
+    validate,
+)
 from competition.cv.blend import normalized, threshold_value
 from competition.ensemble.members import Members
 from competition.io import file_hash
 
+# What may differ between an experiment's all-data run and its fold runs (config.yaml's experiment):
+# the epoch count (the all-data rule) and what never changes a result.
+ALL_DATA_MAY_DIFFER = ("train.epochs", "train.early_stopping", "train.progress", "data.workers", "data.cache")
 
-def checkpoints(experiments: list[str], folds: list[int]) -> dict[str, list[RecipeCheckpoint]]:
-    """Every member's ``best.pt`` per fold, with its content hash; a missing one is an error."""
+
+@dataclass(frozen=True)
+class MemberModels:
+    """What submit runs for one experiment: its fold models, or its all-data model (``full_data``), and
+    the checkpoint each started from (``model.init_from``), by run (``fold<k>`` / ``all-data``)."""
+
+    checkpoints: list[RecipeCheckpoint]
+    full_data: bool = False
+    init_from: dict[str, RecipeCheckpoint] = field(default_factory=dict)
+
+
+def _checkpoint(rp: paths.RunPaths) -> RecipeCheckpoint:
+    return RecipeCheckpoint(path=rp.best.relative_to(paths.project()).as_posix(), sha256=file_hash(rp.best))
+
+
+def _parents(runs: list[paths.RunPaths]) -> dict[str, RecipeCheckpoint]:
+    """The parent each run's config.yaml records (``init_from``, ``init_from_sha256``), by run label."""
+    out = {}
+    for rp in runs:
+        cfg = read_yaml(rp.config) if rp.config.is_file() else {}
+        if isinstance(cfg.get("init_from"), str) and isinstance(cfg.get("init_from_sha256"), str):
+            out[rp.label] = RecipeCheckpoint(path=cfg["init_from"], sha256=cfg["init_from_sha256"])
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _same_experiment(all_data: paths.RunPaths, fold: paths.RunPaths) -> None:
+    """The all-data model is the fold models' recipe trained on all the data: the same experiment but for
+    its epoch count. Anything else means the OOF that chose its weight is of another model."""
+    if not (all_data.config.is_file() and fold.config.is_file()):
+        return
+    a = _flat(read_yaml(all_data.config).get("experiment") or {})
+    b = _flat(read_yaml(fold.config).get("experiment") or {})
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ALL_DATA_MAY_DIFFER
+                     and not k.startswith("tracking."))
+    if changed:
+        raise ConfigError(f"--full-data: {all_data.root} was trained with another configuration than "
+                          f"{fold.root} (changed: {changed[:10]}{' ...' if len(changed) > 10 else ''}); its weight "
+                          f"would be chosen on another model's OOF: retrain it (make train EXP={all_data.experiment} "
+                          f"FOLD={paths.ALL_DATA} RESTART=1) or leave out --full-data")
+
+
+def checkpoints(experiments: list[str], folds: list[int], full_data: bool = False,
+                log=print) -> dict[str, MemberModels]:
+    """Every member's models with their content hashes: its ``best.pt`` per fold (a missing one is an
+    error), or with ``full_data`` its all-data run's ``best.pt`` where that run has finished."""
     out, missing = {}, []
     for e in experiments:
-        out[e] = []
-        for k in folds:
-            p = paths.run(e, k).best
-            if not p.is_file():
-                missing.append(str(p.relative_to(paths.project())))
-                continue
-            out[e].append(RecipeCheckpoint(path=p.relative_to(paths.project()).as_posix(), sha256=file_hash(p)))
+        whole = paths.all_data_run(e)
+        if full_data and whole.metrics.is_file() and whole.best.is_file():
+            _same_experiment(whole, paths.run(e, folds[0]))
+            out[e] = MemberModels([_checkpoint(whole)], True, _parents([whole]))
+            continue
+        if full_data:
+            log(f"--full-data: {e} has no finished all-data run ({whole.metrics.relative_to(paths.project())}); "
+                f"submit uses its fold models")
+        runs = [paths.run(e, k) for k in folds]
+        missing += [str(rp.best.relative_to(paths.project())) for rp in runs if not rp.best.is_file()]
+        if not missing:
+            out[e] = MemberModels([_checkpoint(rp) for rp in runs], False, _parents(runs))
     if missing:
         raise ConfigError(f"checkpoint(s) {missing} not found: a recipe must name every fold model "
                           f"(train the fold, or copy the runs/ folder it came from)")
+    if full_data and not any(m.full_data for m in out.values()):
+        raise ConfigError(f"--full-data: none of {experiments} has a finished all-data run; train one first "
+                          f"(make train EXP={experiments[0]} FOLD={paths.ALL_DATA})")
     return out
 
 
@@ -41,7 +116,7 @@ def build(name: str, members: Members, ckpts: dict, out, nat, choice: tuple[str,
     """The recipe for the chosen candidate: its in-sample weights with the thresholds and post-processing
     chosen on them (all at the images' original sizes), and every score beside it.
 
-    ``ckpts``: :func:`checkpoints` of the members; ``out`` / ``nat``: the searches
+    ``ckpts``: :func:`checkpoints` of the members (:class:`MemberModels`); ``out`` / ``nat``: the searches
     (:class:`~competition.ensemble.nested.Searched`) and their native-resolution outcome; ``choice``:
     (candidate, why) from :func:`competition.ensemble.pipeline.choose`; ``search``: the search's
     settings, as the recipe records them.
@@ -54,7 +129,9 @@ def build(name: str, members: Members, ckpts: dict, out, nat, choice: tuple[str,
     glob = bool(np.all(W == W[0]))
     folds = sorted({int(f) for f in out.fold_of})
     recipe_members = [{"experiment": exps[m].name, "folds": folds,
-                "checkpoints": [c.model_dump() for c in ckpts[exps[m].name]],
+                "checkpoints": [c.model_dump() for c in ckpts[exps[m].name].checkpoints],
+                "full_data": ckpts[exps[m].name].full_data,
+                "init_from": {k: c.model_dump() for k, c in ckpts[exps[m].name].init_from.items()},
                 "weights": [float(W[0, m])] if glob else [float(x) for x in W[:, m]],
                 "tta": list(views[m].tta), "tta_scales": list(views[m].tta_scales)} for m in used]
     single = int(np.argmax(out.weights[("single", None)][0]))
@@ -130,7 +207,30 @@ def _members_text(rec: Recipe) -> str:
     per_class_w = any(len(m.weights) > 1 for m in rec.members)
     return ", ".join(f"{m.experiment} [TTA {'+'.join(m.tta)}"
                      f"{'' if m.tta_scales == [1.0] else ' @ ' + '+'.join(f'{s:g}' for s in m.tta_scales)}]"
+                     + (" [all-data model]" if m.full_data else "")
                      + ("" if per_class_w else f" ({m.weights[0]:.3f})") for m in rec.members)
+
+
+def _models_lines(rec: Recipe) -> list[str]:
+    """The markdown section on what submit runs (full-data members) and where the models came from
+    (``model.init_from``); [] when every member runs its fold models, trained from scratch."""
+    lines = []
+    whole = list({m.experiment: m for m in rec.members if m.full_data}.values())  # TTA variants: once
+    if whole:
+        lines += ["", "## Full-data members", "",
+                  "Submit runs one model per member below, trained on every training image "
+                  "(`make train FOLD=all-data`), instead of its fold models. Its weight, the thresholds and the "
+                  "post-processing were chosen on the fold models' OOF, and every CV score on this page is the fold "
+                  "models': the full-data model has no held-out image to be scored on.", ""]
+        lines += [f"- {m.experiment}: `{m.checkpoints[0].path}` (sha256 {m.checkpoints[0].sha256}); weight chosen "
+                  f"on the OOF of folds {', '.join(map(str, m.folds))}" for m in whole]
+    parents = list({(m.experiment, label): (m, label, c) for m in rec.members for label, c in m.init_from.items()}
+                   .values())
+    if parents:
+        lines += ["", "## Lineage (model.init_from)", "", "| member | model | started from | sha256 |",
+                  "|---|---|---|---|"]
+        lines += [f"| {m.experiment} | {label} | `{c.path}` | {c.sha256} |" for m, label, c in parents]
+    return lines
 
 
 def _candidate_rows(s: dict):
@@ -152,7 +252,7 @@ def markdown(rec: Recipe) -> str:
              f"Competition `{rec.competition}` ({rec.task}) · members: {_members_text(rec)} · "
              f"{'per-class' if per_class_w else 'global'} weights by {srch['method']} "
              f"{_binarised(rec, srch)} on the OOF at the original sizes · {s['images']} images, "
-             f"{s['folds']} folds · folds file sha256 {rec.folds_sha256}", "",
+             f"{s['folds']} folds · folds file sha256 {rec.folds_sha256}{_excluded_text(rec)}", "",
              f"**Chosen: {CANDIDATE_NAMES[s['chosen']]}** — {s['chosen_because']}.", "",
              "| candidate | native in-sample | native nested CV |",
              "|---|---|---|"]
@@ -165,6 +265,7 @@ def markdown(rec: Recipe) -> str:
               "## Candidate members (experiment x TTA variant)", "",
               "| member | OOF Dice at the search threshold | weight |", "|---|---|---|"]
     lines += [f"| {v['member']} | {f(v['oof_at_threshold'])} | {v['weight']:.3f} |" for v in s["variants"]]
+    lines += _models_lines(rec)
     lines += ["", "## Per class (native resolution)", ""]
     head = ["class", "threshold", "post-processing"]
     if per_class_w:
@@ -187,6 +288,15 @@ def write(rec: Recipe) -> tuple[Path, Path]:
     dump_yaml(rec, y)
     atomic_write_text(m, markdown(rec))
     return y, m
+
+
+def _excluded_text(rec: Recipe) -> str:
+    """The curated images (data.exclude) the choice left out, or scored knowingly; "" when none."""
+    x = rec.excluded
+    if x is None or not x.count:
+        return ""
+    return (f" · {x.count} data.exclude image(s) (sha256 {x.sha256}) "
+            f"{'scored too' if x.scored else 'left out of the choice and the scores'}")
 
 
 def _binarised(rec: Recipe, search: dict) -> str:
@@ -223,6 +333,8 @@ def summary(rec: Recipe) -> list[str]:
               f"  gain over best single {g(s['gain_over_best_single']['nested'])} nested, "
               f"over equal weights {g(s['gain_over_equal_weights']['nested'])} nested "
               f"(native pass {s['native_seconds']:.1f}s)"]
+    if _excluded_text(rec):
+        lines.append(f"curated data:{_excluded_text(rec).removeprefix(' ·')}")
     if rec.postprocess:
         lines.append("post-processing: " + "; ".join(f"{c}: {_rule_text(r)}" for c, r in rec.postprocess.items()))
     return lines

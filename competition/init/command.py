@@ -12,7 +12,10 @@ from competition.config import CompetitionConfig, ConfigError, ExperimentConfig,
 from competition.data.adapters import make_adapter
 from competition.data.alignment import check_pixel_order
 from competition.data.folder import IMAGE_EXTS
+from competition.durations import parse_budget
 from competition.errors import UserError
+from competition.init.budget import apply as apply_plan
+from competition.init.budget import plan as budget_plan
 from competition.init.common import SAMPLE, InitError
 from competition.init.decide import (
     decide_classes,
@@ -42,6 +45,7 @@ class InitResult:
     decided: list[str]
     undecided: list[str]
     problems: list[str]  # the data did not load with the config: it needs an edit before `make folds`
+    plan: str | None = None  # the starter's measured cost (and the budget it was planned for)
 
     def format(self) -> str:
         lines = [f"wrote {self.competition}", f"wrote {self.experiment}", "decided:"]
@@ -49,6 +53,8 @@ class InitResult:
         if self.undecided:
             lines.append("could not decide (check these in the config):")
             lines += [f"  {x}" for x in self.undecided]
+        if self.plan:
+            lines.append(f"plan: {self.plan}")
         if self.problems:
             lines.append("PROBLEMS (edit the config before `make folds`):")
             lines += [f"  {x}" for x in self.problems]
@@ -134,7 +140,11 @@ def check(cfg: CompetitionConfig, d: Draft) -> None:
         expected_rows(cfg, adapter)
 
 
-def init(data_dir: str | Path, name: str | None = None, force: bool = False) -> InitResult:
+def init(data_dir: str | Path, name: str | None = None, force: bool = False, budget: str | None = None,
+         gpus: int = 1) -> InitResult:
+    """Write the competition config and its starter experiment; ``budget`` (``30m``, ``4h``) plans the
+    starter to it (:mod:`competition.init.budget`), else its expected time is measured and stated."""
+    budget_s = parse_budget(budget) if budget is not None else None  # a typo costs nothing
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise InitError(f"{data_dir}: no such folder")
@@ -151,17 +161,27 @@ def init(data_dir: str | Path, name: str | None = None, force: bool = False) -> 
     cfg = validate(CompetitionConfig, data, comp_path)
     exp, exp_why = starter_experiment(name, sizes)
     validate(ExperimentConfig, {"name": f"{name}-baseline", **exp}, exp_path)
+    planned = None
+    if not d.problems:  # measured through the real adapter and training code: only data that loads
+        planned = budget_plan(exp, cfg, make_adapter(cfg), budget_s, gpus)
+        exp, exp_why = apply_plan(exp, exp_why, planned)
+        validate(ExperimentConfig, {"name": f"{name}-baseline", **exp}, exp_path)
+    elif budget_s is not None:
+        d.undecided.append("--budget: not planned, the data does not load with this config yet (see PROBLEMS)")
     doc = dict(DOC)
     if isinstance(data["classes"], dict):
         doc["classes"] = ("{value: name}: the value is how the labels, the sample submission and the submission "
                           "write the class; tables, W&B and plots show the name")
     header = [f"Competition {name}, written by `competition init {data_dir}`. Check the keys marked NOT",
-              "DECIDED or guess. Every key is documented in the README (Competition definitions)."]
+              "DECIDED or guess. Every key is documented in docs/competitions.md and the configuration reference."]
     comp_text = render(data, doc, d.why, header) + "\n"
     exp_header = [f"Starter experiment for {name}, written by `competition init`: a small U-Net, random init,",
                   "CPU-friendly. Variants: a new file with `extends: " + f"{name}-baseline` and the keys that change."]
+    if planned is not None:
+        exp_header.append(f"Plan: {planned.note()}.")
     exp_text = render(exp, EXP_DOC, exp_why, exp_header) + "\n"
     assert yaml.safe_load(comp_text) == data and yaml.safe_load(exp_text) == exp  # the comments hide nothing
     atomic_write_text(comp_path, comp_text)
     atomic_write_text(exp_path, exp_text)
-    return InitResult(comp_path, exp_path, cfg, d.decided, d.undecided, d.problems)
+    return InitResult(comp_path, exp_path, cfg, d.decided, d.undecided, d.problems,
+                      planned.note() if planned is not None else None)

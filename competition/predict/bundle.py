@@ -4,7 +4,14 @@
     DIR/recipe.yaml                   the recipe; checkpoint paths point into checkpoints/, hashes re-taken
     DIR/competition.yaml              the competition config
     DIR/checkpoints/<exp>-fold<k>.pt  weights only: {"model": state_dict, "config": the resolved run config}
+                                      (<exp>-all-data.pt for a full-data member)
+    DIR/onnx/                         with --runtime onnx: every checkpoint exported to ONNX and checked, plus
+                                      export.json (competition.predict.export); run.py then runs them with
+                                      ONNX Runtime (--runtime torch there still runs the checkpoints)
     DIR/README.md
+    DIR/plugins/                      only for a member whose model.arch is a plug-in import path
+                                      (package.module:factory): its package folder (when it lives in the
+                                      project folder) or module file; run.py puts plugins/ first on sys.path
     DIR/wheels/                       with --wheels: the package and every runtime dependency but torch and
                                       torchvision (--wheels-torch adds them); run.py pip-installs from it
                                       with --no-index
@@ -45,6 +52,8 @@ from email.parser import Parser
 from importlib.metadata import version
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 import competition
 from competition import checkpoint as ckpt
 from competition import paths
@@ -63,14 +72,18 @@ from competition.errors import UserError, describe_error
 from competition.installs import closure
 from competition.io import atomic_dir, file_hash
 from competition.ledger import describe_members
-from competition.predict.members import check_recipe, checkpoint_paths, read_checkpoint
+from competition.models import resolve_arch, source_files
+from competition.predict.export import EXPORT_JSON, write_export
+from competition.predict.members import check_recipe, checkpoint_labels, checkpoint_paths, read_checkpoint
 from competition.predict.options import Inference
 from competition.predict.run import resolve_recipe, run_recipe
+from competition.predict.runtime import RUNTIMES
 
 RUN_PY = '''#!/usr/bin/env python3
 """Offline inference for ensemble {name!r}, made by `competition bundle`.
 
     python run.py --data-root /kaggle/input/<competition> [--out submission.csv] [--device auto] [--no-install]
+                  [--runtime torch|onnx] [--compile]
 
 With a wheels/ folder beside this file, the package and its dependencies are first pip-installed from
 it with --no-index (no internet needed; what is already installed and satisfies them, such as Kaggle's
@@ -82,6 +95,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if (HERE / "plugins").is_dir():  # plug-in architectures (model.arch: package.module:factory) the bundle carries
+    sys.path.insert(0, str(HERE / "plugins"))
 
 
 def install() -> None:
@@ -89,7 +104,7 @@ def install() -> None:
     if not wheels.is_dir() or "--no-install" in sys.argv:
         return
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--no-index", "--find-links", str(wheels), "competition=={version}"])
+                        "--no-index", "--find-links", str(wheels), "competition{extras}=={version}"])
     if r.returncode != 0:
         sys.exit("error: pip could not install the bundle from wheels/ (its message is above); torch and "
                  "torchvision come from the machine unless the bundle was made with --wheels-torch")
@@ -107,6 +122,7 @@ README = """# Inference bundle: {name}
 Made by `competition bundle` from `{source}` (competition `{competition}`).
 
     python run.py --data-root DATA_ROOT --out submission.csv [--device auto|cpu|cuda] [--batch-size N] [--force]
+                  [--runtime torch|onnx] [--compile]
 
 `DATA_ROOT` holds the competition's test images (and sample submission) in the layout of
 `competition.yaml`. The CSV is validated before it is written. Checkpoints hold weights and the
@@ -114,14 +130,20 @@ resolved run config only; `recipe.yaml` lists their sha256, checked before use.
 
 Members: {members}
 TTA: {tta} at scales {scales}
+Runtime: {runtime}
 {wheels}"""
 
 WHEELS_README = """
 `wheels/` holds the package and every runtime dependency ({n} wheels, {mib:.0f} MiB{torch_note}); `run.py`
 installs them with `pip install --no-index --find-links wheels` before it runs (`--no-install` skips that).
 """
+PLUGINS_README = """
+`plugins/` holds the plug-in architecture(s) the members' `model.arch` import ({names}); `run.py` puts
+it first on `sys.path`.
+"""
 TORCH = frozenset({"torch", "torchvision"})  # preinstalled on Kaggle's GPU images, and GBs
 MARKER = ".competition-bundle.json"
+ONNX_DIR = "onnx"  # what --runtime onnx adds; load_onnx_models looks for <root>/onnx/ too
 FORMAT = 1
 # What a bundle made before the marker existed holds at its top (see the module docstring).
 LEGACY = frozenset({"run.py", "recipe.yaml", "competition.yaml", "checkpoints", "README.md", "wheels"})
@@ -192,10 +214,13 @@ def check_out(out: Path) -> None:
 
 
 def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False, wheels_torch: bool = False,
-                wheels_python: str | None = None) -> Path:
+                wheels_python: str | None = None, runtime: str = "torch") -> Path:
     """Pack the recipe's checkpoints (weights only), the recipe, the competition config and run.py;
-    with ``wheels`` also wheels/ (see :func:`build_wheels`; ``wheels_torch`` or ``wheels_python`` imply it)."""
+    with ``wheels`` also wheels/ (see :func:`build_wheels`; ``wheels_torch`` or ``wheels_python`` imply it);
+    with ``runtime`` onnx also onnx/, the checkpoints exported and checked (run.py's default runtime then)."""
     wheels = wheels or wheels_torch or wheels_python is not None
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime {runtime}: expected one of {', '.join(RUNTIMES)}")
     if wheels_python is not None and not re.fullmatch(r"3\.\d+", wheels_python):
         raise ConfigError(f"--wheels-python {wheels_python!r}: expected a Python version such as 3.11")
     out = Path(out)
@@ -207,26 +232,32 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
     sources = iter(checkpoint_paths(recipe, paths.project(), str(source)))  # hashes checked here
     with atomic_dir(out) as tmp:  # the old bundle is replaced only by a whole new one
         (tmp / "checkpoints").mkdir()
-        members, used = [], set()
+        members, used, plugins = [], set(), {}
         for m in recipe.members:
             cks = []
-            for fold in m.folds:
-                data, _ = read_checkpoint(next(sources), recipe.classes, recipe.task)
-                name = f"{m.experiment}-fold{fold}.pt"
+            for label in checkpoint_labels(m):  # fold<k> per fold, or all-data (a full-data member)
+                data, exp = read_checkpoint(next(sources), recipe.classes, recipe.task)
+                plugins.update(_plugin_source(exp.model.arch, f"{source}: member {m.experiment}", log))
+                name = f"{m.experiment}-{label}.pt"
                 n = 2
                 while name in used:
-                    name, n = f"{m.experiment}-fold{fold}-{n}.pt", n + 1
+                    name, n = f"{m.experiment}-{label}-{n}.pt", n + 1
                 used.add(name)
                 ckpt.save({"model": data["model"], "config": data["config"]}, tmp / "checkpoints" / name)
                 cks.append(RecipeCheckpoint(path=f"checkpoints/{name}", sha256=file_hash(tmp / "checkpoints" / name)))
             members.append(m.model_copy(update={"checkpoints": cks}))
         bundled = recipe.model_copy(update={"members": members})
         dump_yaml(bundled, tmp / "recipe.yaml")
+        _copy_plugins(plugins, tmp / "plugins")
+        if runtime == "onnx":
+            log("exporting the checkpoints to ONNX (onnx/)")
+            write_export(bundled, comp, tmp, str(tmp / "recipe.yaml"), tmp / ONNX_DIR, "onnx", log)
         dump_yaml(to_plain(comp), tmp / "competition.yaml")
-        (tmp / "run.py").write_text(RUN_PY.format(name=recipe.name, version=version("competition")))
+        extras = "[export]" if runtime == "onnx" else ""  # onnxruntime comes with the export extra
+        (tmp / "run.py").write_text(RUN_PY.format(name=recipe.name, version=version("competition"), extras=extras))
         note = ""
         if wheels:
-            found = build_wheels(tmp / "wheels", wheels_torch, wheels_python, log)
+            found = build_wheels(tmp / "wheels", wheels_torch, wheels_python, log, extras=("export",) if extras else ())
             note = WHEELS_README.format(n=len(found), mib=_mib(tmp / "wheels"), torch_note=(
                 ", torch and torchvision included" if wheels_torch else
                 "; not torch and torchvision: they must be installed where it runs, as on Kaggle's images"))
@@ -234,15 +265,55 @@ def make_bundle(ensemble: str | None, out: Path, log=print, wheels: bool = False
             name=recipe.name, source=source, competition=comp.name, members=describe_members(recipe),
             tta="; ".join(f"{m.experiment}: {', '.join(m.tta)}" for m in recipe.members),
             scales="; ".join(f"{m.experiment}: {', '.join(f'{s:g}' for s in m.tta_scales)}" for m in recipe.members),
-            wheels=note))
+            runtime="ONNX Runtime on onnx/ (export.json lists the files, sizes, TTA and checks); "
+                    "--runtime torch runs checkpoints/" if runtime == "onnx" else "torch (checkpoints/)",
+            wheels=note + (PLUGINS_README.format(names=", ".join(sorted(plugins))) if plugins else "")))
         (tmp / MARKER).write_text(json.dumps({
             "format": FORMAT, "recipe": recipe.name, "made_by": f"competition {version('competition')}",
             "entries": sorted(p.name for p in tmp.iterdir()) + [MARKER], "files": _relative(tmp)}, indent=1) + "\n")
         check_out(out)  # again: it may have changed while we built
     extra = (f", wheels/ ({len(list((out / 'wheels').glob('*.whl')))} wheels, {_mib(out / 'wheels'):.0f} MiB)"
              if wheels else "")
+    if runtime == "onnx":
+        extra += f", onnx/ ({len(used)} ONNX models, {_mib(out / ONNX_DIR):.1f} MiB)"
+    extra += f", plugins/ ({', '.join(sorted(plugins))})" if plugins else ""
     log(f"wrote bundle {out}: {len(used)} checkpoints ({_mib(out / 'checkpoints'):.1f} MiB), recipe.yaml, "
         f"competition.yaml, run.py{extra}; {_mib(out):.0f} MiB in all")
+    return out
+
+
+def _plugin_source(arch: str, what: str, log) -> dict[str, Path]:
+    """{name in plugins/: file or folder} for a plug-in import path; {} for anything else (an entry
+    point is noted: its distribution must be installed where the bundle runs)."""
+    try:
+        found = source_files(arch)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    if found is None and resolve_arch(arch).info.get("plugin") == "entry point":
+        log(f"{what}: model.arch {arch!r} is an installed entry point ({resolve_arch(arch).info['source']}); the "
+            f"bundle does not carry it: install its distribution where the bundle runs")
+    return dict([found]) if found else {}
+
+
+def _copy_plugins(plugins: dict[str, Path], dest: Path) -> None:
+    """The plug-ins' package folders and module files into ``dest`` (plugins/), without bytecode."""
+    for name, src in plugins.items():
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            dest.mkdir(exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def _extra_requirements(requires: list[str], extras: tuple[str, ...]) -> list[str]:
+    """The requirements only ``extras`` add (``onnxruntime; extra == "export"``), without that marker."""
+    out = []
+    for r in requires:
+        req = Requirement(r)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}) and \
+                any(req.marker.evaluate({"extra": e}) for e in extras):
+            req.marker = None
+            out.append(str(req))
     return out
 
 
@@ -257,7 +328,8 @@ def _pip(*args: str) -> None:
         raise UserError(f"pip {args[0]} failed while building wheels/ (it needs the package index): {tail}")
 
 
-def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None, log=print) -> dict[str, str]:
+def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None, log=print,
+                 extras: tuple[str, ...] = ()) -> dict[str, str]:
     """``dest``: the package's wheel, built from its source tree, and one wheel per runtime dependency at
     the version installed here (the versions the checkpoints were made and checked with), downloaded
     with ``pip download`` (needs the index now). torch and torchvision, and what only they need, are
@@ -280,6 +352,7 @@ def build_wheels(dest: Path, with_torch: bool = False, python: str | None = None
     with zipfile.ZipFile(own) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         requires = Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+    requires += _extra_requirements(requires, extras)  # closure() leaves out what only an extra needs
     env = {"python_version": python, "python_full_version": f"{python}.0"} if python else None
     pins = closure(requires, skip=frozenset() if with_torch else TORCH, env=env)
     log(f"downloading {len(pins)} wheels (pip download)")
@@ -315,10 +388,15 @@ def main(folder: Path, argv: list[str]) -> int:
     ap.add_argument("--no-install", action="store_true", help="do not pip-install wheels/ first (run.py reads it)")
     ap.add_argument("--force", action="store_true",
                     help="write the CSV even where it cannot be right (the checks of competition submit --force)")
+    exported = (Path(folder) / ONNX_DIR / EXPORT_JSON).is_file()
+    ap.add_argument("--runtime", choices=RUNTIMES, default="onnx" if exported else "torch",
+                    help="torch: the checkpoints; onnx: ONNX Runtime (default when the bundle has onnx/)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the networks (--runtime torch; a GPU)")
     args = ap.parse_args(argv)
     try:
         inference = Inference(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                              progress=not args.no_progress, force=args.force)
+                              progress=not args.no_progress, force=args.force, runtime=args.runtime,
+                              compile=args.compile)
         r = run_bundle(folder, args.data_root, Path(args.out), inference)
     except (UserError, OSError) as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)

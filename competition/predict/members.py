@@ -1,8 +1,13 @@
 """The models of a recipe: checkpoints verified against the recipe's hashes, then loaded once each.
 
-A model is rebuilt from the resolved experiment stored INSIDE its checkpoint (``config.experiment``),
-never from ``configs/experiments/``, so a submission still works after those files have changed or
-on a machine that never had them (the offline bundle).
+A model is rebuilt from the resolved experiment stored INSIDE its checkpoint (``config.experiment``:
+``model.*``, and ``data.input_size``, from which ``nnunet`` plans its network; a plug-in architecture is
+imported again by its ``model.arch``), never from ``configs/experiments/``, so a submission still works
+after those files have changed or on a machine that never had them (the offline bundle).
+
+A member's checkpoints are its fold models (one per fold of ``folds``, averaged), or with ``full_data``
+its one model trained on every training image (``runs/<exp>/all-data/best.pt``), while its weight
+still comes from the folds' OOF: :func:`checkpoint_labels` names them either way.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import numpy as np
 import torch
 
 from competition import checkpoint as ckpt
+from competition import paths
 from competition.checkpoint import CheckpointError
 from competition.config import ConfigError, ExperimentConfig, Recipe, RecipeCheckpoint, RecipeMember, validate
 from competition.data.base import safe_join
@@ -42,7 +48,10 @@ def check_recipe(recipe: Recipe, classes: list[str], task: str, source: str) -> 
         if len(m.weights) not in (1, c):
             raise ConfigError(f"{source}: member {m.experiment}: weights has {len(m.weights)} values; "
                               f"expected 1 (global) or {c} (one per class)")
-        if len(m.folds) != len(m.checkpoints) or not m.checkpoints:
+        if m.full_data and len(m.checkpoints) != 1:
+            raise ConfigError(f"{source}: member {m.experiment}: full_data with {len(m.checkpoints)} checkpoints; "
+                              f"expected one (the all-data model)")
+        if not m.full_data and (len(m.folds) != len(m.checkpoints) or not m.checkpoints):
             raise ConfigError(f"{source}: member {m.experiment}: {len(m.folds)} folds but "
                               f"{len(m.checkpoints)} checkpoints; expected one checkpoint per fold")
     unknown = sorted(set(recipe.postprocess) - set(classes))
@@ -64,17 +73,27 @@ def member_weights(recipe: Recipe, source: str) -> np.ndarray:
     return w / total
 
 
+def checkpoint_labels(member: RecipeMember) -> list[str]:
+    """What each of the member's checkpoints is, in order: ``fold<k>`` per fold, or ``all-data``."""
+    if member.full_data:
+        return [paths.ALL_DATA]
+    return [paths.fold_label(k) for k in member.folds]
+
+
 def checkpoint_paths(recipe: Recipe, root: Path, source: str) -> list[Path]:
     """Every checkpoint's path, checked: present, inside ``root``, and with the recipe's sha256."""
     out = []
     for m in recipe.members:
-        for fold, c in zip(m.folds, m.checkpoints):
+        folds = [paths.ALL_DATA] if m.full_data else m.folds
+        for fold, c in zip(folds, m.checkpoints):
             out.append(verify_checkpoint(m, fold, c, root, source))
     return out
 
 
-def verify_checkpoint(member: RecipeMember, fold: int, c: RecipeCheckpoint, root: Path, source: str) -> Path:
-    what = f"{source}: member {member.experiment} fold {fold}"
+def verify_checkpoint(member: RecipeMember, fold: int | str, c: RecipeCheckpoint, root: Path, source: str) -> Path:
+    """``c``'s path under ``root``, checked: present and with the recipe's sha256. ``fold``: the fold
+    the checkpoint is the model of, or ``all-data``."""
+    what = f"{source}: member {member.experiment} " + (paths.ALL_DATA if fold == paths.ALL_DATA else f"fold {fold}")
     path = safe_join(root, c.path, f"{what}: checkpoint path")
     if not path.is_file():
         raise CheckpointError(f"{what}: checkpoint {c.path} not found under {root}; the run is missing "
@@ -110,13 +129,13 @@ def build_from_checkpoint(data: dict, exp: ExperimentConfig, path: Path, num_cla
     out_ch = num_classes + (1 if task == "multiclass" else 0)
     # Built on the meta device: no time spent initialising weights the checkpoint replaces at once.
     with torch.device("meta"):
-        model = build_model(model_cfg, out_ch, in_channels)
+        model = build_model(model_cfg, out_ch, in_channels, exp.data.input_hw)
     try:
         model.load_state_dict(data["model"], assign=True)
     except (RuntimeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes ({e})") from None
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = build_model(model_cfg, out_ch, in_channels)  # a buffer the state dict does not hold
+        model = build_model(model_cfg, out_ch, in_channels, exp.data.input_hw)  # a buffer the state dict does not hold
         model.load_state_dict(data["model"])
     return model.eval()
 
@@ -132,14 +151,15 @@ def load_model(path: Path, classes: list[str], task: str, device: torch.device, 
 
 def load_models(recipe: Recipe, root: Path, source: str, device: torch.device,
                 in_channels: int) -> list[list[LoadedModel]]:
-    """Per member, its fold models. Every checkpoint is verified first (a missing or changed file
-    fails before any work), then loaded once even when two members (TTA variants) share it."""
-    paths = checkpoint_paths(recipe, root, source)
+    """Per member, its fold models (or its one all-data model). Every checkpoint is verified first (a
+    missing or changed file fails before any work), then loaded once even when two members (TTA
+    variants) share it."""
+    found = checkpoint_paths(recipe, root, source)
     loaded: dict[Path, LoadedModel] = {}
     out, i = [], 0
     for m in recipe.members:
         models = []
-        for path in paths[i:i + len(m.checkpoints)]:
+        for path in found[i:i + len(m.checkpoints)]:
             if path not in loaded:
                 loaded[path] = load_model(path, recipe.classes, recipe.task, device, in_channels)
             models.append(loaded[path])

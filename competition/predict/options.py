@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from competition.config import ConfigError
+from competition.predict.runtime import RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class Inference:
     ``force``: write a CSV that passes the format but cannot be right (:mod:`competition.predict.plausible`).
     ``save_probs``: keep each member's test probabilities under ``runs/<exp>/test[-<variant>]/``.
     ``from_probs``: blend those saved probabilities instead of running the models.
+    ``runtime``: what runs the networks: ``torch`` (the modules) or ``onnx`` (ONNX Runtime on their ONNX
+    export; :mod:`competition.predict.runtime`); everything around the network is the same code.
+    ``compile``: ``torch.compile`` the networks first (``--runtime torch`` only; meant for a GPU).
     """
     device: str = "auto"
     batch_size: int | None = None
@@ -29,6 +33,8 @@ class Inference:
     force: bool = False
     save_probs: bool = False
     from_probs: bool = False
+    runtime: str = "torch"
+    compile: bool = False
 
     def check(self) -> None:
         """Refuse values no run can use, naming the flag. Called by ``run_recipe``, not on construction:
@@ -38,3 +44,10 @@ class Inference:
                 raise ConfigError(f"{flag} {v}: expected a number >= {least}")
         if self.from_probs and self.save_probs:
             raise ConfigError("--from-probs and --save-probs: the saved probabilities are what --from-probs reads")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime {self.runtime}: expected one of {', '.join(RUNTIMES)}")
+        if self.compile and self.runtime != "torch":
+            raise ConfigError(f"--compile applies to --runtime torch, not {self.runtime} (ONNX Runtime optimises "
+                              f"its graph itself)")
+        if self.from_probs and (self.compile or self.runtime != "torch"):
+            raise ConfigError("--from-probs runs no network: --runtime and --compile do not apply")

@@ -9,6 +9,7 @@ or a failed validation leaves no file named as a submission.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,9 +37,12 @@ from competition.errors import UserError
 from competition.folds import load_folds
 from competition.io import STALE_AFTER_S, atomic_path, clean_stale_temps, file_hash, read_json
 from competition.predict import plausible, saved
+from competition.predict.export import load_onnx_models
 from competition.predict.infer import EnsemblePredictor, MemberPredictor, TestInputs, batch_size_for, masks_for_writer
 from competition.predict.members import check_recipe, load_models, member_weights
 from competition.predict.options import Inference
+from competition.predict.recipes import resolve_recipe
+from competition.predict.runtime import compile_networks
 from competition.predict.submit import SubmissionWriter, expected_rows, validate_submission
 
 
@@ -64,25 +68,6 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
 
 
-def resolve_recipe(name: str | None) -> Path:
-    """``ensembles/<name>.yaml`` or a YAML path; with no name, the newest recipe in ``ensembles/``."""
-    folder = paths.ensembles_dir()
-    known = sorted(folder.glob("*.yaml"), key=lambda p: p.stat().st_mtime)
-    if name is None:
-        if not known:
-            raise ConfigError(f"no recipe in {folder}: build one with `make ensemble`, or predict one "
-                              f"experiment with `competition predict --exp E`")
-        return known[-1]
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml"):
-        return p
-    path = paths.recipe(name)
-    if not path.is_file():
-        raise ConfigError(f"unknown ensemble {name!r}: no {path}; known: "
-                          f"{', '.join(q.stem for q in known) or '(none)'}")
-    return path
-
-
 def submission_path(name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     n = 1
@@ -92,11 +77,23 @@ def submission_path(name: str) -> Path:
 
 
 def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source: str,
-                    dev: torch.device) -> EnsemblePredictor:
-    """The recipe's members (fold models x TTA variant) and weights, as the OOF was predicted."""
+                    dev: torch.device, inference: Inference = Inference(), log=print) -> EnsemblePredictor:
+    """The recipe's members (fold models x TTA variant) and weights, as the OOF was predicted.
+    ``inference.runtime`` / ``inference.compile`` say what runs the networks (:mod:`.runtime`); the
+    code around them is the same."""
     check_recipe(recipe, comp.classes, comp.task, source)
     in_ch = 1 if comp.image.channels == "grayscale" else 3
-    models = load_models(recipe, root, source, dev, in_ch)
+    if inference.runtime == "onnx":
+        models = load_onnx_models(recipe, comp, root, source, dev, log)
+    else:
+        models = load_models(recipe, root, source, dev, in_ch)
+    if inference.compile:
+        n = compile_networks(models, dev)
+        log(f"--compile: {n} network(s) compiled with torch.compile (the first batches of each shape compile)")
+        if dev.type == "cpu":
+            log("--compile on the CPU: inductor builds C++ for each network at its first batch and again at the "
+                "first of another shape (about 2 min each for the default UNet 3+ on 2 cores, which then ran "
+                "1.5x faster): worth it for long runs with few networks only")
     members = [MemberPredictor(ms, comp.task, m.tta, m.tta_scales, dev)
                for ms, m in zip(models, recipe.members)]
     return EnsemblePredictor(members, member_weights(recipe, source), comp.task, recipe.thresholds, dev)
@@ -127,13 +124,8 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
                    "size": torch.tensor([adapter.image_size(i, "test") for i in ids[s:s + 8]])}
                   for s in range(0, len(ids), 8))
     else:
-        predictor = build_predictor(recipe, comp, root, source, dev)
-        exps = [m.experiment for m in predictor.members]
-        auto = batch_size_for(exps)  # 1 when images keep their native, differing sizes
-        bs = inference.batch_size if inference.batch_size is not None and auto > 1 else auto
-        nw = inference.workers if inference.workers is not None else min(e.data.workers for e in exps)
-        loader = DataLoader(TestInputs(adapter, ids, predictor.inputs, comp.task), batch_size=bs, shuffle=False,
-                            num_workers=nw, pin_memory=dev.type == "cuda")
+        predictor = build_predictor(recipe, comp, root, source, dev, inference)
+        loader = inputs_loader(adapter, ids, predictor, inference)
     saver = None
     if inference.save_probs:
         saver = saved.Saver(recipe, ids, comp.classes, {i: tuple(adapter.image_size(i, "test")) for i in ids})
@@ -169,6 +161,18 @@ def run_recipe(recipe: Recipe, comp: CompetitionConfig, root: Path, out: Path, s
     return SubmitResult(out, len(ids), rows, time.time() - t0, comp.name)
 
 
+def inputs_loader(adapter, ids: list[str], predictor: EnsemblePredictor, inference: Inference,
+                split: str = "test") -> DataLoader:
+    """The members' network inputs of images ``ids`` of ``split``, batched as the experiments say
+    (``inference.batch_size`` / ``workers`` win where given)."""
+    exps = [m.experiment for m in predictor.members]
+    auto = batch_size_for(exps)  # 1 when images keep their native, differing sizes
+    bs = inference.batch_size if inference.batch_size is not None and auto > 1 else auto
+    nw = inference.workers if inference.workers is not None else min(e.data.workers for e in exps)
+    return DataLoader(TestInputs(adapter, ids, predictor.inputs, predictor.task, split), batch_size=bs,
+                      shuffle=False, num_workers=nw, pin_memory=predictor.device.type == "cuda")
+
+
 class Implausible(UserError):
     """The submission passed the format checks but cannot be right; nothing was written."""
 
@@ -200,15 +204,25 @@ def submit(ensemble: str | None = None, out: Path | None = None, inference: Infe
     recipe = load_recipe(source)
     comp = load_competition(recipe.competition)
     clean_stale_temps(paths.submissions_dir(), STALE_AFTER_S)  # CSVs of killed submits
-    with locks.hold_runs(recipe_runs(recipe)):  # shared: no fold is retrained while it is read
+    with hold_recipe_runs(recipe):  # shared: no fold is retrained while it is read
         result = run_recipe(recipe, comp, paths.project(), Path(out) if out else submission_path(recipe.name),
                             str(source), inference)
     _record(ledger.row_for(result, recipe, file_hash(source), comp.name), recipe, source, result.path)
     return result
 
 
+@contextmanager
+def hold_recipe_runs(recipe: Recipe):
+    """Shared locks on the run folders of a recipe's checkpoints: the CV folds' set, then the all-data
+    runs' (two ordered sets, as a fold number and ``all-data`` have no order between them)."""
+    runs = recipe_runs(recipe)
+    with locks.hold_runs([r for r in runs if not r.is_all_data]), locks.hold_runs([r for r in runs if r.is_all_data]):
+        yield
+
+
 def recipe_runs(recipe: Recipe) -> list:
-    """The run folders holding a recipe's checkpoints (those inside runs/)."""
+    """The run folders holding a recipe's checkpoints (those inside runs/: CV folds, and all-data runs
+    for full-data members)."""
     out = []
     for m in recipe.members:
         for c in m.checkpoints:

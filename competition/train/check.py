@@ -17,6 +17,8 @@ outputs fail here). A model that cannot be built on the meta device (an ``.item(
 ``__init__``: timm's drop-path rates in mit_b*) is built on the CPU instead, with random init, and
 its forward is left to ``--dry-run``. Any exception from these builds becomes a :class:`ConfigError`
 naming the section (``model.kwargs``, ``loss``, ``optimizer``, ``scheduler``, ``data.input_size``).
+``model.init_from``: the fold's parent checkpoint exists, may be used by this fold (the leak rule of
+:mod:`competition.train.initfrom`) and fits the built model, key for key and shape for shape.
 Last: that the run folder is writable and not locked by
 another ``train`` (a probe that leaves the holder's record alone). ``fit`` runs the same checks first.
 """
@@ -27,33 +29,18 @@ import os
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
-from segmentation_models_pytorch.encoders import get_encoder_names
 
 from competition import locks, models, paths
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, load_competition
 from competition.data.adapters import make_adapter
 from competition.data.mixing import check as check_batch_mix
 from competition.data.transforms import build_pipeline
-from competition.folds import load_folds
+from competition.folds import excluded, load_folds, training_ids, validation_ids
 from competition.losses import build_loss, ignore_index_for, inverse_frequency_weights
-from competition.models import ARCHITECTURES
 from competition.optim import build_optimizer, build_scheduler
 from competition.predict.tta import check_views, variant_name
-
-
-def _encoder(exp: ExperimentConfig) -> None:
-    name = exp.model.encoder
-    if name.startswith("tu-"):
-        if not timm.is_model(name[3:]):
-            raise ConfigError(f"model.encoder: {name!r} is not a timm model (timm.list_models() lists them; "
-                              f"e.g. tu-resnet18, tu-convnext_tiny, tu-hrnet_w48)")
-        return
-    valid = get_encoder_names()
-    if name not in valid:
-        raise ConfigError(f"model.encoder: unknown smp encoder {name!r}; valid: {', '.join(sorted(valid))}, "
-                          f"or any timm model as tu-<name>")
+from competition.train import alldata, initfrom
 
 
 def _writable(folder: Path) -> None:
@@ -92,7 +79,7 @@ def _build_model(exp: ExperimentConfig, out_ch: int, in_ch: int):
     def build(device: str):
         try:
             with torch.device(device):
-                return models.build_model(cfg, out_ch, in_ch)
+                return models.build_model(cfg, out_ch, in_ch, exp.data.input_hw)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure of the build is the configuration's
@@ -158,8 +145,9 @@ def _built(section: str, build, meta: bool = False):
         raise ConfigError(f"{section}: cannot be built as configured: {type(e).__name__}: {_one_line(e)}") from None
 
 
-def _build_run(exp: ExperimentConfig, comp: CompetitionConfig, n_train: int) -> None:
-    """Build what ``fit`` builds before it loads data (see the module docstring); raise ConfigError."""
+def _build_run(exp: ExperimentConfig, comp: CompetitionConfig, n_train: int) -> torch.nn.Module:
+    """Build what ``fit`` builds before it loads data (see the module docstring); raise ConfigError.
+    -> the model (on the meta device when it can be built there)."""
     out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
     in_ch = 1 if comp.image.channels == "grayscale" else 3
     model, on_meta = _build_model(exp, out_ch, in_ch)
@@ -174,16 +162,18 @@ def _build_run(exp: ExperimentConfig, comp: CompetitionConfig, n_train: int) -> 
     steps = max(1, math.ceil(math.ceil(n_train / exp.data.batch_size) / exp.train.grad_accum))
     _built("scheduler", lambda: build_scheduler(optimizer, exp.scheduler, exp.train.epochs, steps))
     if not on_meta:
-        return  # a real forward at the run's sizes costs what the run costs: --dry-run measures it
+        return model  # a real forward at the run's sizes costs what the run costs: --dry-run measures it
     h, w = exp.data.input_hw
     model.train()
     try:
         with torch.device("meta"):
             x = torch.zeros(exp.data.batch_size, in_ch, h, w)
             pred = model(x)
+    except ConfigError:  # a plug-in's output contract, naming its key
+        raise
     except Exception as e:  # noqa: BLE001
         if _meta_only(e):
-            return
+            return model
         raise ConfigError(f"data.input_size {h}x{w} (batch {exp.data.batch_size}) does not fit the model "
                           f"{exp.model.arch} on {exp.model.encoder}: {type(e).__name__}: {_one_line(e)}; change "
                           f"data.input_size or data.batch_size, or the model") from None
@@ -192,19 +182,20 @@ def _build_run(exp: ExperimentConfig, comp: CompetitionConfig, n_train: int) -> 
     if n is not None and ds is not None and len(ds) != n:  # what SegLoss refuses at the first step
         raise ConfigError(f"loss.deep_supervision_weights has {len(ds)} values but the model returns {n} "
                           f"outputs (finest first)")
+    return model
 
 
-def check_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = None, *,
-              adapter=None, lock: bool = True, build: bool = True):
+def check_run(exp: ExperimentConfig, fold: int | str, comp: CompetitionConfig | None = None, *,
+              adapter=None, lock: bool = True, build: bool = True, restart: bool = False):
     """Raise a ConfigError/DataError naming the key or file on the first problem; -> (comp, adapter, folds).
-    ``build``: also build the model (on the meta device), loss, optimizer and scheduler as the run does."""
+    ``build``: also build the model (on the meta device), loss, optimizer and scheduler as the run does,
+    and check that ``model.init_from``'s checkpoint fits it (unless the run resumes from its last.pt
+    and ``restart`` is not given: a resumed run does not read its parent again). ``fold``: a CV fold,
+    or ``all-data``."""
     comp = comp or load_competition(exp.competition)
     rp = paths.run(exp.name, fold)
-    try:
-        ARCHITECTURES.get(exp.model.arch)
-    except KeyError as e:
-        raise ConfigError(f"model.arch: {e.args[0]}") from None
-    _encoder(exp)
+    initfrom.resolve(exp, fold)  # the leak rule first: it needs no file
+    models.check_model(exp.model)  # the architecture (a plug-in is imported here), the encoder, every model.* key
     out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
     _built("loss", lambda: build_loss(exp.loss, comp.task, out_ch))
     optimizer = _built("optimizer", lambda: build_optimizer(torch.nn.Linear(1, 1), exp.optimizer))
@@ -216,14 +207,25 @@ def check_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None =
     adapter = adapter or make_adapter(comp)
     folds = load_folds(comp, adapter)
     known = sorted(set(folds["fold"]))
-    if fold not in known:
-        raise ConfigError(f"fold {fold} does not exist; {paths.folds_file(comp.name)} has folds {known}")
-    n_val = int((folds["fold"] == fold).sum())
-    if n_val == 0 or n_val == len(folds):
-        raise ConfigError(f"fold {fold} of {paths.folds_file(comp.name)} holds {n_val} of {len(folds)} images: "
-                          f"training needs images on both sides (make folds COMP={comp.name} FORCE=1)")
+    if fold == paths.ALL_DATA:
+        alldata.check(exp)
+        n_val = 0
+    elif fold not in known:
+        raise ConfigError(f"fold {fold} does not exist; {paths.folds_file(comp.name)} has folds {known} "
+                          f"(or {paths.ALL_DATA}: one model on every image)")
+    else:
+        n_val = int((folds["fold"] == fold).sum())
+        if n_val == 0 or n_val == len(folds):
+            raise ConfigError(f"fold {fold} of {paths.folds_file(comp.name)} holds {n_val} of {len(folds)} images: "
+                              f"training needs images on both sides (make folds COMP={comp.name} FORCE=1)")
+    exclusion = excluded(exp.data.exclude, folds)  # unknown ids name data.exclude before any training
+    if fold != paths.ALL_DATA:
+        training_ids(folds, fold, exclusion.ids)  # a fold left empty by the exclusion is an error here
+        validation_ids(folds, fold, exclusion.ids)
     if build:
-        _build_run(exp, comp, len(folds) - n_val)
+        model = _build_run(exp, comp, len(folds) - n_val)
+        if restart or not rp.last.is_file():
+            initfrom.check(exp, fold, model, out_ch)
     _writable(rp.root)
     if lock and rp.root.is_dir():
         locks.probe(rp.lock, f"run folder {rp.root}")  # leaves the holder's record as it is

@@ -28,9 +28,9 @@ import torch
 
 from competition import paths
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, load_competition, to_plain, validate
-from competition.folds import FoldsError
+from competition.folds import FoldsError, excluded, training_ids
 from competition.losses import ignore_index_for
-from competition.models import build_model
+from competition.models import build_model, check_model, model_summary, uses_encoder
 from competition.models.precision import autocast_dtype
 from competition.optim import build_scheduler
 from competition.store import tiles
@@ -123,6 +123,7 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
     else:
         same_classes(exp, comp)
     weights_given = exp.model.encoder_weights
+    check_model(exp.model)  # before the weights are replaced: an architecture that takes none refuses them
     exp = _dry_experiment(exp, batch_size, input_size, workers)
     folds_path = paths.folds_file(comp.name)
     if not folds_path.is_file():  # before the adapter, which would generate a synthetic competition's data
@@ -145,15 +146,18 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
         log(f"model.encoder_weights {weights_given!r} replaced by random init for the dry run "
             f"(sizes and speed do not depend on it; nothing is downloaded or read)")
     t = time.time()
-    model = build_model(exp.model, out_ch, in_ch)
+    model = build_model(exp.model, out_ch, in_ch, exp.data.input_hw)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     m = exp.model
-    log(f"model: {m.arch} / {m.encoder}, output_scale {m.output_scale}"
+    log(f"model: {m.arch}{f' / {m.encoder}' if uses_encoder(m) else ''}, output_scale {m.output_scale}"
         f"{', deep supervision' if m.deep_supervision else ''}: {n_params:,} parameters "
         f"({n_train:,} trainable; built in {time.time() - t:.1f}s)")
+    summary = model_summary(model)
+    if summary:
+        log(f"model plan: {summary}")
 
-    train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
+    train_ids = training_ids(folds, None if fold == paths.ALL_DATA else fold, excluded(exp.data.exclude, folds).ids)
     train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d, fold)
     loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
                          ignore_index_for(comp))
@@ -204,7 +208,8 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
     log(f"step (forward + loss + backward + optimizer step, the first of the run): {step_s:.2f}s, "
         f"loss {loss:.4f}")
     figures = {"experiment": exp.name, "competition": comp.name, "fold": fold, "device": str(device),
-               "parameters": n_params, "trainable_parameters": n_train, "batch_size": exp.data.batch_size,
+               "parameters": n_params, "trainable_parameters": n_train, "model_summary": summary,
+               "batch_size": exp.data.batch_size,
                "input_shape": list(x.shape), "target_shape": list(y.shape), "output_shapes": [list(s) for s in out],
                "load_seconds": round(load_s, 3), "step_seconds": round(step_s, 3), "loss": loss,
                "host_peak_bytes": _host_peak_bytes(), "oof_estimate_bytes": oof_bytes}

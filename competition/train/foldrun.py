@@ -54,7 +54,7 @@ class FoldRun:
     exp: ExperimentConfig
     comp: CompetitionConfig
     adapter: Adapter
-    fold: int
+    fold: int | str  # a CV fold, or paths.ALL_DATA
     d: Dist
     rp: paths.RunPaths
     run_cfg: dict  # the resolved configuration, as in config.yaml and every checkpoint
@@ -62,7 +62,7 @@ class FoldRun:
     train_ds: Dataset
     sampler: EpochSampler
     train_loader: DataLoader
-    val_ids: list[str]
+    val_ids: list[str]  # empty for the all-data run
     val_ds: SegDataset
     val_loader: DataLoader  # this rank's shard of val_ds
     tracker: tracking.Tracker
@@ -70,3 +70,5 @@ class FoldRun:
     state: FoldState
     topk: TopK | None = None
     swa: Swa | None = None
+    deadline: float | None = None  # --budget: time.time() by which the fold, OOF included, must be done
+    stopped_by_budget: bool = False

@@ -6,6 +6,10 @@
     runs/<exp>/fold<k>/history.csv    one row per epoch
     runs/<exp>/fold<k>/metrics.json   best validation Dice per class and mean, timings
     runs/<exp>/fold<k>/oof/           the fold's out-of-fold probabilities (see competition.store.tiles)
+
+``fold`` = ``all-data`` (:data:`competition.paths.ALL_DATA`) trains on every image of the folds file, with
+no validation and no OOF, into ``runs/<exp>/all-data/`` (:mod:`competition.train.alldata`).
+``model.init_from`` starts a fresh run from another run's weights (:mod:`competition.train.initfrom`).
 """
 from __future__ import annotations
 
@@ -13,22 +17,20 @@ import contextlib
 import copy
 import math
 import time
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from competition import checkpoint as ckpt
-from competition import locks, paths, tracking, viz
+from competition import convergence, locks, paths, tracking, viz
 from competition.config import (
     CompetitionConfig,
-    ConfigError,
     ExperimentConfig,
     atomic_write_text,
     dump_yaml,
-    read_yaml,
     to_plain,
 )
 from competition.cv import oofscore
@@ -36,7 +38,7 @@ from competition.cv import views as store
 from competition.cv.heldout import predict_fold
 from competition.data.dataset import EpochSampler, SegDataset, rare_class_weights
 from competition.data.pseudo import add_pseudo
-from competition.folds import presence_matrix
+from competition.folds import excluded, presence_matrix, training_ids, validation_ids
 from competition.io import clean_stale_temps
 from competition.losses import build_loss, ignore_index_for
 from competition.metrics import pair_metric, summarize
@@ -45,17 +47,32 @@ from competition.optim import build_optimizer, build_scheduler
 from competition.predict.tta import variant_name
 from competition.store import tiles
 from competition.store.tiles import clean_stale
+from competition.train import alldata, initfrom
 from competition.train import distributed as dd
 from competition.train.averaging import Swa, TopK
+from competition.train.budget import out_of_time
 from competition.train.check import _class_weights, check_run, oof_variants
 from competition.train.engine import Engine, TrainingDiverged, seed_everything
 from competition.train.foldrun import FoldRun, FoldState
+from competition.train.rundir import check_run_dir as _check_run_dir
 
 __all__ = ["fit", "TrainingDiverged"]
 
 
-def _run_config(exp: ExperimentConfig, comp: CompetitionConfig, fold: int) -> dict:
+def _run_config(exp: ExperimentConfig, comp: CompetitionConfig, fold: int | str) -> dict:
     return {"experiment": to_plain(exp), "competition": to_plain(comp), "fold": fold}
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What ``fit`` settles before it takes the lock: ``check_run``'s (comp, adapter, folds), and for the
+    all-data run its epoch plan (None for a CV fold)."""
+
+    comp: CompetitionConfig
+    adapter: object
+    folds: pd.DataFrame
+    plan: alldata.EpochPlan | None = None
+    deadline: float | None = None  # --budget: when the fold must be done (time.time())
 
 
 def compact_samples(workers: int) -> bool:
@@ -89,25 +106,37 @@ def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, tra
     return train_ds, sampler, _loader(train_ds, exp, sampler)
 
 
-def fit(exp: ExperimentConfig, fold: int, restart: bool = False, log=tqdm.write, on_epoch=None) -> dict:
-    """Train one fold (resuming from last.pt when present), then write its OOF and metrics.json.
+def fit(exp: ExperimentConfig, fold: int | str, restart: bool = False, log=tqdm.write, on_epoch=None,
+        deadline: float | None = None) -> dict:
+    """Train one fold (resuming from last.pt when present), then write its OOF and metrics.json; with
+    ``fold`` = ``all-data``, the full-data model (no validation, no OOF).
 
     ``on_epoch(epoch, val_dice)`` is called after every epoch's checkpoint is written (tuning reports
     to Optuna there and may raise ``optuna.TrialPruned``, which stops the fold cleanly).
 
     The run folder is locked for the whole run: a second ``train`` of the same experiment and fold
     is refused at once, naming this process.
+
+    ``deadline`` (``--budget``): no epoch is started that would, by the epochs so far, end past it
+    (with room for the OOF); the fold then finishes as usual from the epochs it ran, its ``last.pt``
+    complete, so running it again without the budget continues where it stopped.
     """
     d = dd.setup()
+    plan = None
+    if fold == paths.ALL_DATA:
+        exp, plan = alldata.prepare(exp, restart)
+        if d.main:
+            log(plan.line)
     # Everything that can be checked without a model or a loader, first: a typo costs seconds.
-    checked = check_run(exp, fold, lock=d.main)
+    checked = _Prepared(*check_run(exp, fold, lock=d.main, restart=restart), plan=plan, deadline=deadline)
     rp = paths.run(exp.name, fold)
     with locks.hold(rp.lock, True, f"run folder {rp.root}") if d.main else contextlib.nullcontext():
         return _fit(exp, fold, d, checked, restart, log, on_epoch)
 
 
-def _fit(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart: bool, log, on_epoch) -> dict:
-    """The locked part of ``fit``; ``checked`` is what ``check_run`` found: (comp, adapter, folds)."""
+def _fit(exp: ExperimentConfig, fold: int | str, d: dd.Dist, checked: _Prepared, restart: bool, log,
+         on_epoch) -> dict:
+    """The locked part of ``fit``."""
     run = _start(exp, fold, d, checked, restart, log)
     t0 = time.time()
     bar = tqdm(total=exp.train.epochs, initial=run.state.epoch, desc=f"{exp.name} fold {fold}", unit="epoch",
@@ -119,7 +148,8 @@ def _fit(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart: 
         saver.close()  # every queued checkpoint is on disk before anything reads it (or we stop)
     bar.close()
     dd.barrier(d)
-    run.state.averaging = _averaged(run)
+    if checked.plan is None:  # an all-data run has no validation to score averages by (alldata.finish)
+        run.state.averaging = _averaged(run)
     train_seconds = time.time() - t0
     if d.enabled:
         same = dd.same_on_all_ranks(torch.cat([p.detach().double().flatten() for p in run.engine.raw.parameters()]), d)
@@ -130,22 +160,34 @@ def _fit(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart: 
 
     result = {}
     if d.main:
-        result = _finish(run, train_seconds)
+        result = _finish(run, train_seconds) if checked.plan is None else alldata.finish(run, train_seconds,
+                                                                                           checked.plan)
     run.tracker.finish()
     dd.barrier(d)
     return result
 
 
-def _start(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart: bool, log) -> FoldRun:
-    """Build the fold's run: the model first (unavailable weights fail before any data is loaded), the
-    run folder, the data, the engine, then the state, resumed from last.pt when there is one."""
-    comp, adapter, folds = checked
+def _start(exp: ExperimentConfig, fold: int | str, d: dd.Dist, checked: _Prepared, restart: bool, log) -> FoldRun:
+    """Build the fold's run: the model first (unavailable weights fail before any data is loaded) and the
+    parent's weights in it (``model.init_from``, not when resuming), the run folder, the data, the engine,
+    then the state, resumed from last.pt when there is one."""
+    comp, adapter, folds = checked.comp, checked.adapter, checked.folds
+    excl = excluded(exp.data.exclude, folds)  # read and checked before the model is built
     seed_everything(exp.train.seed, exp.train.deterministic)
     out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
     in_ch = 1 if comp.image.channels == "grayscale" else 3
-    model = build_model(exp.model, out_ch, in_ch)
+    model = build_model(exp.model, out_ch, in_ch, exp.data.input_hw)
     rp = paths.run(exp.name, fold)
-    run_cfg = _run_config(exp, comp, fold)
+    # A resumed run goes on from last.pt's weights: its parent is the one config.yaml recorded at its start.
+    if rp.last.is_file() and not restart:
+        lineage = initfrom.recorded(rp.config)
+    else:
+        parent = initfrom.apply(exp, fold, model, out_ch, log if d.main else None)
+        lineage = parent.record() if parent is not None else {}
+    run_cfg = {**_run_config(exp, comp, fold), **lineage,
+               **({"all_data": checked.plan.as_dict()} if checked.plan is not None else {})}
+    if len(excl):  # only then: runs from before data.exclude resume with their config unchanged
+        run_cfg["exclude"] = excl.record()
     if d.main:
         # We hold the folder's lock, so any temp file in it was left by a killed run of ours.
         for t in clean_stale_temps(rp.root, 0) + clean_stale(rp.root):
@@ -158,13 +200,14 @@ def _start(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart
     dd.barrier(d)
 
     device = dd.device_for(d)
-    train_ids = folds.loc[folds["fold"] != fold, "id"].tolist()
-    val_ids = folds.loc[folds["fold"] == fold, "id"].tolist()
+    train_ids = training_ids(folds, None if fold == paths.ALL_DATA else fold, excl.ids)
+    val_ids = folds.loc[folds["fold"] == fold, "id"].tolist()  # all predicted into the OOF, excluded or not
     train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d, fold)
     if exp.data.pseudo is not None:
         log(f"data.pseudo: {len(train_ds) - len(train_ids)} pseudo-labelled test images of {exp.data.pseudo.name!r} "
             f"(fold {fold}'s, drawn with weight {exp.data.pseudo.weight:g}) beside {len(train_ids)} training images")
-    val_ds = SegDataset(adapter, val_ids, exp, comp.task, "val")
+    # Best-epoch selection is on clean labels: the excluded images are left out of the validation Dice.
+    val_ds = SegDataset(adapter, validation_ids(folds, fold, excl.ids), exp, comp.task, "val")
     # Validation shards are disjoint (no padding), so reduced sums count every image exactly once.
     val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
     val_loader = _loader(val_shard, exp)
@@ -183,12 +226,15 @@ def _start(exp: ExperimentConfig, fold: int, d: dd.Dist, checked: tuple, restart
     if swa is not None and saved is not None and saved.get("swa") is not None:
         swa.load_state_dict(saved["swa"])
     tracker = tracking.for_training(exp, comp, fold, run_cfg) if d.main else tracking.Tracker(False)
+    if "init_from" in lineage:
+        tracking.log_parent(tracker, paths.project() / lineage["init_from"], lineage.get("init_from_sha256"))
     return FoldRun(exp=exp, comp=comp, adapter=adapter, fold=fold, d=d, rp=rp, run_cfg=run_cfg, engine=engine,
                    train_ds=train_ds, sampler=sampler, train_loader=train_loader, val_ids=val_ids, val_ds=val_ds,
-                   val_loader=val_loader, tracker=tracker, log=log, state=state, topk=topk, swa=swa)
+                   val_loader=val_loader, tracker=tracker, log=log, state=state, topk=topk, swa=swa,
+                   deadline=checked.deadline)
 
 
-def _resume(exp: ExperimentConfig, fold: int, d: dd.Dist, engine: Engine, rp: paths.RunPaths, restart: bool,
+def _resume(exp: ExperimentConfig, fold: int | str, d: dd.Dist, engine: Engine, rp: paths.RunPaths, restart: bool,
             log) -> tuple[FoldState, dict | None]:
     """-> (the state to start from, last.pt's contents or None): a fresh state without last.pt or with
     ``restart``; else the engine loaded from last.pt and its state."""
@@ -235,7 +281,7 @@ def _averaged(run: FoldRun) -> dict:
 def _epochs(run: FoldRun, bar: tqdm, saver: ckpt.AsyncSaver, on_epoch) -> None:
     """The epochs still to run; checkpoints go to ``saver`` (written in the background)."""
     exp, d, engine, state, topk, swa = run.exp, run.d, run.engine, run.state, run.topk, run.swa
-    while state.epoch < exp.train.epochs and not _stopped_early(exp, state):
+    while state.epoch < exp.train.epochs and not _stopped_early(exp, state) and not out_of_time(run):
         epoch = state.epoch + 1
         if swa is not None and swa.active(epoch):
             engine.scheduler.hold(swa.cfg.lr)
@@ -245,17 +291,7 @@ def _epochs(run: FoldRun, bar: tqdm, saver: ckpt.AsyncSaver, on_epoch) -> None:
         run.train_ds.set_epoch(epoch)
         te = time.time()
         train_loss, n_train = engine.train_epoch(run.train_loader, epoch)
-        scores = engine.validate(run.val_loader, len(run.val_ds))
-        engine.scheduler.step_epoch(float(scores.mean()))
-        row = {"epoch": epoch, "train_loss": train_loss, "val_dice": float(scores.mean()),
-               "lr": engine.lr, "seconds": time.time() - te, "train_images_per_s": n_train / (time.time() - te),
-               **{f"dice/{c}": float(s) for c, s in zip(run.comp.classes, scores)}}
-        state.history.append(row)
-        improved = row["val_dice"] > state.best_score
-        if improved:
-            state.best_score, state.best_epoch, state.bad_epochs = row["val_dice"], epoch, 0
-        else:
-            state.bad_epochs += 1
+        row, improved = _scored(run, epoch, (train_loss, n_train), te)
         state.epoch = epoch
         if swa is not None and swa.active(epoch):
             swa.update(engine.raw)
@@ -268,7 +304,7 @@ def _epochs(run: FoldRun, bar: tqdm, saver: ckpt.AsyncSaver, on_epoch) -> None:
             _record(run, saver, row, improved)
         if on_epoch is not None:
             try:
-                on_epoch(epoch, row["val_dice"])
+                on_epoch(epoch, row.get("val_dice"))
             except BaseException as e:  # e.g. optuna.TrialPruned: the W&B run says why it stopped
                 saver.wait()
                 run.tracker.summary({"stopped_by": type(e).__name__, "epochs_run": epoch})
@@ -276,8 +312,35 @@ def _epochs(run: FoldRun, bar: tqdm, saver: ckpt.AsyncSaver, on_epoch) -> None:
                 bar.close()
                 raise
         bar.update(1)
-        bar.set_postfix(best=f"{state.best_score:.4f}")
+        bar.set_postfix(**({"best": f"{state.best_score:.4f}"} if "val_dice" in row
+                           else {"loss": f"{row['train_loss']:.4f}"}))
         dd.barrier(d)
+
+
+def _scored(run: FoldRun, epoch: int, trained: tuple[float, int], te: float) -> tuple[dict, bool]:
+    """The epoch's history row (appended to the state) and whether it is the best so far. ``trained``:
+    (train loss, images). The all-data run has no validation: its row is the training loss and the
+    images trained on, and no epoch is "best" (best.pt is the final weights)."""
+    engine, state = run.engine, run.state
+    train_loss, n_train = trained
+    if run.rp.is_all_data:
+        engine.scheduler.step_epoch()
+        row = {"epoch": epoch, "train_loss": train_loss, "train_images": n_train, "lr": engine.lr,
+               "seconds": time.time() - te, "train_images_per_s": n_train / (time.time() - te)}
+        state.history.append(row)
+        return row, False
+    scores = engine.validate(run.val_loader, len(run.val_ds))
+    engine.scheduler.step_epoch(float(scores.mean()))
+    row = {"epoch": epoch, "train_loss": train_loss, "val_dice": float(scores.mean()),
+           "lr": engine.lr, "seconds": time.time() - te, "train_images_per_s": n_train / (time.time() - te),
+           **{f"dice/{c}": float(s) for c, s in zip(run.comp.classes, scores)}}
+    state.history.append(row)
+    improved = row["val_dice"] > state.best_score
+    if improved:
+        state.best_score, state.best_epoch, state.bad_epochs = row["val_dice"], epoch, 0
+    else:
+        state.bad_epochs += 1
+    return row, improved
 
 
 def _record(run: FoldRun, saver: ckpt.AsyncSaver, row: dict, improved: bool) -> None:
@@ -291,6 +354,10 @@ def _record(run: FoldRun, saver: ckpt.AsyncSaver, row: dict, improved: bool) -> 
     saver.save(payload, run.rp.last)
     atomic_write_text(run.rp.history, pd.DataFrame(state.history).to_csv(index=False))
     run.tracker.log(row, step=epoch)
+    if "val_dice" not in row:  # the all-data run
+        run.log(f"epoch {epoch:3d}/{run.exp.train.epochs}  loss {row['train_loss']:.4f}  on {row['train_images']} "
+                f"images (all data, no validation)  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+        return
     run.log(f"epoch {epoch:3d}/{run.exp.train.epochs}  loss {row['train_loss']:.4f}  val dice {row['val_dice']:.4f}"
             f"{' *' if improved else '  '}  best {state.best_score:.4f} (epoch {state.best_epoch})"
             f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s")
@@ -299,41 +366,6 @@ def _record(run: FoldRun, saver: ckpt.AsyncSaver, row: dict, improved: bool) -> 
 def _stopped_early(exp: ExperimentConfig, state: FoldState) -> bool:
     p = exp.train.early_stopping
     return p is not None and state.bad_epochs >= p
-
-
-EXTENDABLE = ("experiment.train.epochs", "experiment.train.early_stopping")  # schedule length only
-# Keys that change how fast a run goes or where it is reported, never what it computes: a resumed
-# run may change them (``experiment.tracking.*``: W&B project, entity, on/off).
-NEUTRAL = ("experiment.data.cache", "experiment.data.workers", "experiment.train.progress")
-NEUTRAL_PREFIXES = ("experiment.tracking.",)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _check_run_dir(rp: paths.RunPaths, run_cfg: dict, restart: bool) -> tuple | None:
-    """A run folder belongs to one configuration: resuming under a changed config would mix two runs.
-    The one change allowed is a longer schedule (more ``train.epochs``, another ``early_stopping``):
-    the run then continues from last.pt. -> (old epochs, new epochs) when extending, else None."""
-    if restart or not rp.last.is_file() or not rp.config.is_file():
-        return None
-    old, new = _flat(read_yaml(rp.config)), _flat(yaml.safe_load(yaml.safe_dump(run_cfg, sort_keys=False)))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in NEUTRAL
-                     and not k.startswith(NEUTRAL_PREFIXES))
-    if not changed:
-        return None
-    e_old, e_new = old.get("experiment.train.epochs"), new.get("experiment.train.epochs")
-    if set(changed) <= set(EXTENDABLE) and (e_new or 0) >= (e_old or 0):
-        return e_old, e_new
-    raise ConfigError(f"{rp.root} holds a run with a different configuration (changed: "
-                      f"{[k.removeprefix('experiment.') for k in changed]}); only raising train.epochs (or "
-                      f"changing train.early_stopping) continues a run; use a new experiment name, or --restart "
-                      f"(RESTART=1) to start this fold over")
 
 
 def _finish(run: FoldRun, train_seconds: float) -> dict:
@@ -351,7 +383,11 @@ def _finish(run: FoldRun, train_seconds: float) -> dict:
     # truth of these images alone, in memory.
     view = store.open_experiment(exp.name, pd.DataFrame({"id": val_ids, "fold": fold}), comp.classes, comp.task)
     truth = store.MemoryTruth(adapter, view.ids, comp.classes)
-    images = store.Images([view], truth, adapter, comp.task)
+    # data.exclude: predicted into the OOF above, left out of its score (as `competition oof` does).
+    excl = run.run_cfg.get("exclude") or {"count": 0, "ids": []}
+    images = store.Images([view], truth, adapter, comp.task).without(set(excl["ids"]))
+    view, truth = images.members[0], images.truth
+    held_out = len(val_ids) - len(view.ids)  # this fold's excluded images
     scores = oofscore.per_image(images, comp.task, exp.train.threshold, pair_metric(comp.metric), workers=1)
     also = oofscore.report_metrics(images, comp.task, exp.train.threshold, comp.metric)
     summ = summarize(scores, comp.classes)
@@ -371,7 +407,13 @@ def _finish(run: FoldRun, train_seconds: float) -> dict:
                "first_epoch_val_dice": state.history[0]["val_dice"] if state.history else None,
                "train_seconds": round(train_seconds, 2),
                "predict_images_per_s": round(len(val_ids) * len(variants) / max(pred_seconds, 1e-9), 2),
-               "n_train": len(adapter.ids) - len(val_ids), "n_val": len(val_ids)}
+               "n_train": len(adapter.ids) - len(val_ids) - (excl["count"] - held_out), "n_val": len(view.ids),
+               "excluded": {k: excl.get(k) for k in ("count", "sha256", "source")} | {"in_fold": held_out}}
+    metrics.update(initfrom.recorded_in(run.run_cfg))  # the parent (model.init_from), when there is one
+    verdict = convergence.judge([r["val_dice"] for r in state.history], exp.train.epochs, _stopped_early(exp, state))
+    metrics["convergence"] = verdict.as_dict()
+    if run.stopped_by_budget:
+        metrics["stopped_by_budget"] = True
     atomic_write_text(rp.metrics, pd.Series(metrics).to_json(indent=1))
     tracker.table("val_dice_per_class", ["class", "val_dice", "oof_dice", "oof_dice_native"],
                   [[c, metrics["val_dice_per_class"][c], summ["per_class"][c], summ["per_class"][c]]
@@ -385,9 +427,10 @@ def _finish(run: FoldRun, train_seconds: float) -> dict:
     # which would overwrite a summary written earlier with the last epoch's values.
     tracker.summary({**{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
                      **{f"best_dice/{c}": v for c, v in metrics["val_dice_per_class"].items()},
-                     **{f"oof_report/{k}": v for k, v in also.items()}})
+                     **{f"oof_report/{k}": v for k, v in also.items()}, "convergence": verdict.status})
     tracking.log_fold(tracker, exp, fold, metrics)  # best.pt + metrics.json + OOF summary as a W&B artifact
     run.log(f"fold {fold}: best val dice {metrics['val_dice']:.4f} at epoch {metrics['best_epoch']}; "
             f"OOF dice {metrics['oof_dice']:.4f} at the original size "
             f"-> {store_dir.parent}")
+    run.log(f"fold {fold}: {verdict.message}")
     return metrics

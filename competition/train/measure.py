@@ -1,0 +1,65 @@
+"""What an experiment costs on this machine: seconds per training image and per validation image,
+measured on a few real batches through the training code (the loader with its augmentations, the
+engine's forward, loss, backward and optimizer step; the validation forward), after a warm-up batch.
+
+``competition init --budget`` plans from these figures; nothing is written.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import islice
+
+from torch.utils.data import Subset
+
+from competition.config import CompetitionConfig, ExperimentConfig
+from competition.data.dataset import SegDataset
+from competition.losses import build_loss, ignore_index_for
+from competition.models import build_model
+from competition.optim import build_optimizer, build_scheduler
+from competition.train import distributed as dd
+from competition.train.engine import Engine, seed_everything
+from competition.train.loop import _loader, training_loader
+
+
+@dataclass(frozen=True)
+class Costs:
+    train_s_per_image: float  # loading + augmenting + forward + loss + backward + optimizer step
+    val_s_per_image: float  # loading + forward + scoring
+    batch_size: int
+    device: str
+
+
+def costs(exp: ExperimentConfig, comp: CompetitionConfig, adapter, ids: list[str], batches: int = 2) -> Costs:
+    """Time ``batches`` training batches and as many validation batches of ``exp`` on ``ids``, each after
+    one warm-up batch (the first pays for lazy initialisation, which a whole run pays once)."""
+    d = dd.Dist()
+    device = dd.device_for(d)
+    seed_everything(exp.train.seed, exp.train.deterministic)
+    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
+    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    model = build_model(exp.model, out_ch, in_ch, input_size=exp.data.input_hw)
+    engine = Engine(model, build_loss(exp.loss, comp.task, out_ch, None, ignore_index_for(comp)), exp, comp,
+                    device, d)
+    engine.optimizer = build_optimizer(engine.model, exp.optimizer)
+    engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, batches + 1)
+    n = (batches + 1) * exp.data.batch_size
+    ids = (ids * (n // max(1, len(ids)) + 1))[:n]  # a small dataset: the same images again
+    train_ds, sampler, loader = training_loader(exp, comp, adapter, ids, d, 0)
+    sampler.set_epoch(1)
+    train_ds.set_epoch(1)
+    it = iter(loader)
+    engine.train_epoch([next(it)], 1)  # warm-up
+    t = time.perf_counter()
+    timed = list(islice(it, batches))
+    engine.train_epoch(timed, 1)
+    train_s = (time.perf_counter() - t) / (len(timed) * exp.data.batch_size)  # whole batches: n is a multiple
+    del it
+    val_ds = SegDataset(adapter, ids, exp, comp.task, "val")
+    val_loader = _loader(Subset(val_ds, range(exp.data.batch_size)), exp)
+    engine.validate(val_loader, exp.data.batch_size)  # warm-up
+    val_loader = _loader(Subset(val_ds, range(exp.data.batch_size, n)), exp)
+    t = time.perf_counter()
+    engine.validate(val_loader, n - exp.data.batch_size)
+    val_s = (time.perf_counter() - t) / (n - exp.data.batch_size)
+    return Costs(train_s, val_s, exp.data.batch_size, str(device))
