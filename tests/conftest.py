@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,37 @@ def tiny_data_cache(tmp_path_factory) -> Path:
 def tiny_project(project, tiny_data_cache) -> Path:
     shutil.copytree(tiny_data_cache, project / "data" / "tiny-hands")
     return project
+
+
+@contextmanager
+def trained_core(root: Path, data: Path, experiment: dict):
+    """``root`` as the cwd of a project with the tiny competition (``data`` copied in) and experiment
+    ``core`` = ``experiment``, its folds made and fold 0 trained; the cwd is restored on exit."""
+    (root / "configs/competitions").mkdir(parents=True)
+    (root / "configs/experiments").mkdir(parents=True)
+    (root / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition()))
+    (root / "configs/experiments/core.yaml").write_text(yaml.safe_dump(experiment))
+    shutil.copytree(data, root / "data/tiny-hands")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        from competition.cli import main
+        from competition.config import load_experiment
+        from competition.train.loop import fit
+        assert main(["folds", "--comp", "tiny-hands"]) == 0
+        fit(load_experiment("core"), 0, log=lambda *_: None)
+        yield root
+    finally:
+        os.chdir(cwd)
+
+
+def private_copy(trained: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of a module's trained project (without what tests never read) as the cwd: tests may
+    corrupt or add files."""
+    p = tmp_path / "proj"
+    shutil.copytree(trained, p, ignore=shutil.ignore_patterns("last.pt", "oof", "wandb"))
+    monkeypatch.chdir(p)
+    return p
 
 
 @pytest.fixture(scope="module")

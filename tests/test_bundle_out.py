@@ -4,13 +4,10 @@ replaced only when it is exactly that layout. Replacing is a swap: a failed buil
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import tiny_competition
+from conftest import trained_core
 from test_installs import EXP, write_recipe
 
 from competition.cli import main
@@ -23,21 +20,8 @@ LAYOUT = ["README.md", "checkpoints", "competition.yaml", "recipe.yaml", "run.py
 def trained(tmp_path_factory, tiny_data_cache) -> Path:
     """A project with one tiny experiment `core`, fold 0 trained (1 epoch), and its recipe `core`."""
     root = tmp_path_factory.mktemp("bundled")
-    (root / "configs/competitions").mkdir(parents=True)
-    (root / "configs/experiments").mkdir(parents=True)
-    (root / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition()))
-    (root / "configs/experiments/core.yaml").write_text(yaml.safe_dump({**EXP, "tracking": {"wandb": False}}))
-    shutil.copytree(tiny_data_cache, root / "data/tiny-hands")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        from competition.config import load_experiment
-        from competition.train.loop import fit
-        assert main(["folds", "--comp", "tiny-hands"]) == 0
-        fit(load_experiment("core"), 0, log=lambda *_: None)
+    with trained_core(root, tiny_data_cache, {**EXP, "tracking": {"wandb": False}}):
         write_recipe(root)
-    finally:
-        os.chdir(cwd)
     return root
 
 

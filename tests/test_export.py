@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import tiny_competition
+from conftest import private_copy, tiny_competition, trained_core
 from test_installs import EXP
 
 from competition import rle
@@ -37,20 +37,10 @@ AGREE = 0.999
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data_cache) -> Path:
     """A project with experiment `core` (fold 0, 1 epoch) and the two-member recipe `duo` over it."""
-    from competition.config import Recipe, RecipeCheckpoint, RecipeMember, dump_yaml, load_competition, load_experiment
+    from competition.config import Recipe, RecipeCheckpoint, RecipeMember, dump_yaml, load_competition
     from competition.io import file_hash
-    from competition.train.loop import fit
     root = tmp_path_factory.mktemp("export")
-    (root / "configs/competitions").mkdir(parents=True)
-    (root / "configs/experiments").mkdir(parents=True)
-    (root / "configs/competitions/tiny-hands.yaml").write_text(yaml.safe_dump(tiny_competition()))
-    (root / "configs/experiments/core.yaml").write_text(yaml.safe_dump({**EXP, "tracking": {"wandb": False}}))
-    shutil.copytree(tiny_data_cache, root / "data/tiny-hands")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["folds", "--comp", "tiny-hands"]) == 0
-        fit(load_experiment("core"), 0, log=lambda *_: None)
+    with trained_core(root, tiny_data_cache, {**EXP, "tracking": {"wandb": False}}):
         comp = load_competition("tiny-hands")
         ck = RecipeCheckpoint(path="runs/core/fold0/best.pt", sha256=file_hash(root / "runs/core/fold0/best.pt"))
         members = [RecipeMember(experiment="core", folds=[0], checkpoints=[ck], weights=[0.6],
@@ -60,18 +50,13 @@ def trained(tmp_path_factory, tiny_data_cache) -> Path:
         dump_yaml(Recipe(name="duo", competition="tiny-hands", task="multilabel", classes=comp.classes,
                          folds_sha256=file_hash(root / "folds/tiny-hands.csv"), members=members,
                          thresholds=[0.4] * len(comp.classes)), root / "ensembles/duo.yaml")
-    finally:
-        os.chdir(cwd)
     return root
 
 
 @pytest.fixture
 def proj(trained, tmp_path, monkeypatch) -> Path:
     """A private copy of the trained project as the cwd (tests write exports and submissions)."""
-    p = tmp_path / "proj"
-    shutil.copytree(trained, p, ignore=shutil.ignore_patterns("last.pt", "oof", "wandb"))
-    monkeypatch.chdir(p)
-    return p
+    return private_copy(trained, tmp_path, monkeypatch)
 
 
 def torch_model():

@@ -4,6 +4,7 @@ recipe whose member submits with its full-data model while its weight stays chos
 (recipe, report, ledger, bundle). Tiny models at 32 px, one or two epochs."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -13,25 +14,17 @@ import torch
 import yaml
 from pydantic import ValidationError
 from test_ensemble_util import fold_project, good, write_member
+from test_init_from import TINY as INIT_TINY
+from test_init_from import write_exp as init_write_exp
 
 from competition import paths
 from competition.config import ConfigError, RecipeCheckpoint, RecipeMember, load_experiment, load_recipe
 from competition.io import file_hash
 
-MODEL = {"arch": "Unet", "encoder": "tu-test_resnet", "decoder_channels": [8, 8, 8, 8, 8]}
-TINY = {"competition": "tiny-hands", "model": MODEL,
-        "optimizer": {"name": "adamw", "lr": 0.003}, "scheduler": {"name": "cosine", "warmup_epochs": 0},
-        "data": {"input_size": 32, "batch_size": 4, "workers": 0},
-        "train": {"epochs": 5, "progress": False, "seed": 0}, "oof": {"tta": []}, "tracking": {"wandb": False}}
+TINY = {**INIT_TINY, "train": {**INIT_TINY["train"], "epochs": 5}}
+write_exp = functools.partial(init_write_exp, base=TINY)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_exp(project, name: str, **sections) -> None:
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
-    (project / "configs/experiments" / f"{name}.yaml").write_text(yaml.safe_dump(data))
 
 
 def fold_metrics(name: str, best: dict[int, int]) -> None:

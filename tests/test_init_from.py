@@ -24,8 +24,8 @@ TINY = {"competition": "tiny-hands", "model": MODEL,
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_exp(project, name: str, **sections) -> None:
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+def write_exp(project, name: str, base: dict = TINY, **sections) -> None:
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for k, v in sections.items():
         data[k] = {**data.get(k, {}), **v}
     (project / "configs/experiments" / f"{name}.yaml").write_text(yaml.safe_dump(data))

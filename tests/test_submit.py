@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import tiny_competition
+from conftest import private_copy, tiny_competition
 
 from competition import rle
 from competition.config import Recipe, RecipeCheckpoint, RecipeMember, dump_yaml, load_competition
@@ -62,10 +62,7 @@ def trained(tmp_path_factory, tiny_data_cache) -> Path:
 @pytest.fixture
 def proj(trained, tmp_path, monkeypatch) -> Path:
     """A private copy of the trained project (tests corrupt files), as the cwd."""
-    p = tmp_path / "proj"
-    shutil.copytree(trained, p, ignore=shutil.ignore_patterns("last.pt", "oof", "wandb"))
-    monkeypatch.chdir(p)
-    return p
+    return private_copy(trained, tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -194,9 +194,8 @@ def _problems(fit: Fit, parent: Parent, exp: ExperimentConfig, out_ch: int) -> C
                        f"{exp.model.encoder}, {out_ch} output channels): {'; '.join(parts)}; {hint}")
 
 
-def check(exp: ExperimentConfig, fold: int | str, model: nn.Module, out_ch: int) -> Parent | None:
-    """``train --check``: the parent exists for ``fold``, may be used, and fits ``model`` (which may be on
-    the meta device: only names and shapes are compared); nothing is loaded into the model."""
+def _fitting(exp: ExperimentConfig, fold: int | str, model: nn.Module, out_ch: int):
+    """(the parent, how its tensors map onto ``model``), the mismatches raised; None without init_from."""
     found = read(exp, fold)
     if found is None:
         return None
@@ -204,19 +203,23 @@ def check(exp: ExperimentConfig, fold: int | str, model: nn.Module, out_ch: int)
     fit = match(model, state, exp.model.init_skip_head, out_ch)
     if not fit.ok:
         raise _problems(fit, parent, exp, out_ch)
-    return parent
+    return parent, fit
+
+
+def check(exp: ExperimentConfig, fold: int | str, model: nn.Module, out_ch: int) -> Parent | None:
+    """``train --check``: the parent exists for ``fold``, may be used, and fits ``model`` (which may be on
+    the meta device: only names and shapes are compared); nothing is loaded into the model."""
+    checked = _fitting(exp, fold, model, out_ch)
+    return None if checked is None else checked[0]
 
 
 def apply(exp: ExperimentConfig, fold: int | str, model: nn.Module, out_ch: int, log=None) -> Parent | None:
     """Load the parent's weights into the freshly built ``model`` (before the optimizer and the EMA copy
     are made from it); -> the parent, or None without init_from."""
-    found = read(exp, fold)
-    if found is None:
+    checked = _fitting(exp, fold, model, out_ch)
+    if checked is None:
         return None
-    parent, state = found
-    fit = match(model, state, exp.model.init_skip_head, out_ch)
-    if not fit.ok:
-        raise _problems(fit, parent, exp, out_ch)
+    parent, fit = checked
     with torch.no_grad():
         model.load_state_dict(fit.load, strict=False)  # strict=False: only the skipped head is left out
     if log is not None:
