@@ -81,15 +81,17 @@ def summarize(verdicts: dict[int, Verdict]) -> str:
             f"and were still rising; raise train.epochs (extend the runs with --set train.epochs={suggest})")
 
 
-def of_run(rp: paths.RunPaths) -> Verdict | None:
+def of_run(rp: paths.RunPaths, metrics: dict | None = None) -> Verdict | None:
     """The verdict on a finished or interrupted fold from its files: ``history.csv`` and the schedule in
-    ``config.yaml`` (runs written before the verdict existed included); None without a history."""
+    ``config.yaml`` (runs written before the verdict existed included); None without a history.
+    ``metrics``: its ``metrics.json`` when the caller has read it already."""
     if not rp.history.is_file():
         return None
     try:
         hist = read_csv(rp.history, "history file")
         cfg = yaml.safe_load(read_text(rp.config, "run config")) if rp.config.is_file() else {}
-        metrics = json.loads(read_text(rp.metrics, "metrics file")) if rp.metrics.is_file() else {}
+        if metrics is None:
+            metrics = json.loads(read_text(rp.metrics, "metrics file")) if rp.metrics.is_file() else {}
     except (ReadError, json.JSONDecodeError, yaml.YAMLError):
         return None
     if "val_dice" not in hist.columns:

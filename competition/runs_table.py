@@ -80,7 +80,7 @@ SUMMARY = ["val_dice", "worst_classes", "epochs", "converged", "train_s"]
 
 def _status(rp: paths.RunPaths, m: dict) -> str:
     """yes / NO (still improving: more epochs would help) / early (stopped early) / ? (too few epochs)."""
-    v = (m.get("convergence") or {}).get("status") or getattr(convergence.of_run(rp), "status", None)
+    v = (m.get("convergence") or {}).get("status") or getattr(convergence.of_run(rp, m), "status", None)
     return {"converged": "yes", "still_improving": "NO", "stopped_early": "early", "too_short": "?"}.get(v, "-")
 
 
