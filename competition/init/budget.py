@@ -6,19 +6,23 @@ does the first from measurements of the second kind. Each candidate input size (
 training code (:func:`competition.train.measure.costs`: seconds per training and per validation
 image, after a warm-up batch), and the whole cross-validation is costed as
 
-    folds x (epochs x (n_train x train_s + n_val x val_s) + OOF + FOLD_OVERHEAD_S)
+    folds x (epochs x (n_train x train_s + n_val x val_s + epoch_overhead) + OOF + FOLD_OVERHEAD_S)
 
-where the OOF (written at the end of each fold) costs ``n_val x val_s x OOF_FORWARDS``. The plan is
-the largest input size that still affords :data:`MIN_EPOCHS` epochs in the budget, with as many
-epochs as the budget then allows (at most :data:`MAX_EPOCHS`); when even the smallest size does
-not, the smallest size with the epochs it affords, and a warning. Without ``--budget`` the quick
-default is kept and its expected time is measured the same way.
+where the OOF (written at the end of each fold) costs ``n_val x val_s x OOF_FORWARDS`` and the
+epoch's overhead (loaders' first batches, ``last.pt``) is measured too. The plan is the largest
+input size that still affords :data:`MIN_EPOCHS` epochs in the budget, with as many epochs as the
+budget then allows (at most :data:`MAX_EPOCHS`). A budget too tight for that at 128 px trades folds
+first (down to :data:`MIN_FOLDS`), then input size (96, 64 px), and warns when even that does not
+reach :data:`MIN_EPOCHS`. Without ``--budget`` the quick default is kept and its expected time is
+measured the same way. A size that runs out of device memory ends the search.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
 from dataclasses import dataclass
+
+import torch
 
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, validate
 from competition.durations import duration, parse_budget  # noqa: F401 (parse_budget: init's flag)
@@ -28,6 +32,8 @@ from competition.train.measure import Costs, costs
 MIN_EPOCHS = 40  # fewer and most runs stop while still improving (the EM starter at 25: every fold)
 MAX_EPOCHS = 400  # more buys little for a starter; a larger input size is the better use of the time
 SIDES = (128, 192, 256, 384, 512, 768, 1024)  # candidate long sides, px
+SMALL_SIDES = (96, 64)  # only when 128 px does not afford MIN_EPOCHS even with MIN_FOLDS folds
+MIN_FOLDS = 3  # fewer leave too few folds for an OOF estimate worth choosing an ensemble on
 FOLD_OVERHEAD_S = 12.0  # per fold: model and loader start, best.pt reload, metrics, W&B (offline)
 OOF_FORWARDS = 3  # the plain OOF plus the hflip variant's two views, as training writes them
 
@@ -42,7 +48,14 @@ class Candidate:
     gpus: int = 1
 
     def epoch_s(self) -> float:
-        return (self.n_train * self.costs.train_s_per_image + self.n_val * self.costs.val_s_per_image) / self.gpus
+        images = self.n_train * self.costs.train_s_per_image + self.n_val * self.costs.val_s_per_image
+        return images / self.gpus + self.costs.epoch_overhead_s
+
+    def with_folds(self, folds: int) -> Candidate:
+        """The same measured costs with ``folds`` folds: more images train and validate per fold, fewer folds."""
+        n = self.n_train + self.n_val
+        n_val = math.ceil(n / folds)
+        return Candidate(self.input_size, self.costs, folds, n - n_val, n_val, self.gpus)
 
     def fixed_s(self) -> float:
         """Per fold, whatever the epochs: the OOF and the start-up."""
@@ -83,7 +96,7 @@ class Plan:
     candidate: Candidate
     epochs: int
     budget_s: float | None
-    tried: list[tuple[int | list[int], int]]  # (input size, epochs it affords)
+    tried: list[tuple[int | list[int], int, int]]  # (input size, folds, epochs it affords)
 
     def total_s(self) -> float:
         return self.candidate.total_s(self.epochs)
@@ -101,35 +114,78 @@ class Plan:
 
 
 def plan(exp: dict, comp: CompetitionConfig, adapter, budget_s: float | None, gpus: int = 1, log=print) -> Plan:
-    """The plan for starter experiment ``exp`` (a dict, as init writes it) on ``comp``'s data."""
+    """The plan for starter experiment ``exp`` (a dict, as init writes it) on ``comp``'s data.
+
+    With a budget, in order: the largest size from 128 px up affording :data:`MIN_EPOCHS` epochs of
+    every fold; else 128 px with fewer folds (down to :data:`MIN_FOLDS`: 5 folds train each image 4
+    times an epoch, 3 folds twice); else the largest of 96 and 64 px that affords them with those
+    folds; else the cheapest of these with the epochs it affords, and a warning."""
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: at least 1")
     n = len(adapter.ids)
     k = comp.folds
-    n_val = math.ceil(n / k)
 
-    def candidate(size) -> Candidate:
+    def candidate(size, folds=k) -> Candidate | None:
         log(f"init: measuring training at input {size} ...")
-        return Candidate(size, measure(exp, comp, adapter, size), k, n - n_val, n_val, gpus)
+        try:
+            measured = measure(exp, comp, adapter, size)
+        except torch.OutOfMemoryError:
+            log(f"init: input {size} at batch {exp['data']['batch_size']} does not fit in this device's memory")
+            return None
+        n_val = math.ceil(n / k)
+        return Candidate(size, measured, k, n - n_val, n_val, gpus).with_folds(folds)
 
     if budget_s is None:
         c = candidate(exp["data"]["input_size"])
+        if c is None:
+            raise ConfigError(f"data.input_size {exp['data']['input_size']} at batch {exp['data']['batch_size']} "
+                              f"does not fit in this device's memory; plan with --budget")
         return Plan(c, int(exp["train"]["epochs"]), None, [])
     native = Counter(tuple(adapter.image_size(i)) for i in adapter.ids[:32]).most_common(1)[0][0]
     chosen, tried = None, []
     for size in sizes(*native):
         c = candidate(size)
-        tried.append((size, c.affords(budget_s)))
-        if chosen is not None and tried[-1][1] < MIN_EPOCHS:
-            break  # larger sizes only afford fewer epochs
-        if chosen is None or tried[-1][1] >= MIN_EPOCHS:
+        if c is None:
+            break
+        tried.append((size, c.folds, c.affords(budget_s)))
+        if chosen is None or tried[-1][2] >= MIN_EPOCHS:
             chosen = c
-    epochs = max(1, min(MAX_EPOCHS, chosen.affords(budget_s)))
-    if chosen.affords(budget_s) < 10:
-        log(f"init: WARNING: a budget of {duration(budget_s)} affords only {chosen.affords(budget_s)} epochs of "
-            f"{k} folds at the smallest input size {chosen.input_size}; plan on at least "
+        if tried[-1][2] < MIN_EPOCHS:
+            break  # larger sizes only afford fewer epochs
+    if chosen is None:
+        raise ConfigError(f"input {sizes(*native)[0]} at batch {exp['data']['batch_size']} does not fit in this "
+                          f"device's memory")
+    if chosen.affords(budget_s) < MIN_EPOCHS:
+        chosen = _cheaper(chosen, budget_s, tried, candidate)
+    affords = chosen.affords(budget_s)
+    epochs = max(1, min(MAX_EPOCHS, affords))
+    if affords < MIN_EPOCHS:
+        log(f"init: WARNING: a budget of {duration(budget_s)} affords only {max(0, affords)} epochs of "
+            f"{chosen.folds} folds at input {chosen.input_size}; plan on at least "
             f"{duration(chosen.total_s(MIN_EPOCHS))} for {MIN_EPOCHS} epochs")
     return Plan(chosen, epochs, budget_s, tried)
+
+
+def _cheaper(c: Candidate, budget_s: float, tried: list, candidate) -> Candidate:
+    """Fewer folds at ``c``'s size, then smaller sizes at the fewest folds, as ``plan`` orders them."""
+    for folds in range(c.folds - 1, min(c.folds, MIN_FOLDS) - 1, -1):
+        c = c.with_folds(folds)
+        tried.append((c.input_size, folds, c.affords(budget_s)))
+        if tried[-1][2] >= MIN_EPOCHS:
+            return c
+    h, w = _hw(c.input_size)
+    for side in [x for x in SMALL_SIDES if x < max(h, w)]:
+        scale = side / max(h, w)
+        hw = [_mult32(h * scale), _mult32(w * scale)]
+        small = candidate(hw[0] if hw[0] == hw[1] else hw, c.folds)
+        if small is None:
+            continue
+        tried.append((small.input_size, small.folds, small.affords(budget_s)))
+        if small.affords(budget_s) > c.affords(budget_s):
+            c = small
+        if tried[-1][2] >= MIN_EPOCHS:
+            break
+    return c
 
 
 def apply(exp: dict, why: dict, p: Plan) -> tuple[dict, dict]:
@@ -138,9 +194,10 @@ def apply(exp: dict, why: dict, p: Plan) -> tuple[dict, dict]:
            "train": {**exp["train"], "epochs": p.epochs}}
     why = dict(why)
     if p.budget_s is not None:
-        tried = ", ".join(f"{s}: {e} epochs" for s, e in p.tried)
+        tried = ", ".join(f"{s} x {k} folds: {e} epochs" for s, k, e in p.tried)
         why["data.input_size"] = (f"planned for --budget {duration(p.budget_s)}: the largest input size affording "
-                                  f"{MIN_EPOCHS}+ epochs of every fold (measured here: {tried})")
+                                  f"{MIN_EPOCHS}+ epochs of every fold, else fewer folds, then smaller sizes "
+                                  f"(measured here: {tried})")
         why["train.epochs"] = (f"planned: what the budget affords at this size (at most {MAX_EPOCHS}); "
                                f"{p.note()}")
     else:

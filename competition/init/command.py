@@ -14,6 +14,7 @@ from competition.data.alignment import check_pixel_order
 from competition.data.folder import IMAGE_EXTS
 from competition.durations import parse_budget
 from competition.errors import UserError
+from competition.init.budget import MIN_EPOCHS
 from competition.init.budget import apply as apply_plan
 from competition.init.budget import plan as budget_plan
 from competition.init.common import SAMPLE, InitError
@@ -165,6 +166,11 @@ def init(data_dir: str | Path, name: str | None = None, force: bool = False, bud
     if not d.problems:  # measured through the real adapter and training code: only data that loads
         planned = budget_plan(exp, cfg, make_adapter(cfg), budget_s, gpus)
         exp, exp_why = apply_plan(exp, exp_why, planned)
+        if planned.candidate.folds != cfg.folds:
+            d.set("folds", planned.candidate.folds, f"planned for --budget: {cfg.folds} folds did not afford "
+                                                    f"{MIN_EPOCHS} epochs at input {planned.tried[0][0]}")
+            data = _ordered(d.data)
+            cfg = validate(CompetitionConfig, data, comp_path)
         validate(ExperimentConfig, {"name": f"{name}-baseline", **exp}, exp_path)
     elif budget_s is not None:
         d.undecided.append("--budget: not planned, the data does not load with this config yet (see PROBLEMS)")

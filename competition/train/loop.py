@@ -82,7 +82,7 @@ def compact_samples(workers: int) -> bool:
     return workers > 0
 
 
-def _loader(ds, exp: ExperimentConfig, sampler=None, shuffle_free: bool = True) -> DataLoader:
+def make_loader(ds, exp: ExperimentConfig, sampler=None, shuffle_free: bool = True) -> DataLoader:
     workers = exp.data.workers
     if compact_samples(workers):
         for d in getattr(ds, "datasets", None) or [getattr(ds, "dataset", ds)]:
@@ -103,7 +103,7 @@ def training_loader(exp: ExperimentConfig, comp: CompetitionConfig, adapter, tra
         weights = rare_class_weights(pres, exp.data.rare_class_oversample, exp.data.rare_class_quantile)
     train_ds, weights = add_pseudo(train_ds, weights, exp, comp, adapter, fold)
     sampler = EpochSampler(len(train_ds), exp.train.seed, weights, d.rank, d.world)
-    return train_ds, sampler, _loader(train_ds, exp, sampler)
+    return train_ds, sampler, make_loader(train_ds, exp, sampler)
 
 
 def fit(exp: ExperimentConfig, fold: int | str, restart: bool = False, log=tqdm.write, on_epoch=None,
@@ -210,7 +210,7 @@ def _start(exp: ExperimentConfig, fold: int | str, d: dd.Dist, checked: _Prepare
     val_ds = SegDataset(adapter, validation_ids(folds, fold, excl.ids), exp, comp.task, "val")
     # Validation shards are disjoint (no padding), so reduced sums count every image exactly once.
     val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
-    val_loader = _loader(val_shard, exp)
+    val_loader = make_loader(val_shard, exp)
 
     loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
                          ignore_index_for(comp))
