@@ -27,7 +27,8 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = ("handbone-unet3plus-2048", "handbone-unet3plus-eff", "handbone-hrnet-1024crop", "handbone-segformer")
+# Every hand-bone recipe in configs/experiments: a new one is checked without touching this list.
+RECIPES = tuple(sorted(p.stem for p in (REPO / "configs/experiments").glob("handbone-*.yaml")))
 
 
 def _project(smoke: bool) -> Path:

@@ -288,6 +288,15 @@ class _Competition(Strict):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def out_channels(self) -> int:
+        """The network's outputs: one per class, and background too when the classes exclude each other."""
+        return self.num_classes + (1 if self.task == "multiclass" else 0)
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.image.channels == "grayscale" else 3
+
     def root(self) -> Path:
         """The data root, absolute; a relative one is taken from the project folder (the cwd)."""
         p = Path(self.data_root).expanduser()

@@ -4,7 +4,8 @@ A run is **still improving** when its best epoch lies in the last 10 % of the sc
 part of the schedule (the last 20 %, at least 3 epochs) raised the best validation score by more than
 :data:`RISE` over everything before it: more epochs would very likely help, so it says by how many to
 extend it (``--set train.epochs=…`` continues the same run from ``last.pt``). A run that early
-stopping ended, or whose curve is flat at the end, has converged. Pure functions of the history:
+stopping ended, or whose curve is flat at the end, has converged; one of fewer than
+:data:`MIN_CONVERGED` epochs that is not still improving is too short to tell. Pure functions of the history:
 ``train`` prints the verdict at the end of a fold and writes it into ``metrics.json`` (and W&B),
 ``competition runs`` shows it, ``competition oof`` sums it up over the experiment's folds.
 """
@@ -22,6 +23,7 @@ from competition.io import ReadError, read_csv, read_text
 RISE = 0.005  # half a Dice point: below it, the curve's last stretch is noise, not progress
 LAST_SHARE = 0.1  # the best epoch in the last 10 % of the schedule
 WINDOW_SHARE = 0.2  # the stretch whose gain is measured: the last 20 %, at least 3 epochs
+MIN_CONVERGED = 10  # fewer epochs show no plateau: a dip at the last one is noise (dsb2018's 4-epoch plan)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ def judge(scores: list[float], epochs_planned: int, stopped_early: bool = False)
                        f"still improving at epoch {n} of {epochs_planned} (best epoch {best}; the last {window} epochs "
                        f"added {gain:+.4f}): raise train.epochs (extend this run with --set train.epochs={suggest})",
                        best, n, epochs_planned, gain, suggest)
+    if n < MIN_CONVERGED:
+        return Verdict("too_short", f"{n} epochs are too few to tell whether the run converged (best epoch {best})",
+                       best, n, epochs_planned, gain)
     last = max(1, math.ceil(LAST_SHARE * n))
     why = (f"none of the last {last} epochs was better" if not late
            else f"the last {window} epochs added only {gain:+.4f}")

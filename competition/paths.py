@@ -217,6 +217,11 @@ def pseudo_dir(name: str) -> Path:
     return runs_root() / "_pseudo" / check_name("pseudo-label set", name)
 
 
+def export_dir(recipe: str, fmt: str) -> Path:
+    """``runs/_export/<recipe>-<format>/``: ``competition export``'s default output."""
+    return runs_root() / "_export" / f"{check_name('ensemble', recipe)}-{fmt}"
+
+
 def pseudo_store(name: str, fold: int) -> Path:
     """``runs/_pseudo/<name>/fold<k>/``: fold k's pseudo-labels, from the recipe's fold-k models only."""
     return pseudo_dir(name) / f"fold{int(fold)}"

@@ -66,3 +66,14 @@ def test_overrides_are_validated(project):
     assert load_experiment("a", {"optimizer.lr": 0.5}).optimizer.lr == 0.5
     with pytest.raises(ConfigError, match="optimizer.lr"):
         load_experiment("a", {"optimizer.lr": -1})
+
+
+def test_channels_follow_the_task_and_the_images():
+    comp = load_competition("synthetic-hands")
+    assert (comp.task, comp.num_classes, comp.out_channels) == ("multilabel", 12, 12)
+    one_of = comp.model_copy(update={"task": "multiclass"})
+    assert one_of.out_channels == 13  # the background is a channel when the classes exclude each other
+    assert comp.in_channels == (1 if comp.image.channels == "grayscale" else 3)
+    rgb = comp.model_copy(update={"image": comp.image.model_copy(update={"channels": "rgb"})})
+    gray = comp.model_copy(update={"image": comp.image.model_copy(update={"channels": "grayscale"})})
+    assert (rgb.in_channels, gray.in_channels) == (3, 1)

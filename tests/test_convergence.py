@@ -37,6 +37,9 @@ def test_an_early_best_epoch_and_early_stopping_are_converged():
 
 def test_too_few_epochs_are_not_judged():
     assert judge([0.1, 0.2], 2).status == "too_short"
+    short = judge([0.3, 0.5, 0.68, 0.66], 4)  # a dip at the last of 4 epochs is no plateau
+    assert short.status == "too_short" and "4 epochs are too few" in short.message
+    assert judge([0.1, 0.2, 0.3, 0.6], 4).status == "still_improving"  # rising at the end says so at any length
     assert judge([], 5).status == "too_short"
 
 

@@ -40,7 +40,7 @@ def predict_fold(exp_name: str, fold: int, comp, adapter, val_ids: list[str],
     sizes = {i: tuple(adapter.image_size(i)) for i in val_ids}
     tiles.check_space(rp.oof(variant), tiles.estimate_sizes(list(sizes.values()), len(comp.classes)),
                       f"the OOF of {exp_name} fold {fold}", "competition oof")
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    in_ch = comp.in_channels
     model = load_model(ckpt_path, comp.classes, comp.task, dev, in_ch)
     exp = model.experiment
     member = MemberPredictor([model], comp.task, views, scales, dev)

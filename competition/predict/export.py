@@ -65,11 +65,6 @@ class ExportError(UserError):
     """A model could not be exported, or its export does not reproduce the torch model."""
 
 
-def default_dir(recipe: str, fmt: str) -> Path:
-    """``runs/_export/<recipe>-<format>/``."""
-    return paths.runs_root() / "_export" / f"{paths.check_name('ensemble', recipe)}-{fmt}"
-
-
 def network_sizes(exp, views, scales) -> list[tuple[int, int]] | None:
     """Every (h, w) the network meets when ``exp``'s model runs with these TTA views and scales (whole
     canvases or sliding windows, scaled, turned); None: any size (images kept at their native size)."""
@@ -92,7 +87,7 @@ def _union(a, b):
 
 
 def _normalisation(comp: CompetitionConfig, exp) -> dict:
-    c = 1 if comp.image.channels == "grayscale" else 3
+    c = comp.in_channels
     return {"scale": f"1/{65535 if comp.image.bit_depth == 16 else 255}", "mean": MEAN[c], "std": STD[c],
             "preprocess": [t.model_dump(mode="json") for t in exp.augment.preprocess]}
 
@@ -218,7 +213,7 @@ def write_export(recipe: Recipe, comp: CompetitionConfig, root: Path, source: st
             need(module, "competition export --format onnx")
     check_recipe(recipe, comp.classes, comp.task, source)
     plan, per_member = _plan(recipe, root, source)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    in_ch = comp.in_channels
     models, files = [], {}
     with atomic_dir(out) as tmp:
         for path, (stem, sha, exp, sizes) in plan.items():
@@ -291,11 +286,11 @@ def check_out(out: Path) -> None:
 
 
 def export_recipe(ensemble: str | None, fmt: str, out: Path | None = None, log=print) -> Path:
-    """``competition export``: the recipe's models into ``out`` (default: :func:`default_dir`)."""
+    """``competition export``: the recipe's models into ``out`` (default: :func:`competition.paths.export_dir`)."""
     source = resolve_recipe(ensemble)
     recipe = load_recipe(source)
     comp = load_competition(recipe.competition)
-    out = Path(out) if out is not None else default_dir(recipe.name, fmt)
+    out = Path(out) if out is not None else paths.export_dir(recipe.name, fmt)
     check_out(out)
     log(f"exporting {recipe.name} ({source}) to {fmt} in {out}")
     doc = write_export(recipe, comp, paths.project(), str(source), out, fmt, log)
@@ -372,7 +367,7 @@ def load_onnx_models(recipe: Recipe, comp: CompetitionConfig, root: Path, source
             mine.append(path)
         order.append(mine)
     nets: dict[Path, LoadedModel] = {}
-    for folder in (root / "onnx", default_dir(recipe.name, "onnx")):
+    for folder in (root / "onnx", paths.export_dir(recipe.name, "onnx")):
         records, _ = _match(folder, needed)
         if records is not None:
             log(f"--runtime onnx: {len(records)} ONNX models from {folder}")

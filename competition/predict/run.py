@@ -82,7 +82,7 @@ def build_predictor(recipe: Recipe, comp: CompetitionConfig, root: Path, source:
     ``inference.runtime`` / ``inference.compile`` say what runs the networks (:mod:`.runtime`); the
     code around them is the same."""
     check_recipe(recipe, comp.classes, comp.task, source)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    in_ch = comp.in_channels
     if inference.runtime == "onnx":
         models = load_onnx_models(recipe, comp, root, source, dev, log)
     else:

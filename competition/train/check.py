@@ -98,7 +98,7 @@ def _build_model(exp: ExperimentConfig, out_ch: int, in_ch: int):
         return build("cpu"), False
 
 
-def _class_weights(exp, comp, adapter, train_ids) -> torch.Tensor | None:
+def class_weights(exp, comp, adapter, train_ids) -> torch.Tensor | None:
     cw = exp.loss.class_weights
     if cw is None:
         return None
@@ -148,11 +148,10 @@ def _built(section: str, build, meta: bool = False):
 def _build_run(exp: ExperimentConfig, comp: CompetitionConfig, n_train: int) -> torch.nn.Module:
     """Build what ``fit`` builds before it loads data (see the module docstring); raise ConfigError.
     -> the model (on the meta device when it can be built there)."""
-    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
+    out_ch, in_ch = comp.out_channels, comp.in_channels
     model, on_meta = _build_model(exp, out_ch, in_ch)
     cw = exp.loss.class_weights
-    weights = (_class_weights(exp, comp, None, []) if isinstance(cw, list)  # its length checked as the run does
+    weights = (class_weights(exp, comp, None, []) if isinstance(cw, list)  # its length checked as the run does
                else torch.ones(comp.num_classes) if cw is not None else None)  # counted on the data by the run
     _built("loss", lambda: build_loss(exp.loss, comp.task, out_ch, weights, ignore_index_for(comp)))
     try:
@@ -196,8 +195,7 @@ def check_run(exp: ExperimentConfig, fold: int | str, comp: CompetitionConfig | 
     rp = paths.run(exp.name, fold)
     initfrom.resolve(exp, fold)  # the leak rule first: it needs no file
     models.check_model(exp.model)  # the architecture (a plug-in is imported here), the encoder, every model.* key
-    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
-    _built("loss", lambda: build_loss(exp.loss, comp.task, out_ch))
+    _built("loss", lambda: build_loss(exp.loss, comp.task, comp.out_channels))
     optimizer = _built("optimizer", lambda: build_optimizer(torch.nn.Linear(1, 1), exp.optimizer))
     _built("scheduler", lambda: build_scheduler(optimizer, exp.scheduler, exp.train.epochs, 1))
     build_pipeline(exp.augment.preprocess, "augment.preprocess")
@@ -225,7 +223,7 @@ def check_run(exp: ExperimentConfig, fold: int | str, comp: CompetitionConfig | 
     if build:
         model = _build_run(exp, comp, len(folds) - n_val)
         if restart or not rp.last.is_file():
-            initfrom.check(exp, fold, model, out_ch)
+            initfrom.check(exp, fold, model, comp.out_channels)
     _writable(rp.root)
     if lock and rp.root.is_dir():
         locks.probe(rp.lock, f"run folder {rp.root}")  # leaves the holder's record as it is

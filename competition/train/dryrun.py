@@ -3,12 +3,12 @@ then exit having written nothing.
 
 Everything ``train --check`` validates is checked first (:func:`competition.train.check.check_run`).
 Then the model and the training DataLoader are built exactly as ``fit`` builds them (the same
-``SegDataset``, ``EpochSampler``, ``_loader``, loss, optimizer, scheduler and ``Engine``, imported from
-:mod:`competition.train.loop`), one batch of epoch 1 is drawn and put through one
-``Engine.train_epoch`` step (forward, loss, backward, clipping, optimizer step) on the device
-``train`` would use. Printed: parameters, input/target/output shapes, the seconds to load the batch
-and for the step, peak memory (CUDA, and the process's host memory). No run folder, checkpoint,
-W&B run or file of any kind is written.
+``SegDataset``, ``EpochSampler`` and loader, :func:`competition.train.loop.training_loader`; the
+same loss, optimizer, scheduler and ``Engine``, :func:`competition.train.engine.build_engine`), one
+batch of epoch 1 is drawn and put through one ``Engine.train_epoch`` step (forward, loss, backward,
+clipping, optimizer step) on the device ``train`` would use. Printed: parameters, input/target/output
+shapes, the seconds to load the batch and for the step, peak memory (CUDA, and the process's host
+memory). No run folder, checkpoint, W&B run or file of any kind is written.
 
 Pretrained encoder weights are replaced by random init (said on the output): a dry run measures
 sizes and speed, and must work offline. ``--comp C`` runs the experiment against another competition
@@ -29,15 +29,13 @@ import torch
 from competition import paths
 from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, load_competition, to_plain, validate
 from competition.folds import FoldsError, excluded, training_ids
-from competition.losses import ignore_index_for
 from competition.models import build_model, check_model, model_summary, uses_encoder
 from competition.models.precision import autocast_dtype
-from competition.optim import build_scheduler
 from competition.store import tiles
 from competition.train import distributed as dd
-from competition.train.check import _class_weights, check_run, oof_variants
-from competition.train.engine import seed_everything
-from competition.train.loop import Engine, build_loss, build_optimizer, training_loader
+from competition.train.check import check_run, class_weights, oof_variants
+from competition.train.engine import build_engine, seed_everything
+from competition.train.loop import training_loader
 
 __all__ = ["dry_run", "resolve_competition", "same_classes"]
 
@@ -140,13 +138,11 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
     d = dd.Dist()  # one process: the step of one rank
     device = dd.device_for(d)
     seed_everything(exp.train.seed, exp.train.deterministic)
-    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
     if weights_given is not None:
         log(f"model.encoder_weights {weights_given!r} replaced by random init for the dry run "
             f"(sizes and speed do not depend on it; nothing is downloaded or read)")
     t = time.time()
-    model = build_model(exp.model, out_ch, in_ch, exp.data.input_hw)
+    model = build_model(exp.model, comp.out_channels, comp.in_channels, exp.data.input_hw)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     m = exp.model
@@ -159,12 +155,8 @@ def dry_run(exp: ExperimentConfig, fold: int, comp: CompetitionConfig | None = N
 
     train_ids = training_ids(folds, None if fold == paths.ALL_DATA else fold, excluded(exp.data.exclude, folds).ids)
     train_ds, sampler, train_loader = training_loader(exp, comp, adapter, train_ids, d, fold)
-    loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
-                         ignore_index_for(comp))
-    engine = Engine(model, loss_fn, exp, comp, device, d)
-    engine.optimizer = build_optimizer(engine.model, exp.optimizer)
     steps = math.ceil(len(train_loader) / exp.train.grad_accum)
-    engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, steps)
+    engine = build_engine(exp, comp, model, device, d, steps, class_weights(exp, comp, adapter, train_ids))
     amp = autocast_dtype(exp.train.precision, device)
     log(f"device: {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
         f"precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "

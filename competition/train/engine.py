@@ -16,8 +16,10 @@ from competition import checkpoint as ckpt
 from competition.config import IGNORE_INDEX, CompetitionConfig, ConfigError, ExperimentConfig
 from competition.data import mixing, transfer
 from competition.errors import UserError
+from competition.losses import build_loss, ignore_index_for
 from competition.metrics import pair_metric, score_counts
 from competition.models.precision import autocast_dtype
+from competition.optim import build_optimizer, build_scheduler
 from competition.train import distributed as dd
 
 
@@ -204,3 +206,15 @@ def _float(out):
     def f(o):
         return o.to(torch.float32, memory_format=torch.contiguous_format)
     return [f(o) for o in out] if isinstance(out, (list, tuple)) else f(out)
+
+
+def build_engine(exp: ExperimentConfig, comp: CompetitionConfig, model: torch.nn.Module, device: torch.device,
+                 d: dd.Dist, steps: int, class_weights: torch.Tensor | None = None) -> Engine:
+    """``model`` with the experiment's loss (``class_weights``: ``loss.class_weights`` resolved), optimizer
+    and schedule over ``steps`` optimizer steps an epoch: the engine train, ``--dry-run`` and
+    ``init --budget`` all run."""
+    loss_fn = build_loss(exp.loss, comp.task, comp.out_channels, class_weights, ignore_index_for(comp))
+    engine = Engine(model, loss_fn, exp, comp, device, d)
+    engine.optimizer = build_optimizer(engine.model, exp.optimizer)
+    engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, steps)
+    return engine

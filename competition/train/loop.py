@@ -40,10 +40,8 @@ from competition.data.dataset import EpochSampler, SegDataset, rare_class_weight
 from competition.data.pseudo import add_pseudo
 from competition.folds import excluded, presence_matrix, training_ids, validation_ids
 from competition.io import clean_stale_temps
-from competition.losses import build_loss, ignore_index_for
 from competition.metrics import pair_metric, summarize
 from competition.models import build_model
-from competition.optim import build_optimizer, build_scheduler
 from competition.predict.tta import variant_name
 from competition.store import tiles
 from competition.store.tiles import clean_stale
@@ -51,8 +49,8 @@ from competition.train import alldata, initfrom
 from competition.train import distributed as dd
 from competition.train.averaging import Swa, TopK
 from competition.train.budget import out_of_time
-from competition.train.check import _class_weights, check_run, oof_variants
-from competition.train.engine import Engine, TrainingDiverged, seed_everything
+from competition.train.check import check_run, class_weights, oof_variants
+from competition.train.engine import Engine, TrainingDiverged, build_engine, seed_everything
 from competition.train.foldrun import FoldRun, FoldState
 from competition.train.rundir import check_run_dir as _check_run_dir
 
@@ -174,15 +172,13 @@ def _start(exp: ExperimentConfig, fold: int | str, d: dd.Dist, checked: _Prepare
     comp, adapter, folds = checked.comp, checked.adapter, checked.folds
     excl = excluded(exp.data.exclude, folds)  # read and checked before the model is built
     seed_everything(exp.train.seed, exp.train.deterministic)
-    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
-    model = build_model(exp.model, out_ch, in_ch, exp.data.input_hw)
+    model = build_model(exp.model, comp.out_channels, comp.in_channels, exp.data.input_hw)
     rp = paths.run(exp.name, fold)
     # A resumed run goes on from last.pt's weights: its parent is the one config.yaml recorded at its start.
     if rp.last.is_file() and not restart:
         lineage = initfrom.recorded(rp.config)
     else:
-        parent = initfrom.apply(exp, fold, model, out_ch, log if d.main else None)
+        parent = initfrom.apply(exp, fold, model, comp.out_channels, log if d.main else None)
         lineage = parent.record() if parent is not None else {}
     run_cfg = {**_run_config(exp, comp, fold), **lineage,
                **({"all_data": checked.plan.as_dict()} if checked.plan is not None else {})}
@@ -212,12 +208,8 @@ def _start(exp: ExperimentConfig, fold: int | str, d: dd.Dist, checked: _Prepare
     val_shard = torch.utils.data.Subset(val_ds, list(range(d.rank, len(val_ds), d.world)))
     val_loader = make_loader(val_shard, exp)
 
-    loss_fn = build_loss(exp.loss, comp.task, out_ch, _class_weights(exp, comp, adapter, train_ids),
-                         ignore_index_for(comp))
-    engine = Engine(model, loss_fn, exp, comp, device, d)
-    engine.optimizer = build_optimizer(engine.model, exp.optimizer)
-    steps = math.ceil(len(train_loader) / exp.train.grad_accum)
-    engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, steps)
+    engine = build_engine(exp, comp, model, device, d, math.ceil(len(train_loader) / exp.train.grad_accum),
+                          class_weights(exp, comp, adapter, train_ids))
 
     state, saved = _resume(exp, fold, d, engine, rp, restart, log)
     dd.require_same(state.epoch, d, "the epoch to start from (last.pt)")

@@ -19,11 +19,9 @@ from torch.utils.data import Subset
 from competition import checkpoint as ckpt
 from competition.config import CompetitionConfig, ExperimentConfig
 from competition.data.dataset import SegDataset
-from competition.losses import build_loss, ignore_index_for
 from competition.models import build_model
-from competition.optim import build_optimizer, build_scheduler
 from competition.train import distributed as dd
-from competition.train.engine import Engine, seed_everything
+from competition.train.engine import build_engine, seed_everything
 from competition.train.loop import make_loader, training_loader
 
 
@@ -42,13 +40,8 @@ def costs(exp: ExperimentConfig, comp: CompetitionConfig, adapter, ids: list[str
     d = dd.Dist()
     device = dd.device_for(d)
     seed_everything(exp.train.seed, exp.train.deterministic)
-    out_ch = comp.num_classes + (1 if comp.task == "multiclass" else 0)
-    in_ch = 1 if comp.image.channels == "grayscale" else 3
-    model = build_model(exp.model, out_ch, in_ch, input_size=exp.data.input_hw)
-    engine = Engine(model, build_loss(exp.loss, comp.task, out_ch, None, ignore_index_for(comp)), exp, comp,
-                    device, d)
-    engine.optimizer = build_optimizer(engine.model, exp.optimizer)
-    engine.scheduler = build_scheduler(engine.optimizer, exp.scheduler, exp.train.epochs, batches + 1)
+    model = build_model(exp.model, comp.out_channels, comp.in_channels, input_size=exp.data.input_hw)
+    engine = build_engine(exp, comp, model, device, d, batches + 1)  # class weights do not change the cost
     n = (batches + 1) * exp.data.batch_size
     ids = (ids * (n // max(1, len(ids)) + 1))[:n]  # a small dataset: the same images again
     train_ds, sampler, loader = training_loader(exp, comp, adapter, ids, d, 0)
