@@ -95,6 +95,7 @@ def test_a_budget_too_small_warns_and_plans_the_cheapest(monkeypatch):
     assert p.candidate.input_size == 64 and p.candidate.folds == 3 and p.epochs == 8
     assert any("WARNING" in s and "affords only 8 epochs of 3 folds at input 64" in s and "plan on at least" in s
                for s in said)
+    assert 'the budget is short of 40 epochs' in p.note() and 'expect "still improving"' in p.note()
 
 
 def test_a_size_that_runs_out_of_memory_ends_the_search(monkeypatch):

@@ -110,7 +110,9 @@ class Plan:
                 f"{duration(self.total_s())} for `make train-all`")
         if self.budget_s is None:
             return head
-        return f"{head}, planned for a budget of {duration(self.budget_s)}"
+        short = (f"; the budget is short of {MIN_EPOCHS} epochs (about {duration(c.total_s(MIN_EPOCHS))}): expect "
+                 f"\"still improving\"" if self.epochs < MIN_EPOCHS else "")
+        return f"{head}, planned for a budget of {duration(self.budget_s)}{short}"
 
 
 def plan(exp: dict, comp: CompetitionConfig, adapter, budget_s: float | None, gpus: int = 1, log=print) -> Plan:
