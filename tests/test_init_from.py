@@ -94,16 +94,16 @@ def test_a_parent_trained_as_another_fold_is_refused(folded):
 
 
 def test_fold_k_starts_from_fold_k_weights_before_the_optimizer_is_built(folded, monkeypatch):
-    from competition.train import loop
+    from competition.train import engine, loop
     parents = {k: save_parent("parent", k, seed=10 + k) for k in (0, 1)}
     write_exp(folded, "child", model={"init_from": "runs/parent/fold{fold}/best.pt"})
     seen = {}
-    real = loop.build_optimizer
+    real = engine.build_optimizer
 
     def spy(model, cfg):  # the weights as the optimizer first sees them
         seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return real(model, cfg)
-    monkeypatch.setattr(loop, "build_optimizer", spy)
+    monkeypatch.setattr(engine, "build_optimizer", spy)  # build_engine's, which the run calls
     logs = []
     m = loop.fit(load_experiment("child"), 1, log=logs.append)
     got, want, other = seen["state"], parents[1], parents[0]

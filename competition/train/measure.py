@@ -69,6 +69,6 @@ def costs(exp: ExperimentConfig, comp: CompetitionConfig, adapter, ids: list[str
     val_s = (time.perf_counter() - t) / (n - exp.data.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        ckpt.save(engine.full_state({}, {}), Path(tmp) / "last.pt")
+        ckpt.save(engine.full_state({}, {}), Path(tmp) / "probe.pt")  # as big as every epoch's last.pt
         overhead += time.perf_counter() - t
     return Costs(train_s, val_s, exp.data.batch_size, str(device), overhead)
