@@ -42,13 +42,18 @@ class Verdict:
                 "suggest_epochs": self.suggest_epochs}
 
 
+def best_epoch(scores: list[float]) -> int:
+    """The first epoch (1-based) reaching the best score; 0 for no epoch."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i)) + 1 if scores else 0
+
+
 def judge(scores: list[float], epochs_planned: int, stopped_early: bool = False) -> Verdict:
     """The verdict on one run from its per-epoch validation scores (epoch 1 first)."""
     scores = [float(s) for s in scores]
     n = len(scores)
     if n == 0:
         return Verdict("too_short", "no epoch was run", 0, 0, epochs_planned, 0.0)
-    best = max(range(n), key=lambda i: (scores[i], -i)) + 1  # the first epoch reaching the best score
+    best = best_epoch(scores)
     window = max(3, math.ceil(WINDOW_SHARE * max(n, epochs_planned)))
     if stopped_early:
         return Verdict("stopped_early", f"stopped early at epoch {n} of {epochs_planned} (best epoch {best}): "
@@ -105,7 +110,7 @@ def of_run(rp: paths.RunPaths, metrics: dict | None = None) -> Verdict | None:
     planned = int(train.get("epochs") or len(hist))
     patience = train.get("early_stopping")
     scores = hist["val_dice"].astype(float).tolist()
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i)) + 1 if scores else 0
+    best = best_epoch(scores)
     stopped = bool(patience) and len(scores) < planned and len(scores) - best >= int(patience) \
         and bool(metrics)  # finished (metrics.json) before the schedule's end: early stopping ended it
     return judge(scores, planned, stopped)

@@ -48,11 +48,19 @@ def fake_costs(per_pixel_s):
     return measure
 
 
-def test_the_plan_is_the_largest_size_affording_min_epochs(monkeypatch):
+STARTER = {"data": {"input_size": 256, "batch_size": 8}, "train": {"epochs": 25}}
+
+
+def planned(budget_s: float, said: list | None = None, gpus: int = 1) -> budget.Plan:
+    """The plan for the starter on 100 images in 5 folds, with the costs the test put in place."""
     comp = type("C", (), {"folds": 5})()
+    return budget.plan(STARTER, comp, FakeAdapter(), budget_s, gpus=gpus,
+                       log=said.append if said is not None else lambda *_: None)
+
+
+def test_the_plan_is_the_largest_size_affording_min_epochs(monkeypatch):
     monkeypatch.setattr(budget, "measure", fake_costs(1e-6))
-    exp = {"data": {"input_size": 256}, "train": {"epochs": 25}}
-    p = budget.plan(exp, comp, FakeAdapter(), 3600.0, log=lambda *_: None)
+    p = planned(3600.0)
     # 80 training + 20 validation images, 720 s a fold. At 384²: an epoch 80 x 0.147 + 20 x 0.049 = 12.8 s,
     # the OOF and start-up 20 x 0.049 x 3 + 12 = 14.9 s: 55 epochs. At 512²: 22.7 s and 27.7 s: 30 epochs.
     c = p.candidate
@@ -61,16 +69,14 @@ def test_the_plan_is_the_largest_size_affording_min_epochs(monkeypatch):
     assert [e for _, _, e in p.tried][3:] == [55, 30]
     assert c.input_size == 384 and p.epochs == 55
     assert c.total_s(p.epochs) <= 3600 < c.total_s(p.epochs + 1)
-    two = budget.plan(exp, comp, FakeAdapter(), 3600.0, gpus=2, log=lambda *_: None)
+    two = planned(3600.0, gpus=2)
     assert two.candidate.input_size == 512 and two.epochs == 62  # twice the throughput buys the next size
 
 
 def test_a_tight_budget_trades_folds_before_input_size(monkeypatch):
-    comp = type("C", (), {"folds": 5})()
     monkeypatch.setattr(budget, "measure", fake_costs(1e-5))
     said = []
-    p = budget.plan({"data": {"input_size": 256, "batch_size": 8}, "train": {"epochs": 25}}, comp, FakeAdapter(),
-                    900.0, log=said.append)
+    p = planned(900.0, said)
     # 128²: 0.164 s a training image, 0.055 s a validation image. 5 folds (80 + 20 images): 180 s a fold,
     # 15.2 s of it fixed (OOF, start-up), an epoch 14.2 s: 11 epochs. 4 folds (75 + 25): 225 s, 16.1 s,
     # 13.7 s: 15. 3 folds (66 + 34): 300 s, 17.6 s, 12.7 s: 22. Still short of 40: 96² (0.092 s) with 3
@@ -81,17 +87,14 @@ def test_a_tight_budget_trades_folds_before_input_size(monkeypatch):
     assert p.candidate.n_train == 66 and p.candidate.n_val == 34
     assert p.total_s() <= 900 < p.candidate.total_s(91)
     assert not any("WARNING" in s for s in said)
-    enough = budget.plan({"data": {"input_size": 256, "batch_size": 8}, "train": {"epochs": 25}}, comp,
-                         FakeAdapter(), 1900.0, log=said.append)
+    enough = planned(1900.0)
     assert enough.candidate.input_size == 128 and enough.candidate.folds == 3 and enough.epochs >= 40
 
 
 def test_a_budget_too_small_warns_and_plans_the_cheapest(monkeypatch):
-    comp = type("C", (), {"folds": 5})()
     monkeypatch.setattr(budget, "measure", fake_costs(1e-5))
     said = []
-    p = budget.plan({"data": {"input_size": 256, "batch_size": 8}, "train": {"epochs": 25}}, comp, FakeAdapter(),
-                    120.0, log=said.append)
+    p = planned(120.0, said)
     assert p.candidate.input_size == 64 and p.candidate.folds == 3 and p.epochs == 8
     assert any("WARNING" in s and "affords only 8 epochs of 3 folds at input 64" in s and "plan on at least" in s
                for s in said)
@@ -99,7 +102,6 @@ def test_a_budget_too_small_warns_and_plans_the_cheapest(monkeypatch):
 
 
 def test_a_size_that_runs_out_of_memory_ends_the_search(monkeypatch):
-    comp = type("C", (), {"folds": 5})()
     cheap = fake_costs(1e-7)
 
     def measure(exp, comp, adapter, size):
@@ -109,8 +111,7 @@ def test_a_size_that_runs_out_of_memory_ends_the_search(monkeypatch):
 
     monkeypatch.setattr(budget, "measure", measure)
     said = []
-    p = budget.plan({"data": {"input_size": 256, "batch_size": 8}, "train": {"epochs": 25}}, comp, FakeAdapter(),
-                    3600.0, log=said.append)
+    p = planned(3600.0, said)
     assert p.candidate.input_size == 256 and p.epochs == budget.MAX_EPOCHS
     assert any("input 384 at batch 8 does not fit" in s for s in said)
 

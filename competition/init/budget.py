@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, validate
+from competition.config import CompetitionConfig, ConfigError, ExperimentConfig, size_hw, validate
 from competition.durations import duration, parse_budget  # noqa: F401 (parse_budget: init's flag)
-from competition.init.decide import _mult32
+from competition.init.decide import input_size_at
 from competition.train.measure import Costs, costs
 
 MIN_EPOCHS = 40  # fewer and most runs stop while still improving (the EM starter at 25: every fold)
@@ -72,16 +72,10 @@ def sizes(h: int, w: int) -> list[int | list[int]]:
     """The candidate input sizes for (h, w) images, smallest first: the aspect ratio kept, multiples of 32."""
     out = []
     for side in [s for s in SIDES if s < max(h, w)] + [max(h, w)]:
-        scale = min(1.0, side / max(h, w))
-        hw = [_mult32(h * scale), _mult32(w * scale)]
-        size = hw[0] if hw[0] == hw[1] else hw
+        size = input_size_at(h, w, side)
         if size not in out:
             out.append(size)
-    return out[: next((i + 1 for i, s in enumerate(out) if max(_hw(s)) >= SIDES[-1]), len(out))]
-
-
-def _hw(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+    return out[: next((i + 1 for i, s in enumerate(out) if max(size_hw(s)) >= SIDES[-1]), len(out))]
 
 
 def measure(exp: dict, comp: CompetitionConfig, adapter, size) -> Costs:
@@ -175,11 +169,9 @@ def _cheaper(c: Candidate, budget_s: float, tried: list, candidate) -> Candidate
         tried.append((c.input_size, folds, c.affords(budget_s)))
         if tried[-1][2] >= MIN_EPOCHS:
             return c
-    h, w = _hw(c.input_size)
+    h, w = size_hw(c.input_size)
     for side in [x for x in SMALL_SIDES if x < max(h, w)]:
-        scale = side / max(h, w)
-        hw = [_mult32(h * scale), _mult32(w * scale)]
-        small = candidate(hw[0] if hw[0] == hw[1] else hw, c.folds)
+        small = candidate(input_size_at(h, w, side), c.folds)
         if small is None:
             continue
         tried.append((small.input_size, small.folds, small.affords(budget_s)))

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from competition import rle
-from competition.config import CompetitionConfig, DataConfig
+from competition.config import CompetitionConfig, DataConfig, size_hw
 from competition.data.adapters import make_adapter
 from competition.data.alignment import SAMPLE as ALIGN_SAMPLE
 from competition.data.alignment import OrderEvidence, transpose_fit
@@ -352,16 +352,23 @@ def _mult32(x: float) -> int:
     return max(32, int(round(x / 32)) * 32)
 
 
+def input_size_at(h: int, w: int, side: int) -> int | list[int]:
+    """``data.input_size`` for (h, w) images at ``side`` px on the long side, never above the images' own:
+    the aspect ratio kept, multiples of 32; an int when square."""
+    scale = min(1.0, side / max(h, w))
+    hw = [_mult32(h * scale), _mult32(w * scale)]
+    return hw[0] if hw[0] == hw[1] else hw
+
+
 def starter_experiment(name: str, sizes: list[tuple[int, int]]) -> tuple[dict, dict]:
     h, w = Counter(sizes).most_common(1)[0][0]
-    scale = min(1.0, 256 / max(h, w))
-    hw = [_mult32(h * scale), _mult32(w * scale)]
+    size = input_size_at(h, w, 256)
     why = {}
-    data = {"input_size": hw if hw[0] != hw[1] else hw[0]}
+    data = {"input_size": size}
     try:
         DataConfig.model_validate({**data, "resize": "letterbox"} if "resize" in DataConfig.model_fields else data)
     except Exception:  # this version takes a square input only
-        data = {"input_size": max(hw)}
+        data = {"input_size": max(size_hw(size))}
     why["data.input_size"] = f"the images are {w}x{h} (WxH), at most 256 px on the long side"
     if "resize" in DataConfig.model_fields and h != w:
         data["resize"] = "letterbox"
